@@ -1,0 +1,64 @@
+"""App scaffolding every service uses: request ids, metrics, health, internal trust."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
+
+from shared.health import health_router
+from shared.metrics import instrument
+
+REQUEST_ID_HEADER = "X-Request-ID"
+INTERNAL_TOKEN_HEADER = "X-Churnguard-Internal-Token"
+TENANT_HEADER = "X-Churnguard-Tenant"
+
+log = logging.getLogger(__name__)
+
+
+def create_service_app(
+    service: str,
+    *,
+    title: str,
+    description: str,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
+    internal_token: str,
+) -> FastAPI:
+    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
+    app.state.internal_token = internal_token
+    app.state.readiness = {}
+    instrument(app, service)
+    app.include_router(health_router())
+
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next):  # noqa: ANN001, ANN202
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request.state.request_id = request_id
+        response = await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    return app
+
+
+def internal_tenant(
+    request: Request,
+    tenant: Annotated[str | None, Header(alias=TENANT_HEADER, include_in_schema=False)] = None,
+    token: Annotated[str | None, Header(alias=INTERNAL_TOKEN_HEADER, include_in_schema=False)] = None,
+) -> str:
+    """Services trust only the gateway: it proves itself with the internal token and says
+    which tenant the caller's API key belongs to."""
+    expected: str = request.app.state.internal_token
+    if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this service only accepts requests from the gateway")
+    if not tenant:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"missing {TENANT_HEADER} header")
+    return tenant
+
+
+TenantId = Annotated[str, Depends(internal_tenant)]

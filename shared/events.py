@@ -1,0 +1,305 @@
+"""The one event contract: what upstream systems send, and what travels on each topic.
+
+Every customer event is one envelope (`id`, `type`, `customer_id`, `occurred_at`,
+`source`, `data`) whose `data` is typed by `type`. The union is discriminated on
+`type`, so an unknown type or a bad field is reported with its exact location.
+
+Evolution rule: within `v1`, changes are additive only (new optional fields, new
+event types). Renaming or removing a field, or tightening a constraint, needs `v2`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+)
+
+CONTRACT_VERSION = "v1"
+MAX_FUTURE_SKEW = timedelta(hours=24)
+
+
+class _Strict(BaseModel):
+    """Unknown fields are errors: a typo upstream must not vanish silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_amount(value: str) -> str:
+    Decimal(value)  # the pattern already guarantees this parses
+    return value
+
+
+Money = Annotated[
+    str,
+    Field(
+        pattern=r"^-?\d{1,12}(\.\d{1,4})?$",
+        description="Decimal amount as a string, e.g. \"59.90\" (never a float).",
+        examples=["59.90"],
+    ),
+    AfterValidator(_check_amount),
+]
+Currency = Annotated[
+    str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code", examples=["EUR"])
+]
+Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+ShortText = Annotated[str, Field(max_length=200)]
+Comment = Annotated[str, Field(max_length=2000)]
+
+
+# --- payloads, one per event type -------------------------------------------------
+
+
+class CustomerProfile(_Strict):
+    email: ShortText | None = None
+    name: ShortText | None = None
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+    segment: ShortText | None = None
+    signed_up_at: AwareDatetime | None = None
+    attributes: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Tenant-defined attributes."
+    )
+
+
+class ConsentChanged(_Strict):
+    marketing: bool = Field(description="Whether marketing offers may be sent.")
+    channel: Literal["email", "sms", "push", "phone", "any"] = "any"
+
+
+class OrderCompleted(_Strict):
+    order_id: Identifier
+    amount: Money
+    currency: Currency
+    items: Annotated[int, Field(ge=0)] | None = None
+
+
+class OrderRefunded(_Strict):
+    order_id: Identifier
+    amount: Money
+    currency: Currency
+    reason: ShortText | None = None
+
+
+class Contract(_Strict):
+    contract_id: Identifier
+    plan: ShortText
+    price: Money
+    currency: Currency
+    start_date: date
+    end_date: date | None = Field(None, description="None for open-ended contracts.")
+    auto_renew: bool = False
+    notice_period_days: Annotated[int, Field(ge=0, le=3650)] = 0
+
+
+class CancellationNotice(_Strict):
+    contract_id: Identifier
+    notice_period_days: Annotated[int, Field(ge=0, le=3650)] = 0
+    effective_date: date | None = None
+    reason: ShortText | None = None
+
+
+class ContractEnded(_Strict):
+    contract_id: Identifier
+    end_date: date
+    reason: ShortText | None = None
+
+
+class TicketOpened(_Strict):
+    ticket_id: Identifier
+    channel: Literal["email", "phone", "chat", "web", "store", "other"] = "other"
+    subject: ShortText | None = None
+
+
+class TicketResolved(_Strict):
+    ticket_id: Identifier
+
+
+class Complaint(_Strict):
+    ticket_id: Identifier | None = None
+    severity: Literal["low", "medium", "high"] = "medium"
+    category: ShortText | None = None
+
+
+class NpsFeedback(_Strict):
+    score: Annotated[int, Field(ge=0, le=10)]
+    comment: Comment | None = None
+
+
+class CsatFeedback(_Strict):
+    score: Annotated[int, Field(ge=1, le=5)]
+    comment: Comment | None = None
+
+
+class CesFeedback(_Strict):
+    score: Annotated[int, Field(ge=1, le=7)]
+    comment: Comment | None = None
+
+
+class LoyaltyPoints(_Strict):
+    points: Annotated[int, Field(gt=0)]
+    balance: Annotated[int, Field(ge=0)] | None = None
+
+
+class TierChanged(_Strict):
+    tier: ShortText
+    previous_tier: ShortText | None = None
+
+
+class SessionRecorded(_Strict):
+    duration_seconds: Annotated[int, Field(ge=0)] = 0
+    channel: Literal["web", "app", "store", "other"] = "web"
+
+
+class OfferResponse(_Strict):
+    offer_id: Identifier
+
+
+# --- the envelope -------------------------------------------------------------------
+
+
+class _Envelope(_Strict):
+    id: Identifier = Field(description="The sender's idempotency key.")
+    customer_id: Identifier
+    occurred_at: AwareDatetime = Field(description="RFC 3339 with a timezone.")
+    source: ShortText = Field("api", description="Which upstream system sent it.")
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _not_far_future(cls, value: datetime) -> datetime:
+        if value - datetime.now(timezone.utc) > MAX_FUTURE_SKEW:
+            raise ValueError("occurred_at is more than 24 hours in the future")
+        return value
+
+
+def _event(type_name: str, payload: type[BaseModel]) -> type[_Envelope]:
+    class_name = "".join(p.capitalize() for p in type_name.replace("_", ".").split(".")) + "Event"
+    return type(
+        class_name,
+        (_Envelope,),
+        {
+            "__annotations__": {"type": Literal[type_name], "data": payload},
+            "__module__": __name__,
+        },
+    )
+
+
+EVENT_PAYLOADS: dict[str, type[BaseModel]] = {
+    "customer.profile_updated": CustomerProfile,
+    "customer.consent_changed": ConsentChanged,
+    "order.completed": OrderCompleted,
+    "order.refunded": OrderRefunded,
+    "subscription.started": Contract,
+    "subscription.renewed": Contract,
+    "subscription.cancellation_notice": CancellationNotice,
+    "subscription.ended": ContractEnded,
+    "support.ticket_opened": TicketOpened,
+    "support.ticket_resolved": TicketResolved,
+    "support.complaint": Complaint,
+    "feedback.nps": NpsFeedback,
+    "feedback.csat": CsatFeedback,
+    "feedback.ces": CesFeedback,
+    "loyalty.points_earned": LoyaltyPoints,
+    "loyalty.points_redeemed": LoyaltyPoints,
+    "loyalty.tier_changed": TierChanged,
+    "session.recorded": SessionRecorded,
+    "offer.redeemed": OfferResponse,
+    "offer.declined": OfferResponse,
+}
+EVENT_TYPES = tuple(EVENT_PAYLOADS)
+EVENT_CLASSES = {name: _event(name, payload) for name, payload in EVENT_PAYLOADS.items()}
+
+CustomerEvent = Annotated[Union[tuple(EVENT_CLASSES.values())], Field(discriminator="type")]
+"""Any one customer event, as sent by upstream systems."""
+
+customer_event_adapter: TypeAdapter[Any] = TypeAdapter(CustomerEvent)
+
+
+def parse_event(raw: Any) -> _Envelope:
+    """Validate one event (a dict or JSON bytes); raises pydantic.ValidationError."""
+    if isinstance(raw, (bytes, str)):
+        return customer_event_adapter.validate_json(raw)
+    return customer_event_adapter.validate_python(raw)
+
+
+def event_json_schema() -> dict[str, Any]:
+    return customer_event_adapter.json_schema(ref_template="#/$defs/{model}")
+
+
+# --- topic records ------------------------------------------------------------------
+
+
+def partition_key(tenant_id: str, customer_id: str) -> bytes:
+    """All of one customer's records land on one partition, in order."""
+    return f"{tenant_id}/{customer_id}".encode()
+
+
+class EventRecord(BaseModel):
+    """A customer event on `customer-events`: the envelope plus what ingest adds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: Identifier
+    received_at: AwareDatetime
+    event: CustomerEvent
+
+    @property
+    def key(self) -> bytes:
+        return partition_key(self.tenant_id, self.event.customer_id)
+
+
+RiskBand = Literal["low", "medium", "high"]
+
+
+class ScoreRecord(BaseModel):
+    """A churn score on `churn-scores`; `score_id` is unique and the consumer's dedup key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    score_id: Identifier
+    tenant_id: Identifier
+    customer_id: Identifier
+    probability: Annotated[float, Field(ge=0.0, le=1.0)]
+    band: RiskBand
+    model_version: str
+    scored_at: AwareDatetime
+    cause: Literal["event", "sweep"] = "event"
+    event_id: Identifier | None = None
+    features: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> bytes:
+        return partition_key(self.tenant_id, self.customer_id)
+
+
+class ActionRecord(BaseModel):
+    """A retention decision on `retention-actions`: what was decided for a score, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    decision_id: Identifier
+    tenant_id: Identifier
+    customer_id: Identifier
+    score_id: Identifier
+    outcome: Literal["offer_created", "suppressed"]
+    reason: str
+    policy: str | None = None
+    offer_id: str | None = None
+    decided_at: AwareDatetime
+
+    @property
+    def key(self) -> bytes:
+        return partition_key(self.tenant_id, self.customer_id)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex

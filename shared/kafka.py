@@ -1,0 +1,302 @@
+"""Kafka plumbing: safe client factories, a bounded publisher and the at-least-once consume loop.
+
+Delivery is at-least-once everywhere; consumers are idempotent, so the *effect* is exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from shared.settings import KafkaSettings
+from shared.topics import dead_letter
+
+log = logging.getLogger(__name__)
+
+TOPIC_ALREADY_EXISTS = 36
+T = TypeVar("T")
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not take the message in time; the caller should retry later."""
+
+
+class Unprocessable(Exception):
+    """A decoded message that no amount of retrying will process: dead-letter it."""
+
+
+def producer_options(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": client_id,
+        "acks": settings.acks,
+        "enable_idempotence": settings.enable_idempotence,
+        "request_timeout_ms": settings.request_timeout_ms,
+        "linger_ms": settings.linger_ms,
+    }
+
+
+def consumer_options(settings: KafkaSettings, group_id: str, client_id: str) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "group_id": group_id,
+        "client_id": client_id,
+        # Offsets are committed by the consume loop only after the work is persisted.
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_records": settings.max_poll_records,
+        "request_timeout_ms": max(settings.request_timeout_ms, settings.session_timeout_ms + 5_000),
+    }
+
+
+def make_producer(settings: KafkaSettings, client_id: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(**producer_options(settings, client_id))
+
+
+def make_consumer(
+    settings: KafkaSettings, topics: Sequence[str], group_id: str, client_id: str
+) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(*topics, **consumer_options(settings, group_id, client_id))
+
+
+async def ensure_topics(settings: KafkaSettings, names: Sequence[str]) -> list[str]:
+    """Create the (prefixed) topics that do not exist yet; returns the names created."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+    await admin.start()
+    try:
+        response = await admin.create_topics(
+            [
+                NewTopic(settings.topic(n), settings.partitions, settings.replication_factor)
+                for n in names
+            ]
+        )
+        created = []
+        for topic, code, message in response.topic_errors:
+            if code == 0:
+                created.append(topic)
+            elif code != TOPIC_ALREADY_EXISTS:
+                raise KafkaError(f"cannot create topic {topic}: {message} (error {code})")
+        return created
+    finally:
+        await admin.close()
+
+
+class Publisher:
+    """A producer that starts lazily, so a service comes up while the broker is down, and
+    whose every send is bounded in time: callers get BrokerUnavailable, never a hang."""
+
+    def __init__(self, settings: KafkaSettings, client_id: str, send_timeout_s: float = 5.0):
+        self._settings = settings
+        self._client_id = client_id
+        self._send_timeout_s = send_timeout_s
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def settings(self) -> KafkaSettings:
+        return self._settings
+
+    async def _started(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        async with self._lock:
+            if self._producer is None:
+                producer = make_producer(self._settings, self._client_id)
+                try:
+                    await asyncio.wait_for(producer.start(), self._send_timeout_s)
+                except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                    await producer.stop()
+                    raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+                self._producer = producer
+        return self._producer
+
+    async def publish_many(
+        self, topic: str, messages: Sequence[tuple[bytes, bytes]], headers: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
+        """Send (key, value) pairs to a (base) topic; returns once the broker acknowledged all."""
+        producer = await self._started()
+        name = self._settings.topic(topic)
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                futures = [
+                    await producer.send(name, value=value, key=key, headers=list(headers) or None)
+                    for key, value in messages
+                ]
+                await asyncio.gather(*futures)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"broker did not acknowledge: {type(exc).__name__}") from exc
+
+    async def publish(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]] = ()) -> None:
+        await self.publish_many(topic, [(key, value)], headers)
+
+    async def ping(self) -> bool:
+        try:
+            producer = await self._started()
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), self._send_timeout_s)
+            return True
+        except (BrokerUnavailable, KafkaError, OSError, asyncio.TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+
+@dataclass
+class Decoded(Generic[T]):
+    record: ConsumerRecord
+    value: T
+
+
+@dataclass
+class ConsumeStats:
+    processed: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class ConsumeLoop(Generic[T]):
+    """fetch a batch -> decode -> handle -> commit offset+1, per partition.
+
+    A record that cannot be decoded, or whose handler raises Unprocessable, goes to
+    `<topic>.dlq` with the reason in its headers and is committed. Any other error is
+    treated as transient (database down, broker hiccup): the batch is retried after a
+    backoff from the same offsets, so nothing is skipped.
+    """
+
+    settings: KafkaSettings
+    topic: str
+    group_id: str
+    client_id: str
+    decode: Callable[[bytes], T]
+    handle: Callable[[list[Decoded[T]]], Awaitable[None]]
+    publisher: Publisher
+    on_batch: Callable[[TopicPartition, int], None] | None = None
+    on_dead_letter: Callable[[str, str], None] | None = None
+    retry_backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    stats: ConsumeStats = field(default_factory=ConsumeStats)
+    _consumer: AIOKafkaConsumer | None = None
+    _task: asyncio.Task[None] | None = None
+    _running: bool = False
+
+    def start(self) -> asyncio.Task[None]:
+        self._running = True
+        self._task = asyncio.create_task(self._run(), name=f"consume:{self.topic}")
+        return self._task
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        """Leave the group cleanly: offsets of finished work are already committed."""
+        self._running = False
+        if self._task is None:
+            return
+        try:  # let the batch in hand finish and commit; cancel only if it will not
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=10)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        except Exception:  # the loop's own failure was already logged
+            pass
+
+    async def _run(self) -> None:
+        backoff = self.retry_backoff_s
+        while self._running:
+            consumer = make_consumer(
+                self.settings, [self.settings.topic(self.topic)], self.group_id, self.client_id
+            )
+            try:
+                await consumer.start()
+            except (KafkaError, OSError) as exc:
+                await consumer.stop()
+                self.stats.last_error = f"cannot join group: {type(exc).__name__}"
+                log.warning("consumer %s: %s; retrying", self.group_id, self.stats.last_error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            self._consumer = consumer
+            try:
+                await self._poll(consumer)
+            finally:
+                self._consumer = None
+                await consumer.stop()
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        backoff = self.retry_backoff_s
+        while self._running:
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                if not records:
+                    continue
+                try:
+                    await self._process_partition(consumer, tp, records)
+                    backoff = self.retry_backoff_s
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.exception("consumer %s: batch failed; will retry from offset %d",
+                                  self.group_id, records[0].offset)
+                    consumer.seek(tp, records[0].offset)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def _process_partition(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
+    ) -> None:
+        good: list[Decoded[T]] = []
+        for record in records:
+            try:
+                good.append(Decoded(record, self.decode(record.value)))
+            except Exception as exc:  # anything the decoder rejects is poison
+                await self._dead_letter(record, f"undecodable: {type(exc).__name__}: {exc}")
+        if good:
+            try:
+                await self.handle(good)
+            except Unprocessable:
+                # Find the culprit(s) one by one so good neighbours are still handled.
+                for item in good:
+                    try:
+                        await self.handle([item])
+                    except Unprocessable as exc:
+                        await self._dead_letter(item.record, f"unprocessable: {exc}")
+        await consumer.commit({tp: records[-1].offset + 1})
+        self.stats.processed += len(good)
+        self.stats.batches += 1
+        if self.on_batch:
+            self.on_batch(tp, len(records))
+
+    async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        headers = [
+            ("reason", reason[:1000].encode()),
+            ("source-topic", record.topic.encode()),
+            ("source-partition", str(record.partition).encode()),
+            ("source-offset", str(record.offset).encode()),
+        ]
+        await self.publisher.publish(dead_letter(self.topic), record.key or b"", record.value or b"", headers)
+        self.stats.dead_lettered += 1
+        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        if self.on_dead_letter:
+            self.on_dead_letter(self.topic, reason.split(":", 1)[0])

@@ -1,0 +1,53 @@
+"""Settings shared by every service. Each service composes these in its own config.py.
+
+Environment names: `CHURNGUARD_KAFKA_*` for the broker, `CHURNGUARD_DATABASE_URL`
+as the default database, `CHURNGUARD_INTERNAL_TOKEN` for gateway-to-service trust.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHURNGUARD_KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = Field("", description="Prepended to every topic name.")
+    partitions: int = 3
+    replication_factor: int = 1
+    # aiokafka defaults to acks=1 and auto-commit every 5 s; neither is safe for us.
+    acks: Literal["all"] = "all"
+    # The embedded Tansu broker has no InitProducerId, so idempotence is opt-in (real Kafka: on).
+    enable_idempotence: bool = False
+    request_timeout_ms: int = 5_000
+    # Tansu holds a fetch for the full wait instead of answering when data arrives.
+    fetch_max_wait_ms: int = 10
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 2_000
+    max_poll_records: int = 200
+    linger_ms: int = 5
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+class DatabaseSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHURNGUARD_", extra="ignore")
+
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; unset means a SQLite file per service under var/."
+    )
+    database_echo: bool = False
+
+    def url_for(self, service: str) -> str:
+        return self.database_url or f"sqlite:///var/{service}.db"
+
+
+class InternalAuthSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHURNGUARD_", extra="ignore")
+
+    internal_token: SecretStr = SecretStr("dev-internal-token-change-me")

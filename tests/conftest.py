@@ -1,0 +1,83 @@
+"""Real parts for tests: a Tansu broker process, and PostgreSQL when reachable (SQLite otherwise).
+
+CI (CI=true) must exercise PostgreSQL: there an unreachable server is an error, not a fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from shared.broker import free_port, start_broker
+from shared.kafka import ensure_topics
+from shared.settings import KafkaSettings
+from shared.topics import with_dead_letters
+
+PG_ADMIN_DSN = os.environ.get("CHURNGUARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_reachable() -> bool:
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=2):
+            return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> bool:
+    available = _postgres_reachable()
+    if not available and os.environ.get("CI"):
+        pytest.fail(f"CI must exercise PostgreSQL, but {PG_ADMIN_DSN} is unreachable")
+    return available
+
+
+def _pg_url(database: str) -> str:
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
+    return f"{base}/{database}"
+
+
+@pytest.fixture
+def database_url(postgres_available: bool, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database for one test: its own PostgreSQL database, or a SQLite file."""
+    if not postgres_available:
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    name = f"cg_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _pg_url(name)
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Tansu broker process for the session; tests keep apart by topic prefix."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    process = start_broker("127.0.0.1", port, log_path=str(log))
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+async def kafka_settings(broker: str) -> KafkaSettings:
+    """Settings with a topic prefix of this test's own, and its topics created."""
+    settings = KafkaSettings(bootstrap_servers=broker, topic_prefix=f"t{uuid.uuid4().hex[:10]}-")
+    await ensure_topics(settings, with_dead_letters())
+    return settings

@@ -1,0 +1,97 @@
+"""The Kafka kit against the real broker: safe settings, publishing, the consume loop, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from shared.kafka import (
+    BrokerUnavailable,
+    ConsumeLoop,
+    Decoded,
+    Publisher,
+    Unprocessable,
+    consumer_options,
+    make_consumer,
+    make_producer,
+    producer_options,
+)
+from shared.settings import KafkaSettings
+from shared.topics import CUSTOMER_EVENTS, dead_letter
+
+
+async def test_producer_waits_for_all_replicas_and_consumer_never_autocommits() -> None:
+    settings = KafkaSettings()
+    assert producer_options(settings, "x")["acks"] == "all"
+    assert consumer_options(settings, "g", "x")["enable_auto_commit"] is False
+    producer = make_producer(settings, "x")
+    assert producer._sender._acks == -1  # what aiokafka actually sends on the wire
+    consumer = make_consumer(settings, ["t"], "g", "x")
+    assert consumer._enable_auto_commit is False
+
+
+def test_acks_cannot_be_weakened_by_configuration() -> None:
+    with pytest.raises(ValueError):
+        KafkaSettings(acks="1")
+
+
+async def wait_until(predicate, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.02)
+
+
+async def test_consume_loop_handles_good_records_and_dead_letters_poison(kafka_settings: KafkaSettings) -> None:
+    publisher = Publisher(kafka_settings, "test")
+    handled: dict[int, dict] = {}  # keyed like a real handler's unique key: redelivery is harmless
+
+    async def handle(batch: list[Decoded[dict]]) -> None:
+        for item in batch:
+            if item.value.get("poison"):
+                raise Unprocessable("poison flag set")
+            handled[item.value["n"]] = item.value
+
+    loop = ConsumeLoop(
+        settings=kafka_settings, topic=CUSTOMER_EVENTS, group_id="g-test", client_id="test",
+        decode=json.loads, handle=handle, publisher=publisher,
+    )
+    loop.start()
+    try:
+        await publisher.publish_many(
+            CUSTOMER_EVENTS,
+            [(b"k", json.dumps({"n": 1}).encode()), (b"k", b"\xff not json"),
+             (b"k", json.dumps({"poison": True}).encode()), (b"k", json.dumps({"n": 2}).encode())],
+        )
+        await wait_until(lambda: len(handled) == 2 and loop.stats.dead_lettered == 2)
+        assert sorted(handled) == [1, 2]
+    finally:
+        await loop.stop()
+        await publisher.close()
+
+    dlq = AIOKafkaConsumer(
+        kafka_settings.topic(dead_letter(CUSTOMER_EVENTS)), bootstrap_servers=kafka_settings.bootstrap_servers,
+        group_id="dlq-reader", auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
+    )
+    await dlq.start()
+    try:
+        records = []
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(records) < 2 and asyncio.get_running_loop().time() < deadline:
+            for batch in (await dlq.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        reasons = sorted(dict(r.headers)["reason"].decode().split(":")[0] for r in records)
+        assert reasons == ["undecodable", "unprocessable"]
+    finally:
+        await dlq.stop()
+
+
+async def test_publisher_reports_unreachable_broker_quickly() -> None:
+    publisher = Publisher(KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=1000), "t", send_timeout_s=1.0)
+    with pytest.raises(BrokerUnavailable):
+        await publisher.publish(CUSTOMER_EVENTS, b"k", b"v")
+    assert await publisher.ping() is False
