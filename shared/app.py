@@ -62,3 +62,25 @@ def internal_tenant(
 
 
 TenantId = Annotated[str, Depends(internal_tenant)]
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+async def read_body_limited(request: Request, limit: int) -> bytes:
+    """Read the body as it streams in and stop past `limit`: a chunked body with no
+    Content-Length is never held in memory beyond the limit."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)

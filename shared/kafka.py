@@ -53,6 +53,7 @@ def consumer_options(settings: KafkaSettings, group_id: str, client_id: str) -> 
         "auto_offset_reset": "earliest",
         "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         "session_timeout_ms": settings.session_timeout_ms,
+        "rebalance_timeout_ms": settings.rebalance_timeout_ms,
         "heartbeat_interval_ms": settings.heartbeat_interval_ms,
         "max_poll_records": settings.max_poll_records,
         "request_timeout_ms": max(settings.request_timeout_ms, settings.session_timeout_ms + 5_000),

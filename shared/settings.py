@@ -26,8 +26,11 @@ class KafkaSettings(BaseSettings):
     request_timeout_ms: int = 5_000
     # Tansu holds a fetch for the full wait instead of answering when data arrives.
     fetch_max_wait_ms: int = 10
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 2_000
+    # Tansu holds a first JoinGroup for half the session timeout, so a short session keeps
+    # start-up quick; a SIGKILLed member is also replaced sooner.
+    session_timeout_ms: int = 6_000
+    rebalance_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
     max_poll_records: int = 200
     linger_ms: int = 5
 

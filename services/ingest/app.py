@@ -1,0 +1,60 @@
+"""ingest: the front door for customer events. Owns the event contract; writes `customer-events`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from services.ingest.config import IngestSettings
+from services.ingest.routes import router
+from services.ingest.service import IngestService
+from shared.app import create_service_app
+from shared.clock import Clock, SystemClock
+from shared.events import customer_event_adapter
+from shared.kafka import Publisher
+
+
+def create_app(settings: IngestSettings | None = None, clock: Clock | None = None) -> FastAPI:
+    settings = settings or IngestSettings()
+    clock = clock or SystemClock()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        publisher = Publisher(settings.kafka, client_id="ingest", send_timeout_s=settings.publish_timeout_s)
+        app.state.settings = settings
+        app.state.service = IngestService(publisher, clock)
+        # No database of its own yet: readiness is the broker taking connections.
+        app.state.readiness = {"broker": publisher.ping}
+        try:
+            yield
+        finally:
+            await publisher.close()
+
+    app = create_service_app(
+        "ingest",
+        title="churnguard ingest",
+        description="Customer events in: validated against the contract, acknowledged once the broker has them.",
+        lifespan=lifespan,
+        internal_token=settings.internal.internal_token.get_secret_value(),
+    )
+    app.include_router(router)
+    app.openapi = lambda: _openapi_with_contract(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi_with_contract(app: FastAPI) -> dict[str, Any]:
+    """The routes read raw bodies (to stream with limits and report per-index errors), so the
+    contract's schemas are added to the components by hand."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    contract = customer_event_adapter.json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(contract.pop("$defs", {}))
+    components["CustomerEvent"] = contract
+    app.openapi_schema = schema
+    return schema

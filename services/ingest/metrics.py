@@ -1,0 +1,23 @@
+from prometheus_client import Counter, Histogram
+
+from shared.metrics import LATENCY_BUCKETS
+
+EVENTS_ACCEPTED = Counter(
+    "churnguard_ingest_events_accepted_total",
+    "Events the broker acknowledged, by event type.",
+    ["type"],
+)
+EVENTS_REJECTED = Counter(
+    "churnguard_ingest_events_rejected_total",
+    "Events refused before publishing, by reason.",
+    ["reason"],
+)
+PUBLISH_DURATION = Histogram(
+    "churnguard_ingest_publish_duration_seconds",
+    "Time from handing events to the producer until the broker acknowledged them.",
+    buckets=LATENCY_BUCKETS,
+)
+BROKER_UNAVAILABLE = Counter(
+    "churnguard_ingest_broker_unavailable_total",
+    "Requests answered 503 because the broker did not acknowledge in time.",
+)

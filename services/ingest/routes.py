@@ -1,0 +1,155 @@
+"""Ingest HTTP API: one event or a batch, validated, acknowledged only after the broker has it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from services.ingest import metrics
+from services.ingest.deps import IngestServiceDep, SettingsDep
+from services.ingest.service import FieldError, MalformedJson, decode_json, validate
+from shared.app import BodyTooLarge, TenantId, read_body_limited
+from shared.events import event_json_schema
+from shared.kafka import BrokerUnavailable
+
+router = APIRouter(prefix="/v1", tags=["events"])
+
+EVENT_REF = {"$ref": "#/components/schemas/CustomerEvent"}
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "index": {"type": "integer", "description": "Position in the batch."},
+                    "field": {"type": "string", "examples": ["data.amount"]},
+                    "message": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+BATCH_RESULT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "accepted": {"type": "integer"},
+        "rejected": {"type": "integer"},
+        "errors": ERROR_SCHEMA["properties"]["errors"],
+    },
+}
+
+
+def _problem(status: int, detail: str, errors: list[FieldError] = (), headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"detail": detail}
+    if errors:
+        body["errors"] = [e.as_dict() for e in errors]
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _broker_down(retry_after_s: int) -> JSONResponse:
+    metrics.BROKER_UNAVAILABLE.inc()
+    return _problem(503, "the event broker did not acknowledge in time; nothing was accepted, retry later",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    try:
+        return decode_json(await read_body_limited(request, limit))
+    except BodyTooLarge as exc:
+        metrics.EVENTS_REJECTED.labels("too_large").inc()
+        raise _Reject(_problem(413, str(exc))) from exc
+    except MalformedJson as exc:
+        metrics.EVENTS_REJECTED.labels("malformed_json").inc()
+        raise _Reject(_problem(400, str(exc))) from exc
+
+
+class _Reject(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+@router.post(
+    "/events",
+    status_code=202,
+    summary="Send one customer event",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": EVENT_REF}}}},
+    responses={
+        202: {"description": "The broker has the event.",
+              "content": {"application/json": {"schema": {"type": "object", "properties": {"accepted": {"type": "integer"}, "id": {"type": "string"}}}}}},
+        400: {"description": "Malformed JSON.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+        413: {"description": "Body over the per-event limit.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+        422: {"description": "Invalid event; each error names its field.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+        503: {"description": "Broker unavailable; retry after the Retry-After header.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+    },
+)
+async def post_event(request: Request, tenant_id: TenantId, service: IngestServiceDep, settings: SettingsDep) -> JSONResponse:
+    try:
+        raw = await _read_json(request, settings.max_event_bytes)
+    except _Reject as rejected:
+        return rejected.response
+    result = validate(raw)
+    if isinstance(result, list):
+        metrics.EVENTS_REJECTED.labels("invalid").inc()
+        return _problem(422, "event rejected: " + "; ".join(f"{e.field}: {e.message}" for e in result), result)
+    try:
+        await service.publish(tenant_id, [result])
+    except BrokerUnavailable:
+        return _broker_down(settings.retry_after_s)
+    return JSONResponse({"accepted": 1, "id": result.id}, status_code=202)  # type: ignore[attr-defined]
+
+
+@router.post(
+    "/events/batch",
+    status_code=202,
+    summary="Send up to 500 customer events",
+    description="Good events are accepted even when others are rejected; each rejected one is "
+    "reported by its index with the field and reason. 422 when none was accepted.",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["events"],
+        "properties": {"events": {"type": "array", "maxItems": 500, "items": EVENT_REF}}}}}}},
+    responses={
+        202: {"description": "Accepted events are with the broker.", "content": {"application/json": {"schema": BATCH_RESULT_SCHEMA}}},
+        400: {"description": "Malformed JSON or no `events` array.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+        413: {"description": "Over 500 events or over the batch byte limit.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+        422: {"description": "No event in the batch was valid.", "content": {"application/json": {"schema": BATCH_RESULT_SCHEMA}}},
+        503: {"description": "Broker unavailable; nothing was accepted.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+    },
+)
+async def post_batch(request: Request, tenant_id: TenantId, service: IngestServiceDep, settings: SettingsDep) -> JSONResponse:
+    try:
+        raw = await _read_json(request, settings.max_batch_bytes)
+    except _Reject as rejected:
+        return rejected.response
+    if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
+        metrics.EVENTS_REJECTED.labels("malformed_batch").inc()
+        return _problem(400, "expected a JSON object with an 'events' array", [FieldError("events", "must be an array of events")])
+    items = raw["events"]
+    if len(items) > settings.max_batch_events:
+        metrics.EVENTS_REJECTED.labels("too_large").inc()
+        return _problem(413, f"batch holds {len(items)} events; the limit is {settings.max_batch_events} per batch")
+    good, errors = [], []
+    for index, item in enumerate(items):
+        result = validate(item, index)
+        if isinstance(result, list):
+            errors.extend(result)
+            metrics.EVENTS_REJECTED.labels("invalid").inc()
+        else:
+            good.append(result)
+    if good:
+        try:
+            await service.publish(tenant_id, good)
+        except BrokerUnavailable:
+            return _broker_down(settings.retry_after_s)
+    rejected = len({e.index for e in errors})
+    body = {"accepted": len(good), "rejected": rejected, "errors": [e.as_dict() for e in errors]}
+    return JSONResponse(body, status_code=202 if good or not items else 422)
+
+
+@router.get("/schema", summary="The event contract as JSON Schema")
+def get_schema() -> dict[str, Any]:
+    return event_json_schema()
