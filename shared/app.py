@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -19,6 +20,8 @@ INTERNAL_TOKEN_HEADER = "X-Churnguard-Internal-Token"
 TENANT_HEADER = "X-Churnguard-Tenant"
 
 log = logging.getLogger(__name__)
+# A caller's request id travels to every service and into logs: accept only a plain token.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def create_service_app(
@@ -28,8 +31,12 @@ def create_service_app(
     description: str,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
     internal_token: str,
+    api_docs: bool = True,
 ) -> FastAPI:
-    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
+    """`api_docs=False` drops FastAPI's own /openapi.json, /docs and /redoc (the gateway serves
+    a merged description instead; production may turn docs off altogether)."""
+    docs = {} if api_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan, **docs)
     app.state.internal_token = internal_token
     app.state.readiness = {}
     instrument(app, service)
@@ -37,7 +44,8 @@ def create_service_app(
 
     @app.middleware("http")
     async def _request_id(request: Request, call_next):  # noqa: ANN001, ANN202
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         request.state.request_id = request_id
         response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = request_id

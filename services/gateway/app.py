@@ -1,0 +1,93 @@
+"""The public entry point: API keys -> tenant, then a proxy to ingest, scoring and actions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway.config import GatewaySettings
+from services.gateway.deps import GatewayState
+from services.gateway.openapi import MergedOpenApi
+from services.gateway.routes import add_docs_routes, add_proxy_routes, upstream_probes
+from services.gateway.service import KeyAuthenticator
+from services.gateway.tables import TABLES
+from shared.app import create_service_app
+from shared.clock import Clock, SystemClock
+from shared.db import create_tables, make_engine, ping
+
+TITLE = "churnguard API"
+DESCRIPTION = (
+    "Send customer events, read churn scores, and manage retention offers and webhooks. "
+    "Every request needs an API key: `Authorization: Bearer <key>` or `X-API-Key: <key>`."
+)
+
+
+def create_app(settings: GatewaySettings | None = None, clock: Clock | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    clock = clock or SystemClock()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(
+            settings.database.url_for("gateway"), echo=settings.database.database_echo
+        )
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.upstream_timeout_s),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            follow_redirects=False,
+            trust_env=False,  # service-to-service calls never go through an environment proxy
+        )
+        try:
+            await asyncio.to_thread(create_tables, engine, TABLES)
+            app.state.gateway = GatewayState(
+                settings=settings,
+                engine=engine,
+                client=client,
+                authenticator=KeyAuthenticator(clock),
+                openapi=MergedOpenApi(
+                    client, settings.upstreams(), title=TITLE, version=app.version,
+                    description=DESCRIPTION, ttl_s=settings.openapi_cache_s,
+                    fetch_timeout_s=min(settings.upstream_timeout_s, 3.0),
+                ),
+            )
+            # Ready = our own dependency (the key database) answers. Upstream reachability is
+            # reported but does not gate readiness: if it did, one service being down would pull
+            # every gateway pod out of the load balancer at once, turning a partial outage (say,
+            # scoring) into a total one (events could no longer be sent either). Per-route 503 +
+            # Retry-After already tells callers what is down.
+            app.state.readiness = {"database": lambda: asyncio.to_thread(ping, engine)}
+            app.state.diagnostics = {"upstreams": lambda: upstream_probes(app.state.gateway)}
+            yield
+        finally:
+            await client.aclose()
+            engine.dispose()
+
+    app = create_service_app(
+        "gateway",
+        title=TITLE,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        internal_token=settings.internal.internal_token.get_secret_value(),
+        api_docs=False,  # FastAPI's own would describe only the gateway's few routes
+    )
+    add_docs_routes(app)
+    add_proxy_routes(app)
+    app.add_exception_handler(StarletteHTTPException, _not_found)
+    return app
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and "route" not in request.scope:
+        return JSONResponse(
+            {"detail": f"no such endpoint: {request.method} {request.url.path} (see /docs)"},
+            status_code=404,
+        )
+    return await http_exception_handler(request, exc)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.gateway import metrics
+from services.gateway.config import GatewaySettings
+from services.gateway.openapi import MergedOpenApi
+from services.gateway.service import Caller, KeyAuthenticator, KeyRejected
+from shared.db import session_scope
+
+log = logging.getLogger(__name__)
+
+MISSING_KEY = "missing API key: send Authorization: Bearer <key> or X-API-Key"
+INVALID_KEY = "invalid API key"
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    engine: Engine
+    client: httpx.AsyncClient  # one pool for every upstream call
+    authenticator: KeyAuthenticator
+    openapi: MergedOpenApi
+
+
+def _state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+StateDep = Annotated[GatewayState, Depends(_state)]
+
+
+def presented_key(request: Request) -> str | None:
+    """`Authorization: Bearer <key>` first, then `X-API-Key: <key>`."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key", "").strip() or None
+
+
+async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
+    """The tenant comes from the key, and only from the key."""
+    key = presented_key(request)
+
+    def lookup() -> Caller:
+        with session_scope(gateway.engine) as session:
+            return gateway.authenticator.authenticate(session, key)
+
+    try:
+        return await asyncio.to_thread(lookup)
+    except KeyRejected as rejected:
+        metrics.AUTH_FAILURES.labels(rejected.reason).inc()
+        if rejected.reason == "missing":
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, MISSING_KEY,
+                headers={"WWW-Authenticate": 'Bearer realm="churnguard"'},
+            ) from None
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, INVALID_KEY,
+            headers={"WWW-Authenticate": 'Bearer realm="churnguard", error="invalid_token"'},
+        ) from None
+    except SQLAlchemyError as exc:
+        log.error("cannot check API keys: %s", type(exc).__name__)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check API keys right now; retry later",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+CallerDep = Annotated[Caller, Depends(authenticated_caller)]

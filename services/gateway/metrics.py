@@ -1,0 +1,25 @@
+"""The gateway's Prometheus objects (HTTP metrics per route template come from shared.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from shared.metrics import LATENCY_BUCKETS
+
+UPSTREAM_REQUESTS = Counter(
+    "churnguard_gateway_upstream_requests_total",
+    "Requests proxied to an upstream service, by outcome: the status class (2xx..5xx) of the "
+    "upstream's answer, or timeout / unavailable / error when there was none.",
+    ["upstream", "outcome"],
+)
+UPSTREAM_DURATION = Histogram(
+    "churnguard_gateway_upstream_duration_seconds",
+    "Time from sending a proxied request to having the upstream's full response (or failing).",
+    ["upstream"],
+    buckets=LATENCY_BUCKETS,
+)
+AUTH_FAILURES = Counter(
+    "churnguard_gateway_auth_failures_total",
+    "Requests refused for their API key, by reason (missing, invalid, revoked).",
+    ["reason"],
+)

@@ -1,0 +1,76 @@
+"""Thin HTTP layer: one route per route-table template (so metrics label by template, never by
+raw path), the merged API description, and a readiness report."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from services.gateway.deps import CallerDep, GatewayState, StateDep
+from services.gateway.proxy import ROUTE_TABLE, ProxyRoute, forward
+from shared.app import BodyTooLarge, read_body_limited
+
+UPSTREAM_PROBE_TIMEOUT_S = 1.0
+
+
+def add_proxy_routes(app: FastAPI, table: tuple[ProxyRoute, ...] = ROUTE_TABLE) -> None:
+    for route in table:
+        for template in route.templates():
+            app.add_api_route(
+                template,
+                _proxy_endpoint(route),
+                methods=list(route.methods),
+                name=f"proxy:{route.upstream}:{template}",
+                include_in_schema=False,  # the public description is the merged one
+            )
+
+
+def _proxy_endpoint(route: ProxyRoute) -> Callable[..., Awaitable[Response]]:
+    async def proxy(request: Request, caller: CallerDep, gateway: StateDep) -> Response:
+        settings = gateway.settings
+        try:  # stops reading past the limit, whether or not a Content-Length was sent
+            body = await read_body_limited(request, settings.max_body_bytes)
+        except BodyTooLarge as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=413)
+        return await forward(
+            gateway.client,
+            upstream=route.upstream,
+            base_url=settings.upstreams()[route.upstream],
+            request=request,
+            body=body,
+            tenant_id=caller.tenant_id,
+            request_id=request.state.request_id,
+            internal_token=settings.internal.internal_token.get_secret_value(),
+            timeout_s=settings.upstream_timeout_s,
+        )
+
+    return proxy
+
+
+def add_docs_routes(app: FastAPI) -> None:
+    async def openapi(gateway: StateDep) -> JSONResponse:
+        return JSONResponse(await gateway.openapi.document())
+
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="churnguard API")
+
+    app.add_api_route("/openapi.json", openapi, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
+
+
+async def upstream_probes(gateway: GatewayState) -> dict[str, str]:
+    bases = gateway.settings.upstreams()
+    probes = await asyncio.gather(*(_probe(gateway, url) for url in bases.values()))
+    return dict(zip(bases, probes, strict=True))
+
+
+async def _probe(gateway: GatewayState, base_url: str) -> str:
+    try:
+        answer = await gateway.client.get(f"{base_url}/healthz", timeout=UPSTREAM_PROBE_TIMEOUT_S)
+        return "reachable" if answer.status_code == 200 else f"answered {answer.status_code}"
+    except Exception:
+        return "unreachable"
