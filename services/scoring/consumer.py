@@ -1,0 +1,134 @@
+"""Kafka transport for scoring: customer-events -> store, score -> churn-scores.
+
+The consumer only joins its group once an active model exists: until then events wait
+safely in Kafka (and /readyz says model: false). The registry is re-read every
+`model_refresh_s`, so a newly trained model is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy import Engine
+
+from services.scoring import metrics, service
+from services.scoring.config import ScoringSettings
+from services.scoring.model import Predictor
+from shared.clock import Clock
+from shared.db import session_scope
+from shared.events import EventRecord
+from shared.kafka import ConsumeLoop, Decoded, Publisher
+from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS
+
+log = logging.getLogger(__name__)
+
+
+def decode(raw: bytes) -> EventRecord:
+    return EventRecord.model_validate_json(raw)
+
+
+class ScoringConsumer:
+    def __init__(self, settings: ScoringSettings, engine: Engine, publisher: Publisher, clock: Clock) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.publisher = publisher
+        self.clock = clock
+        self.bands = service.Bands(high=settings.high_threshold, medium=settings.medium_threshold)
+        self.predictor: Predictor | None = None
+        self.loop: ConsumeLoop[EventRecord] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the active model (if any), start consuming if there is one, and keep
+        watching the registry."""
+        try:
+            await self.refresh_model()
+        except Exception:
+            log.exception("cannot read the model registry yet; will retry")
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="scoring:model-refresh")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            try:
+                await self._refresher
+            except asyncio.CancelledError:
+                pass
+            self._refresher = None
+        if self.loop is not None:
+            await self.loop.stop()
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.predictor is not None
+
+    @property
+    def consuming(self) -> bool:
+        return self.loop is not None and self.loop.alive
+
+    # -- model --------------------------------------------------------------------------
+
+    async def refresh_model(self) -> None:
+        version = await asyncio.to_thread(self._active_version)
+        if version is not None and (self.predictor is None or version != self.predictor.version):
+            predictor = await asyncio.to_thread(self._load_predictor)
+            if predictor is not None:
+                previous = self.predictor.version if self.predictor else None
+                self.predictor = predictor
+                metrics.set_active_model(predictor.version, predictor.roc_auc)
+                log.info("scoring with model %s (was %s)", predictor.version, previous)
+        elif version is None and self.predictor is not None:
+            log.warning("no active model in the registry; keeping %s", self.predictor.version)
+        if self.predictor is not None and self.loop is None:
+            self._start_consuming()
+
+    def _active_version(self) -> str | None:
+        with session_scope(self.engine) as session:
+            return service.active_version(session)
+
+    def _load_predictor(self) -> Predictor | None:
+        with session_scope(self.engine) as session:
+            return service.load_active_predictor(session)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_refresh_s)
+            try:
+                await self.refresh_model()
+            except Exception:
+                log.exception("model refresh failed; keeping the current model")
+
+    # -- consuming ----------------------------------------------------------------------
+
+    def _start_consuming(self) -> None:
+        self.loop = ConsumeLoop(
+            settings=self.settings.kafka, topic=CUSTOMER_EVENTS, group_id=self.settings.group_id,
+            client_id=self.settings.client_id, decode=decode, handle=self.handle,
+            publisher=self.publisher, on_dead_letter=metrics.dead_lettered,
+        )
+        self.loop.start()
+        log.info("consuming %s as group %s", CUSTOMER_EVENTS, self.settings.group_id)
+
+    async def handle(self, batch: list[Decoded[EventRecord]]) -> None:
+        """One DB transaction per batch, in a thread; publish only after it committed."""
+        predictor = self.predictor
+        assert predictor is not None, "the consumer starts only once a model is loaded"
+        records = [item.value for item in batch]
+        outcome = await asyncio.to_thread(self._process, records, predictor)
+        for kind, count in outcome.events_by_type.items():
+            metrics.EVENTS_PROCESSED.labels(kind).inc(count)
+        metrics.EVENTS_DUPLICATE.inc(outcome.duplicates)
+        metrics.SCORING_LATENCY.observe(outcome.scoring_seconds)
+        await self.publisher.publish_many(
+            CHURN_SCORES, [(score.key, score.model_dump_json().encode()) for score in outcome.scores]
+        )
+        for score in outcome.scores:
+            metrics.SCORE.observe(score.probability)
+            metrics.SCORES_PUBLISHED.labels(score.band).inc()
+
+    def _process(self, records: list[EventRecord], predictor: Predictor) -> service.BatchOutcome:
+        with session_scope(self.engine) as session:
+            return service.process_batch(session, records, predictor, self.bands, self.clock.now())

@@ -1,0 +1,54 @@
+"""Scoring's Prometheus objects (process-global; HTTP metrics come from shared.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_PROCESSED = Counter(
+    "churnguard_scoring_events_processed_total",
+    "Customer events consumed and scored (duplicates included), by event type.",
+    ["type"],
+)
+EVENTS_DUPLICATE = Counter(
+    "churnguard_scoring_events_duplicate_total",
+    "Consumed events whose id was already stored for the tenant (redelivery or resent id).",
+)
+SCORES_PUBLISHED = Counter(
+    "churnguard_scoring_scores_published_total",
+    "Scores published on churn-scores, by risk band.",
+    ["band"],
+)
+SCORING_LATENCY = Histogram(
+    "churnguard_scoring_latency_seconds",
+    "Per batch: loading history, computing features and predicting.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SCORE = Histogram(
+    "churnguard_scoring_score",
+    "Distribution of churn probabilities produced.",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+)
+ACTIVE_MODEL_INFO = Gauge(
+    "churnguard_scoring_active_model_info",
+    "1 for the model version this process scores with.",
+    ["version"],
+)
+ACTIVE_MODEL_ROC_AUC = Gauge(
+    "churnguard_scoring_active_model_roc_auc",
+    "Holdout ROC AUC of the active model, as recorded when it was trained.",
+)
+DEAD_LETTERS = Counter(
+    "churnguard_scoring_dead_letters_total",
+    "Records sent to customer-events.dlq, by reason (undecodable, unprocessable).",
+    ["reason"],
+)
+
+
+def set_active_model(version: str, roc_auc: float) -> None:
+    ACTIVE_MODEL_INFO.clear()
+    ACTIVE_MODEL_INFO.labels(version).set(1)
+    ACTIVE_MODEL_ROC_AUC.set(roc_auc)
+
+
+def dead_lettered(_topic: str, reason: str) -> None:
+    DEAD_LETTERS.labels(reason).inc()
