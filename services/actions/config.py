@@ -1,0 +1,46 @@
+"""Settings of the actions service (env prefix CHURNGUARD_ACTIONS_)."""
+
+from __future__ import annotations
+
+from pydantic import Field, PositiveFloat
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
+
+# Standard Webhooks / Svix-like schedule after the first attempt: 5 s, 5 min, 30 min, 2 h,
+# 5 h, 10 h, 10 h -- about 27.6 h in total, so a receiver may be down for more than a day.
+DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1_800.0, 7_200.0, 18_000.0, 36_000.0, 36_000.0]
+
+
+class ActionsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHURNGUARD_ACTIONS_", extra="ignore")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    internal: InternalAuthSettings = Field(default_factory=InternalAuthSettings)
+
+    group_id: str = "actions"
+    client_id: str = "actions"
+    port: int = 8003
+
+    # The high-risk discount policy.
+    offer_threshold: float = Field(
+        0.7, ge=0.0, le=1.0, description="Offer at or above this churn probability."
+    )
+    offer_cooldown_days: int = Field(
+        30, ge=0, description="No second offer to a customer within this many days."
+    )
+    discount_percent: int = Field(15, gt=0, le=100)
+    offer_validity_days: int = Field(14, gt=0)
+
+    # Webhook delivery (the outbox worker).
+    delivery_poll_s: float = Field(
+        1.0, gt=0, description="Poll interval when nothing wakes the worker."
+    )
+    delivery_batch_size: int = Field(50, gt=0, le=1_000)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    retry_schedule_s: list[PositiveFloat] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE_S),
+        min_length=1,
+        description="Wait before each retry after a failed attempt; then the delivery is parked.",
+    )

@@ -1,0 +1,41 @@
+"""Prometheus objects of the actions service (process-global, low-cardinality labels only)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DECISIONS = Counter(
+    "churnguard_actions_decisions_total",
+    "Decisions taken on churn scores, by policy, outcome and reason.",
+    ["policy", "outcome", "reason"],
+)
+OFFERS_CREATED = Counter(
+    "churnguard_actions_offers_created_total",
+    "Retention offers created, by policy.",
+    ["policy"],
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "churnguard_actions_webhook_attempts_total",
+    "Webhook delivery attempts: delivered (2xx), failed (other status, retry scheduled), "
+    "error (network error or timeout, retry scheduled), parked (retry schedule exhausted "
+    "or subscription deleted).",
+    ["outcome"],
+)
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "churnguard_actions_webhook_delivery_seconds",
+    "Duration of one webhook HTTP attempt.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+OUTBOX_DEPTH = Gauge(
+    "churnguard_actions_outbox_depth",
+    "Webhook deliveries pending (not yet delivered, not parked).",
+)
+PARKED_DELIVERIES = Gauge(
+    "churnguard_actions_parked_deliveries",
+    "Webhook deliveries parked after exhausting retries, waiting for a replay.",
+)
+DEAD_LETTERS = Counter(
+    "churnguard_actions_dead_letters_total",
+    "Records the actions consumer sent to a dead-letter topic, by reason.",
+    ["reason"],
+)

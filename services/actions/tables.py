@@ -1,0 +1,107 @@
+"""Tables owned by the actions service (all prefixed `actions_`, all carrying tenant_id)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from shared.db import UtcDateTime
+
+
+class ActionsDecision(SQLModel, table=True):
+    """One decision per score: the dedup record (UNIQUE tenant_id, score_id) and the audit trail."""
+
+    __tablename__ = "actions_decisions"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "score_id", name="uq_actions_decisions_tenant_score"),
+        Index("ix_actions_decisions_tenant_customer", "tenant_id", "customer_id", "decided_at"),
+    )
+
+    decision_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=128)
+    score_id: str = Field(max_length=128)
+    customer_id: str = Field(max_length=128)
+    policy: str | None = Field(default=None, max_length=128)
+    outcome: str = Field(max_length=32)
+    reason: str = Field(max_length=128)
+    offer_id: str | None = Field(default=None, max_length=64)
+    churn_probability: float
+    band: str = Field(max_length=16)
+    model_version: str = Field(max_length=128)
+    decided_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ActionsOffer(SQLModel, table=True):
+    __tablename__ = "actions_offers"
+    __table_args__ = (
+        Index(
+            "ix_actions_offers_tenant_customer_created", "tenant_id", "customer_id", "created_at"
+        ),
+    )
+
+    offer_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=128)
+    customer_id: str = Field(max_length=128)
+    policy: str = Field(max_length=128)
+    kind: str = Field(max_length=32)
+    discount_percent: int
+    valid_until: datetime = Field(sa_type=UtcDateTime)
+    churn_probability: float
+    band: str = Field(max_length=16)
+    model_version: str = Field(max_length=128)
+    score_id: str = Field(max_length=128)
+    created_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ActionsWebhookSubscription(SQLModel, table=True):
+    __tablename__ = "actions_webhook_subscriptions"
+    __table_args__ = (Index("ix_actions_webhook_subscriptions_tenant", "tenant_id", "active"),)
+
+    id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=128)
+    url: str = Field(max_length=2048)
+    secret: str = Field(max_length=256)
+    event_types: list[str] = Field(sa_type=JSON)
+    active: bool = True
+    created_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ActionsDelivery(SQLModel, table=True):
+    """The webhook outbox: written in the decision's transaction, drained by the delivery worker.
+
+    `delivery_id` is the Standard Webhooks message id (`webhook-id`), the same on every retry,
+    so receivers can deduplicate. `payload` is the exact JSON text that gets signed and sent.
+    """
+
+    __tablename__ = "actions_deliveries"
+    __table_args__ = (
+        UniqueConstraint(
+            "subscription_id", "offer_id", name="uq_actions_deliveries_subscription_offer"
+        ),
+        Index("ix_actions_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_actions_deliveries_tenant_status", "tenant_id", "status"),
+    )
+
+    delivery_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=128)
+    subscription_id: str = Field(max_length=64, foreign_key="actions_webhook_subscriptions.id")
+    offer_id: str = Field(max_length=64, foreign_key="actions_offers.offer_id")
+    event_type: str = Field(max_length=64)
+    payload: str = Field(sa_type=Text)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(sa_type=UtcDateTime)
+    last_error: str | None = Field(default=None, max_length=1000)
+    last_status_code: int | None = None
+    delivered_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    created_at: datetime = Field(sa_type=UtcDateTime)
+
+
+TABLES: list[type[SQLModel]] = [
+    ActionsWebhookSubscription,
+    ActionsOffer,
+    ActionsDecision,
+    ActionsDelivery,
+]

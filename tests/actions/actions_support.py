@@ -1,0 +1,125 @@
+"""Helpers for the actions tests: a real HTTP webhook receiver, score records, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypeVar
+
+
+
+from shared.events import ScoreRecord
+from shared.settings import KafkaSettings
+from tests.helpers import INTERNAL_TOKEN, read_topic
+
+TOKEN = INTERNAL_TOKEN
+TENANT = "tenant-a"
+OTHER_TENANT = "tenant-b"
+START = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
+
+T = TypeVar("T")
+
+
+def headers(tenant: str = TENANT, token: str | None = TOKEN) -> dict[str, str]:
+    result = {"X-Churnguard-Tenant": tenant}
+    if token is not None:
+        result["X-Churnguard-Internal-Token"] = token
+    return result
+
+
+def make_score(
+    score_id: str,
+    customer_id: str,
+    probability: float,
+    tenant: str = TENANT,
+    model_version: str = "m-test-1",
+) -> ScoreRecord:
+    band = "high" if probability >= 0.7 else "medium" if probability >= 0.4 else "low"
+    return ScoreRecord(
+        score_id=score_id,
+        tenant_id=tenant,
+        customer_id=customer_id,
+        probability=probability,
+        band=band,
+        model_version=model_version,
+        scored_at=START,
+    )
+
+
+async def wait_until(
+    predicate: Callable[[], T], timeout_s: float = 15.0, what: str = "condition"
+) -> T:
+    """Poll until the predicate returns something truthy (returned), or fail at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records every POST and answers with a status
+    taken from `statuses` (one per request, in order) or else `default_status`."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.default_status = 200
+        self._requests: list[Received] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with receiver._lock:
+                    status = (
+                        receiver.statuses.pop(0) if receiver.statuses else receiver.default_status
+                    )
+                    receiver._requests.append(
+                        Received(
+                            self.path, {k.lower(): v for k, v in self.headers.items()}, body, status
+                        )
+                    )
+                self.send_response(status)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def url(self, path: str = "/hooks") -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    def received(self, path: str | None = None) -> list[Received]:
+        with self._lock:
+            return [r for r in self._requests if path is None or r.path == path]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+read_partitions = read_topic

@@ -1,0 +1,69 @@
+"""Fixtures for the actions service: settings on the real broker and database, a real HTTP
+webhook receiver, a manual clock, and a score publisher."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from services.actions.config import ActionsSettings
+from shared.clock import ManualClock
+from shared.events import ScoreRecord
+from shared.kafka import Publisher
+from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
+from shared.topics import CHURN_SCORES
+from tests.actions.actions_support import START, TOKEN, Receiver
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
+
+
+@pytest.fixture
+def make_settings(
+    kafka_settings: KafkaSettings, database_url: str
+) -> Callable[..., ActionsSettings]:
+    def _make(**overrides: Any) -> ActionsSettings:
+        options: dict[str, Any] = {
+            "kafka": kafka_settings,
+            "database": DatabaseSettings(database_url=database_url),
+            "internal": InternalAuthSettings(internal_token=TOKEN),
+            "group_id": f"actions-{uuid.uuid4().hex[:8]}",
+            "delivery_poll_s": 0.05,
+            "webhook_timeout_s": 2.0,
+        }
+        options.update(overrides)
+        return ActionsSettings(**options)
+
+    return _make
+
+
+@pytest.fixture
+async def publish(kafka_settings: KafkaSettings) -> AsyncIterator[Callable[..., Any]]:
+    """publish(*records) puts ScoreRecords (or raw (key, value) pairs) on churn-scores."""
+    publisher = Publisher(kafka_settings, "actions-test")
+
+    async def _publish(*records: ScoreRecord | tuple[bytes, bytes]) -> None:
+        messages = [
+            r if isinstance(r, tuple) else (r.key, r.model_dump_json().encode()) for r in records
+        ]
+        await publisher.publish_many(CHURN_SCORES, messages)
+
+    try:
+        yield _publish
+    finally:
+        await publisher.close()
