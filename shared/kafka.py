@@ -240,6 +240,11 @@ class ConsumeLoop(Generic[T]):
             self._consumer = consumer
             try:
                 await self._poll(consumer)
+            except Exception as exc:  # a broker error while fetching: rebuild the consumer
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.exception("consumer %s: fetch failed; rejoining", self.group_id)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
             finally:
                 self._consumer = None
                 await consumer.stop()

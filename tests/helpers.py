@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from shared.settings import KafkaSettings
 
@@ -31,23 +30,23 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s
 
 
 async def read_topic(settings: KafkaSettings, topic: str, count: int, timeout_s: float = 15.0) -> list[ConsumerRecord]:
-    """Read `count` records from the start of a (base) topic with a throwaway group."""
+    """Read at least `count` records of a (base) topic from the beginning, assigning its
+    partitions directly (no consumer group, so no JoinGroup wait on the embedded broker)."""
+    name = settings.topic(topic)
     consumer = AIOKafkaConsumer(
-        settings.topic(topic),
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=f"reader-{uuid.uuid4().hex[:8]}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=10,
-        session_timeout_ms=6000,
+        bootstrap_servers=settings.bootstrap_servers, group_id=None,
+        enable_auto_commit=False, fetch_max_wait_ms=10,
     )
     await consumer.start()
-    records: list[ConsumerRecord] = []
     try:
+        partitions = [TopicPartition(name, p) for p in range(settings.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list[ConsumerRecord] = []
         deadline = asyncio.get_running_loop().time() + timeout_s
         while len(records) < count and asyncio.get_running_loop().time() < deadline:
             for batch in (await consumer.getmany(timeout_ms=200)).values():
                 records.extend(batch)
+        return records
     finally:
         await consumer.stop()
-    return records
