@@ -24,8 +24,10 @@ class ActionsSettings(BaseSettings):
     port: int = 8003
 
     # The high-risk discount policy.
+    # Scores are calibrated probabilities of churning within the horizon (90 days) while the
+    # base rate is well under 10%: 0.5 means "more likely to leave than to stay".
     offer_threshold: float = Field(
-        0.7, ge=0.0, le=1.0, description="Offer at or above this churn probability."
+        0.5, ge=0.0, le=1.0, description="Offer at or above this churn probability."
     )
     offer_cooldown_days: int = Field(
         30, ge=0, description="No second offer to a customer within this many days."

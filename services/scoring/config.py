@@ -17,8 +17,8 @@ class ScoringSettings(BaseSettings):
 
     group_id: str = "scoring"
     client_id: str = "scoring"
-    high_threshold: float = Field(0.6, gt=0.0, le=1.0, description="probability >= this is band 'high'")
-    medium_threshold: float = Field(0.3, ge=0.0, lt=1.0, description="probability >= this is band 'medium'")
+    high_threshold: float = Field(0.5, gt=0.0, le=1.0, description="probability >= this is band 'high'")
+    medium_threshold: float = Field(0.2, ge=0.0, lt=1.0, description="probability >= this is band 'medium'")
     model_refresh_s: float = Field(10.0, gt=0.0, description="how often the model registry is re-read")
     port: int = 8002
 

@@ -1,0 +1,260 @@
+"""`churnguard`: run the services, the embedded broker, the whole stack, and the model tools."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import secrets
+import shlex
+import signal
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="churnguard: event-driven churn prevention.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants and API keys.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VAR = Path("var")
+DEMO_TENANT = "demo"
+DEMO_SECRET_FILE = VAR / "demo-webhook-secret"
+
+
+class Service(str, Enum):
+    gateway = "gateway"
+    ingest = "ingest"
+    scoring = "scoring"
+    actions = "actions"
+
+
+DEFAULT_PORTS = {Service.gateway: 8000, Service.ingest: 8001, Service.scoring: 8002, Service.actions: 8003}
+RECEIVER_PORT = 8004
+BROKER_PORT = 9092
+
+
+def _database_url(service: str) -> str:
+    from shared.settings import DatabaseSettings
+
+    return DatabaseSettings().url_for(service)
+
+
+@app.command()
+def serve(
+    service: Service,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: the service's own).")] = None,
+    log_level: str = "info",
+) -> None:
+    """Run one service (one uvicorn worker; scale with more processes/pods)."""
+    import uvicorn
+
+    uvicorn.run(
+        f"services.{service.value}.app:create_app",
+        factory=True,
+        host=host,
+        port=port or DEFAULT_PORTS[service],
+        log_level=log_level,
+        timeout_graceful_shutdown=20,
+    )
+
+
+@app.command()
+def broker(
+    host: str = "127.0.0.1",
+    port: int = BROKER_PORT,
+) -> None:
+    """Run the embedded Tansu broker (Kafka API, memory storage: nothing survives a restart)."""
+    from shared.broker import broker_command
+
+    command = broker_command(host, port)
+    os.execv(command[0], command)  # signals go straight to the broker
+
+
+@app.command()
+def topics() -> None:
+    """Create the topics (and their dead-letter topics) that do not exist yet."""
+    from shared.kafka import ensure_topics
+    from shared.settings import KafkaSettings
+    from shared.topics import with_dead_letters
+
+    created = asyncio.run(ensure_topics(KafkaSettings(), with_dead_letters()))
+    typer.echo(f"created: {', '.join(created) or 'none (all existed)'}")
+
+
+@app.command()
+def simulate(
+    customers: Annotated[int, typer.Option(help="How many customers to simulate.")] = 3000,
+    seed: int = 7,
+    tenant: Annotated[str, typer.Option(help="Tenant whose history is written.")] = "sim",
+    out: Annotated[Path | None, typer.Option(help="Also write the events as NDJSON here.")] = None,
+) -> None:
+    """Write realistic synthetic customer history into scoring's event store."""
+    from services.scoring import cli_ops
+
+    count = cli_ops.simulate(_database_url("scoring"), tenant, customers, seed, None, out)
+    typer.echo(f"simulated {count} events for {customers} customers (tenant {tenant!r})")
+
+
+@app.command()
+def train(
+    tenant: Annotated[str, typer.Option(help="Tenant whose history trains the model.")] = "sim",
+    horizon_days: Annotated[int, typer.Option(help="Churned = no renewal/activity within this many days.")] = 90,
+    activate: Annotated[bool, typer.Option(help="Make the new model the active one.")] = True,
+) -> None:
+    """Fit a calibrated classifier on stored history and register it with its holdout ROC AUC."""
+    from services.scoring import cli_ops
+
+    try:
+        report = cli_ops.train(_database_url("scoring"), tenant, horizon_days, activate)
+    except ValueError as exc:
+        typer.echo(f"training refused: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(report.summary() if hasattr(report, "summary") else str(report))
+
+
+@tenant_app.command("create")
+def tenant_create(name: str) -> None:
+    """Create a tenant (or add a key to an existing one) and print its API key once."""
+    from services.gateway import manage as cli_ops
+
+    tenant_id, api_key = cli_ops.create_tenant(_database_url("gateway"), name)
+    typer.echo(f"tenant {name} ({tenant_id})\nAPI key (shown once): {api_key}")
+
+
+def _demo_secret() -> str:
+    if not DEMO_SECRET_FILE.exists():
+        DEMO_SECRET_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DEMO_SECRET_FILE.write_text("whsec_" + base64.b64encode(secrets.token_bytes(24)).decode())
+    return DEMO_SECRET_FILE.read_text().strip()
+
+
+@app.command()
+def receiver(port: int = RECEIVER_PORT, secret: Annotated[str | None, typer.Option()] = None) -> None:
+    """A local webhook receiver that verifies signatures and prints each offer."""
+    import uvicorn
+
+    from services.demo_receiver import create_receiver_app
+
+    uvicorn.run(create_receiver_app(secret or _demo_secret()), host="127.0.0.1", port=port, log_level="warning")
+
+
+def _wait_http(url: str, timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s}s")
+
+
+@app.command()
+def bootstrap(
+    stay: Annotated[bool, typer.Option(help="Keep running afterwards (for the Procfile).")] = False,
+    customers: int = 3000,
+) -> None:
+    """Prepare a running stack for a first try: topics, a model, the demo tenant and webhook."""
+    import httpx
+
+    from services.scoring import cli_ops as scoring_ops
+    from shared.broker import wait_for_port
+    from shared.kafka import ensure_topics
+    from shared.settings import KafkaSettings
+    from shared.topics import with_dead_letters
+
+    kafka = KafkaSettings()
+    host, port = kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
+    wait_for_port(host, int(port), timeout_s=60)
+    created = asyncio.run(ensure_topics(kafka, with_dead_letters()))
+    typer.echo(f"topics ready ({len(created)} created)")
+
+    _wait_http(f"http://127.0.0.1:{DEFAULT_PORTS[Service.scoring]}/healthz")  # its tables exist
+    scoring_db = _database_url("scoring")
+    if scoring_ops.has_active_model(scoring_db):
+        typer.echo("an active churn model exists")
+    else:
+        typer.echo(f"no active model: simulating {customers} customers and training one ...")
+        scoring_ops.simulate(scoring_db, "sim", customers, 7, None, None)
+        report = scoring_ops.train(scoring_db, "sim", 90, True)
+        typer.echo(report.summary() if hasattr(report, "summary") else str(report))
+
+    gateway = f"http://127.0.0.1:{DEFAULT_PORTS[Service.gateway]}"
+    _wait_http(f"{gateway}/readyz")
+    from services.gateway import manage as gateway_ops
+
+    _tenant_id, api_key = gateway_ops.create_tenant(_database_url("gateway"), DEMO_TENANT)
+    auth = {"Authorization": f"Bearer {api_key}"}
+    _wait_http(f"http://127.0.0.1:{DEFAULT_PORTS[Service.actions]}/readyz")
+    receiver_url = f"http://127.0.0.1:{RECEIVER_PORT}/webhooks"
+    existing = httpx.get(f"{gateway}/v1/webhooks", headers=auth, timeout=10).json()
+    if not any(w.get("url") == receiver_url for w in existing):
+        response = httpx.post(f"{gateway}/v1/webhooks", headers=auth, timeout=10,
+                              json={"url": receiver_url, "secret": _demo_secret()})
+        response.raise_for_status()
+
+    typer.echo(_banner(gateway, api_key))
+    while stay:  # honcho ends the whole stack when any process exits
+        signal.pause()
+
+
+def _banner(gateway: str, api_key: str) -> str:
+    sample = json.dumps({
+        "id": "evt-1", "type": "support.complaint", "customer_id": "c-1042",
+        "occurred_at": "2026-11-20T10:00:00Z", "source": "shop-de",
+        "data": {"severity": "high", "category": "delivery"},
+    })
+    return f"""
+================================================================================
+ churnguard is up.
+   gateway (the public API)  {gateway}        docs: {gateway}/docs
+   demo tenant API key       {api_key}
+   demo webhook receiver     http://127.0.0.1:{RECEIVER_PORT}/webhooks (its lines show as 'receiver')
+   internal services         ingest :8001, scoring :8002, actions :8003 (gateway only)
+   metrics                   http://127.0.0.1:<port>/metrics on every service
+ send a first event:
+   curl -s -X POST {gateway}/v1/events -H 'Authorization: Bearer {api_key}' \\
+        -H 'Content-Type: application/json' -d {shlex.quote(sample)}
+ Ctrl-C stops everything.
+================================================================================"""
+
+
+@app.command()
+def dev() -> None:
+    """Broker, the four services, a demo webhook receiver and the setup step, in one terminal."""
+    from honcho.manager import Manager
+    from honcho.printer import Printer
+
+    VAR.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    manager = Manager(Printer(sys.stdout))
+    for line in (REPO_ROOT / "Procfile").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, command = line.split(":", 1)
+        command = command.strip()
+        if command.startswith("python "):
+            command = shlex.quote(sys.executable) + command[len("python"):]
+        manager.add_process(name.strip(), command, env=env, cwd=str(Path.cwd()))
+    manager.loop()
+    sys.exit(manager.returncode)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The whole path on real parts: broker process, four service processes, a real database and a
+real webhook receiver. A customer who should churn gets exactly one signed offer; a loyal one none."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from services.gateway import manage as gateway_ops
+from services.scoring import cli_ops as scoring_ops
+from shared.broker import free_port
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = ("ingest", "scoring", "actions", "gateway")
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@dataclass
+class Receiver:
+    """A plain HTTP server that records every webhook exactly as it arrived."""
+
+    port: int
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(free_port())
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", state.port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+
+
+@dataclass
+class Stack:
+    gateway: str
+    api_key: str
+    logs: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture
+def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
+    ports = {name: free_port() for name in SERVICES}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CHURNGUARD_DATABASE_URL": database_url,
+        "CHURNGUARD_KAFKA_BOOTSTRAP_SERVERS": broker,
+        "CHURNGUARD_KAFKA_TOPIC_PREFIX": f"e2e{uuid.uuid4().hex[:8]}-",
+        "CHURNGUARD_INTERNAL_TOKEN": "e2e-internal-token",
+        "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{ports['ingest']}",
+        "CHURNGUARD_GATEWAY_SCORING_URL": f"http://127.0.0.1:{ports['scoring']}",
+        "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
+    }
+    # A model trained on simulated history, registered in scoring's registry before it starts.
+    scoring_ops.simulate(database_url, "sim", 1500, 11, None, None)
+    scoring_ops.train(database_url, "sim", 90, True)
+    _tenant_id, api_key = gateway_ops.create_tenant(database_url, "e2e-shop")
+
+    subprocess.run([sys.executable, "-m", "services.cli", "topics"], env=env, check=True, capture_output=True)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    try:
+        for name in SERVICES:
+            processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "serve", name, "--port", str(ports[name])],
+                env=env, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            )
+        for name in SERVICES:
+            url = f"http://127.0.0.1:{ports[name]}/readyz"
+            wait_until(lambda url=url, name=name: _ready(url, processes[name]), timeout_s=60)
+        yield Stack(f"http://127.0.0.1:{ports['gateway']}", api_key, logs)
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for name, process in processes.items():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                pytest.fail(f"{name} did not stop within 20 s of SIGTERM")
+
+
+def _ready(url: str, process: subprocess.Popen[bytes]) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"{url}: process exited with {process.returncode}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _at(days_ago: float) -> str:
+    return (datetime.now(timezone.utc) - timedelta(days=days_ago)).isoformat()
+
+
+def _event(customer: str, n: int, type_: str, days_ago: float, data: dict) -> dict:
+    return {"id": f"{customer}-{n}", "type": type_, "customer_id": customer,
+            "occurred_at": _at(days_ago), "source": "e2e-shop", "data": data}
+
+
+def churner_history(customer: str) -> list[dict]:
+    today = datetime.now(timezone.utc).date()
+    events = [_event(customer, 0, "subscription.started", 350, {
+        "contract_id": f"k-{customer}", "plan": "basic", "price": "19.90", "currency": "EUR",
+        "start_date": str(today - timedelta(days=350)), "end_date": str(today + timedelta(days=12)),
+        "auto_renew": False, "notice_period_days": 30})]
+    events += [_event(customer, 1 + i, "order.completed", 300 - i * 60,
+                      {"order_id": f"o-{customer}-{i}", "amount": "35.00", "currency": "EUR"}) for i in range(3)]
+    events += [_event(customer, 10 + i, "support.complaint", 20 - i * 5, {"severity": "high"}) for i in range(3)]
+    events += [_event(customer, 20, "support.ticket_opened", 9, {"ticket_id": f"t-{customer}"}),
+               _event(customer, 21, "feedback.nps", 6, {"score": 1, "comment": "never again"}),
+               _event(customer, 22, "order.refunded", 40,
+                      {"order_id": f"o-{customer}-2", "amount": "35.00", "currency": "EUR"}),
+               _event(customer, 23, "support.ticket_opened", 8, {"ticket_id": f"t2-{customer}"}),
+               _event(customer, 24, "feedback.csat", 5, {"score": 1})]
+    return events
+
+
+def loyal_history(customer: str) -> list[dict]:
+    today = datetime.now(timezone.utc).date()
+    events = [_event(customer, 0, "subscription.started", 700, {
+        "contract_id": f"k-{customer}", "plan": "premium", "price": "49.90", "currency": "EUR",
+        "start_date": str(today - timedelta(days=700)), "end_date": str(today - timedelta(days=335)),
+        "auto_renew": True}),
+        _event(customer, 1, "subscription.renewed", 335, {
+        "contract_id": f"k-{customer}", "plan": "premium", "price": "49.90", "currency": "EUR",
+        "start_date": str(today - timedelta(days=335)), "end_date": str(today + timedelta(days=395)),
+        "auto_renew": True})]
+    events += [_event(customer, 10 + i, "order.completed", 360 - i * 15,
+                      {"order_id": f"o-{customer}-{i}", "amount": "80.00", "currency": "EUR"}) for i in range(24)]
+    events += [_event(customer, 50, "feedback.nps", 30, {"score": 10})]
+    return events
+
+
+def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(stack: Stack, receiver: Receiver) -> None:
+    client = httpx.Client(base_url=stack.gateway, headers=stack.headers(), timeout=15)
+    created = client.post("/v1/webhooks", json={"url": receiver.url, "secret": SECRET})
+    assert created.status_code == 201, created.text
+
+    churner, loyal = "c-churner", "c-loyal"
+    histories = {loyal: loyal_history(loyal), churner: churner_history(churner)}
+    for history in histories.values():
+        response = client.post("/v1/events/batch", json={"events": history})
+        assert response.status_code == 202, response.text
+        assert response.json()["accepted"] == len(history)
+
+    scores = {c: wait_until(lambda c=c: _score(client, c, histories[c]), timeout_s=60) for c in histories}
+    assert scores[churner]["band"] == "high", scores
+    assert scores[loyal]["band"] == "low", scores
+
+    # Every score of both customers has been decided; only then is "no offer" meaningful.
+    for customer, history in histories.items():
+        wait_until(lambda c=customer, n=len(history): len(client.get(f"/v1/customers/{c}/decisions").json()) >= n,
+                   timeout_s=60)
+    wait_until(lambda: receiver.received, timeout_s=30)
+
+    delivered = [(h, json.loads(b)) for h, b in receiver.received]
+    assert [payload["data"]["customer_id"] for _, payload in delivered] == [churner]
+    headers, body = receiver.received[0]
+    verified = Webhook(SECRET).verify(body, headers)
+    assert verified["type"] == "offer.created"
+    assert verified["data"]["churn_probability"] >= 0.5
+    assert client.get(f"/v1/customers/{loyal}/offers").json() == []
+    assert len(client.get(f"/v1/customers/{churner}/offers").json()) == 1
+
+
+def _score(client: httpx.Client, customer: str, history: list[dict]) -> dict | None:
+    """The score once it reflects the whole history (every event consumed)."""
+    response = client.get(f"/v1/customers/{customer}/score")
+    if response.status_code != 200:
+        return None
+    body = response.json()
+    return body if body["event_id"] == history[-1]["id"] else None
