@@ -70,12 +70,26 @@ def serve(
 def broker(
     host: str = "127.0.0.1",
     port: int = BROKER_PORT,
+    linger_s: Annotated[float, typer.Option(help="On SIGTERM, keep serving this long so "
+                                            "consumers can commit and leave their groups.")] = 3.0,
 ) -> None:
     """Run the embedded Tansu broker (Kafka API, memory storage: nothing survives a restart)."""
+    import subprocess
+
     from shared.broker import broker_command
 
-    command = broker_command(host, port)
-    os.execv(command[0], command)  # signals go straight to the broker
+    # Its own session, so a signal to our process group (honcho's stop) reaches only us and
+    # the broker stops last, after the services that were signalled with it.
+    process = subprocess.Popen(broker_command(host, port), start_new_session=True)
+    stopping: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: stopping.append(number))
+    while process.poll() is None and not stopping:
+        time.sleep(0.2)
+    if stopping:
+        time.sleep(linger_s)
+        process.terminate()
+    sys.exit(process.wait())
 
 
 @app.command()
@@ -246,6 +260,7 @@ def dev() -> None:
         command = command.strip()
         if command.startswith("python "):
             command = shlex.quote(sys.executable) + command[len("python"):]
+        command = f"exec {command}"  # the shell hands over, so exit codes and signals are the process's own
         manager.add_process(name.strip(), command, env=env, cwd=str(Path.cwd()))
     manager.loop()
     sys.exit(manager.returncode)
@@ -253,6 +268,7 @@ def dev() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app()
 
 

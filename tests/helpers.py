@@ -18,20 +18,31 @@ def internal_headers(tenant: str, token: str = INTERNAL_TOKEN) -> dict[str, str]
     return {"X-Churnguard-Internal-Token": token, "X-Churnguard-Tenant": tenant}
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition", interval_s: float = 0.05
+) -> Any:
+    """Poll (no fixed sleeps) until predicate() is truthy; returns its value."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
+            raise AssertionError(f"{what} not met within {timeout_s}s")
         time.sleep(interval_s)
 
 
-async def read_topic(settings: KafkaSettings, topic: str, count: int, timeout_s: float = 15.0) -> list[ConsumerRecord]:
-    """Read at least `count` records of a (base) topic from the beginning, assigning its
-    partitions directly (no consumer group, so no JoinGroup wait on the embedded broker)."""
+async def read_topic(
+    settings: KafkaSettings,
+    topic: str,
+    count: int = 1,
+    timeout_s: float = 15.0,
+    until: Callable[[list[ConsumerRecord]], bool] | None = None,
+) -> list[ConsumerRecord]:
+    """Read a (base) topic from the beginning until `count` records (or `until(records)`) are
+    in, assigning its partitions directly (no consumer group, so no JoinGroup wait on the
+    embedded broker). `until` raises if it is not met in time; `count` returns what arrived."""
+    done = until or (lambda records: len(records) >= count)
     name = settings.topic(topic)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers, group_id=None,
@@ -44,7 +55,11 @@ async def read_topic(settings: KafkaSettings, topic: str, count: int, timeout_s:
         await consumer.seek_to_beginning(*partitions)
         records: list[ConsumerRecord] = []
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(records) < count and asyncio.get_running_loop().time() < deadline:
+        while not done(records):
+            if asyncio.get_running_loop().time() > deadline:
+                if until is None:
+                    break
+                raise AssertionError(f"expected records on {topic} did not arrive; got {len(records)}")
             for batch in (await consumer.getmany(timeout_ms=200)).values():
                 records.extend(batch)
         return records

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sends the history of a customer at high risk of churning through the gateway:
-# contract ending in 12 days without auto-renewal, few orders, three complaints, NPS 1.
+# contract ending in 12 days without auto-renewal, few orders and a refund, three complaints,
+# two open tickets, CSAT 1 and NPS 1.
 # Usage: KEY=cg_... ./docs/examples/at-risk-customer.sh [customer-id]
 set -euo pipefail
 : "${KEY:?set KEY to the API key printed by make run}"
@@ -21,7 +22,11 @@ events = [ev("customer.consent_changed", 360, {"marketing": True}),
              "end_date": str(today + timedelta(days=12)), "auto_renew": False, "notice_period_days": 30})]
 events += [ev("order.completed", 300 - 60 * i, {"order_id": f"o-{customer}-{i}", "amount": "35.00", "currency": "EUR"}) for i in range(3)]
 events += [ev("support.complaint", 20 - 5 * i, {"severity": "high"}) for i in range(3)]
-events += [ev("feedback.nps", 6, {"score": 1, "comment": "never again"})]
+events += [ev("order.refunded", 40, {"order_id": f"o-{customer}-2", "amount": "35.00", "currency": "EUR"}),
+           ev("support.ticket_opened", 9, {"ticket_id": "t1-" + customer}),
+           ev("support.ticket_opened", 8, {"ticket_id": "t2-" + customer}),
+           ev("feedback.csat", 5, {"score": 1}),
+           ev("feedback.nps", 4, {"score": 1, "comment": "never again"})]
 print(json.dumps({"events": events}))
 PY
 curl -sS -X POST "$GATEWAY/v1/events/batch" -H "Authorization: Bearer $KEY" \

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.scoring import service
 from services.scoring.config import ScoringSettings
@@ -22,8 +18,9 @@ from services.scoring.tables import TABLES
 from shared.app import INTERNAL_TOKEN_HEADER, TENANT_HEADER
 from shared.db import create_tables, make_engine, session_scope
 from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
+from tests.helpers import INTERNAL_TOKEN as TOKEN
+from tests.helpers import read_topic, wait_until  # noqa: F401  (re-exported for the tests)
 
-TOKEN = "test-internal-token"
 SIM_END = datetime(2026, 6, 1, tzinfo=timezone.utc)
 
 
@@ -74,42 +71,6 @@ def scoring_settings(kafka_settings: KafkaSettings, database_url: str) -> Scorin
         group_id=f"scoring-{uuid.uuid4().hex[:8]}",  # each test its own consumer group
         model_refresh_s=0.2,
     )
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
-    """Poll (no fixed sleeps) until predicate() is truthy; returns its value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s}s")
-        time.sleep(0.05)
-
-
-async def read_topic(
-    kafka_settings: KafkaSettings, topic: str, until: Callable[[list[Any]], bool], timeout_s: float = 15.0
-) -> list[Any]:
-    """Read a (base) topic from the start with a real consumer until `until(records)` holds.
-    Partitions are assigned directly (no group join, which the embedded broker delays)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka_settings.bootstrap_servers, auto_offset_reset="earliest",
-        enable_auto_commit=False, fetch_max_wait_ms=10,
-    )
-    await consumer.start()
-    consumer.assign([TopicPartition(kafka_settings.topic(topic), p) for p in range(kafka_settings.partitions)])
-    records: list[Any] = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not until(records):
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"expected records on {topic} did not arrive; got {len(records)}")
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 def event_record(
