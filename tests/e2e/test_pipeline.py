@@ -68,6 +68,10 @@ class Stack:
     gateway: str
     api_key: str
     logs: Path
+    ports: dict[str, int]
+
+    def metrics(self, service: str) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.ports[service]}/metrics", timeout=5).text
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
@@ -105,7 +109,7 @@ def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
         for name in SERVICES:
             url = f"http://127.0.0.1:{ports[name]}/readyz"
             wait_until(lambda url=url, name=name: _ready(url, processes[name]), timeout_s=60)
-        yield Stack(f"http://127.0.0.1:{ports['gateway']}", api_key, logs)
+        yield Stack(f"http://127.0.0.1:{ports['gateway']}", api_key, logs, ports)
     finally:
         for process in processes.values():
             process.terminate()
@@ -199,6 +203,30 @@ def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(stack:
     assert verified["data"]["churn_probability"] >= 0.5
     assert client.get(f"/v1/customers/{loyal}/offers").json() == []
     assert len(client.get(f"/v1/customers/{churner}/offers").json()) == 1
+
+    # Each service counts its own part of the journey.
+    events_sent = sum(len(h) for h in histories.values())
+    assert f'churnguard_ingest_events_accepted_total{{type="order.completed"}}' in stack.metrics("ingest")
+    scoring_metrics = stack.metrics("scoring")
+    published = sum(float(line.rsplit(" ", 1)[1]) for line in scoring_metrics.splitlines()
+                    if line.startswith("churnguard_scoring_scores_published_total{"))
+    assert published >= events_sent
+    assert 'churnguard_actions_offers_created_total{policy="high-risk-discount"} 1.0' in stack.metrics("actions")
+    assert 'route="/v1/events/batch",status="202"' in stack.metrics("gateway")
+
+
+def test_the_gateway_refuses_bad_keys_and_bad_events_before_anything_is_published(stack: Stack) -> None:
+    client = httpx.Client(base_url=stack.gateway, timeout=15)
+    assert client.post("/v1/events", json={}).status_code == 401
+    assert client.post("/v1/events", json={}, headers={"Authorization": "Bearer cg_wrong"}).status_code == 401
+    response = client.post("/v1/events", headers={**stack.headers(), "X-Request-ID": "req-e2e-1"},
+                           json={"id": "x", "type": "order.completed", "occurred_at": _at(1), "data": {}})
+    assert response.status_code == 422
+    assert response.headers["X-Request-ID"] == "req-e2e-1"
+    assert {e["field"] for e in response.json()["errors"]} >= {"customer_id", "data.order_id"}
+    # Direct calls that bypass the gateway are refused by the service itself.
+    direct = httpx.post(f"http://127.0.0.1:{stack.ports['ingest']}/v1/events", json={}, timeout=5)
+    assert direct.status_code == 401
 
 
 def _score(client: httpx.Client, customer: str, history: list[dict]) -> dict | None:
