@@ -71,6 +71,18 @@ def make_engine(url: str, echo: bool = False) -> Engine:
     )
 
 
+def dialect_insert(session: Session, table: Any) -> Any:
+    """An INSERT that supports ON CONFLICT on both backends we run on."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"churnguard supports SQLite and PostgreSQL, not {dialect}")
+
+
 def create_tables(engine: Engine, tables: Sequence[type[SQLModel]]) -> None:
     """Each service creates only the tables it owns."""
     SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]

@@ -22,11 +22,14 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
 )
 
 CONTRACT_VERSION = "v1"
 MAX_FUTURE_SKEW = timedelta(hours=24)
+# Backfill is welcome, but a timestamp before this is almost always an unset clock (Unix epoch).
+EARLIEST_OCCURRED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
 class _Strict(BaseModel):
@@ -43,8 +46,8 @@ def _check_amount(value: str) -> str:
 Money = Annotated[
     str,
     Field(
-        pattern=r"^-?\d{1,12}(\.\d{1,4})?$",
-        description="Decimal amount as a string, e.g. \"59.90\" (never a float).",
+        pattern=r"^\d{1,12}(\.\d{1,4})?$",
+        description="Non-negative decimal amount as a string, e.g. \"59.90\" (never a float).",
         examples=["59.90"],
     ),
     AfterValidator(_check_amount),
@@ -175,9 +178,15 @@ class _Envelope(_Strict):
 
     @field_validator("occurred_at")
     @classmethod
-    def _not_far_future(cls, value: datetime) -> datetime:
-        if value - datetime.now(timezone.utc) > MAX_FUTURE_SKEW:
+    def _plausible_time(cls, value: datetime, info: ValidationInfo) -> datetime:
+        """`now` comes from the validation context (the caller's clock) when given."""
+        now = (info.context or {}).get("now") or datetime.now(timezone.utc)
+        if value - now > MAX_FUTURE_SKEW:
             raise ValueError("occurred_at is more than 24 hours in the future")
+        if value < EARLIEST_OCCURRED_AT:
+            raise ValueError(
+                "occurred_at is before 2000-01-01; such a timestamp is almost always an unset clock"
+            )
         return value
 
 
@@ -224,11 +233,13 @@ CustomerEvent = Annotated[Union[tuple(EVENT_CLASSES.values())], Field(discrimina
 customer_event_adapter: TypeAdapter[Any] = TypeAdapter(CustomerEvent)
 
 
-def parse_event(raw: Any) -> _Envelope:
-    """Validate one event (a dict or JSON bytes); raises pydantic.ValidationError."""
+def parse_event(raw: Any, now: datetime | None = None) -> _Envelope:
+    """Validate one event (a dict or JSON bytes); raises pydantic.ValidationError.
+    `now` anchors the "not too far in the future" rule (default: the wall clock)."""
+    context = {"now": now} if now else None
     if isinstance(raw, (bytes, str)):
-        return customer_event_adapter.validate_json(raw)
-    return customer_event_adapter.validate_python(raw)
+        return customer_event_adapter.validate_json(raw, context=context)
+    return customer_event_adapter.validate_python(raw, context=context)
 
 
 def event_json_schema() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,8 +13,10 @@ from fastapi.openapi.utils import get_openapi
 from services.ingest.config import IngestSettings
 from services.ingest.routes import router
 from services.ingest.service import IngestService
+from services.ingest.tables import TABLES
 from shared.app import create_service_app
 from shared.clock import Clock, SystemClock
+from shared.db import create_tables, make_engine, ping
 from shared.events import customer_event_adapter
 from shared.kafka import Publisher
 
@@ -25,14 +28,19 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings.kafka, client_id="ingest", send_timeout_s=settings.publish_timeout_s)
-        app.state.settings = settings
-        app.state.service = IngestService(publisher, clock)
-        # No database of its own yet: readiness is the broker taking connections.
-        app.state.readiness = {"broker": publisher.ping}
+        engine = make_engine(settings.database.url_for("ingest"), echo=settings.database.database_echo)
         try:
+            await asyncio.to_thread(create_tables, engine, TABLES)
+            app.state.settings = settings
+            app.state.service = IngestService(publisher, clock, engine)
+            # Ready = the broker takes events. The id table only sharpens the "duplicate" answer
+            # (events are still deduplicated where they are stored), so it is reported, not gating.
+            app.state.readiness = {"broker": publisher.ping}
+            app.state.diagnostics = {"database": lambda: asyncio.to_thread(ping, engine)}
             yield
         finally:
             await publisher.close()
+            engine.dispose()
 
     app = create_service_app(
         "ingest",

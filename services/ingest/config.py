@@ -3,7 +3,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import InternalAuthSettings, KafkaSettings
+from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
 
 
 class IngestSettings(BaseSettings):
@@ -11,6 +11,7 @@ class IngestSettings(BaseSettings):
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     internal: InternalAuthSettings = Field(default_factory=InternalAuthSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     port: int = 8001
     max_event_bytes: int = 32 * 1024
     max_batch_bytes: int = 512 * 1024

@@ -21,3 +21,11 @@ BROKER_UNAVAILABLE = Counter(
     "churnguard_ingest_broker_unavailable_total",
     "Requests answered 503 because the broker did not acknowledge in time.",
 )
+EVENTS_DUPLICATE = Counter(
+    "churnguard_ingest_events_duplicate_total",
+    "Events not published again because this tenant already sent their id.",
+)
+DEDUP_UNAVAILABLE = Counter(
+    "churnguard_ingest_dedup_unavailable_total",
+    "Times the event id table could not be read or written (events were still published).",
+)

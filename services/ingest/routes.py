@@ -37,8 +37,9 @@ ERROR_SCHEMA = {
 BATCH_RESULT_SCHEMA = {
     "type": "object",
     "properties": {
-        "accepted": {"type": "integer"},
-        "rejected": {"type": "integer"},
+        "accepted": {"type": "integer", "description": "New events, now with the broker."},
+        "duplicates": {"type": "integer", "description": "Ids this tenant had sent before; not published again."},
+        "rejected": {"type": "integer", "description": "Invalid events; see errors."},
         "errors": ERROR_SCHEMA["properties"]["errors"],
     },
 }
@@ -57,7 +58,16 @@ def _broker_down(retry_after_s: int) -> JSONResponse:
                     headers={"Retry-After": str(retry_after_s)})
 
 
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
 async def _read_json(request: Request, limit: int) -> Any:
+    if not _is_json(request.headers.get("content-type", "")):
+        metrics.EVENTS_REJECTED.labels("content_type").inc()
+        given = request.headers.get("content-type") or "none"
+        raise _Reject(_problem(415, f"Content-Type must be application/json (got {given})"))
     try:
         return decode_json(await read_body_limited(request, limit))
     except BodyTooLarge as exc:
@@ -80,9 +90,11 @@ class _Reject(Exception):
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": EVENT_REF}}}},
     responses={
         202: {"description": "The broker has the event.",
-              "content": {"application/json": {"schema": {"type": "object", "properties": {"accepted": {"type": "integer"}, "id": {"type": "string"}}}}}},
+              "content": {"application/json": {"schema": {"type": "object", "properties": {
+                  "accepted": {"type": "integer"}, "duplicates": {"type": "integer"}, "id": {"type": "string"}}}}}},
         400: {"description": "Malformed JSON.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
         413: {"description": "Body over the per-event limit.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+        415: {"description": "Not application/json.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
         422: {"description": "Invalid event; each error names its field.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
         503: {"description": "Broker unavailable; retry after the Retry-After header.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
     },
@@ -92,15 +104,16 @@ async def post_event(request: Request, tenant_id: TenantId, service: IngestServi
         raw = await _read_json(request, settings.max_event_bytes)
     except _Reject as rejected:
         return rejected.response
-    result = validate(raw)
+    result = validate(raw, now=service.clock.now())
     if isinstance(result, list):
         metrics.EVENTS_REJECTED.labels("invalid").inc()
         return _problem(422, "event rejected: " + "; ".join(f"{e.field}: {e.message}" for e in result), result)
     try:
-        await service.publish(tenant_id, [result])
+        published = await service.publish(tenant_id, [result])
     except BrokerUnavailable:
         return _broker_down(settings.retry_after_s)
-    return JSONResponse({"accepted": 1, "id": result.id}, status_code=202)  # type: ignore[attr-defined]
+    body = {"accepted": len(published.accepted), "duplicates": len(published.duplicates), "id": result.id}  # type: ignore[attr-defined]
+    return JSONResponse(body, status_code=202)
 
 
 @router.post(
@@ -108,7 +121,7 @@ async def post_event(request: Request, tenant_id: TenantId, service: IngestServi
     status_code=202,
     summary="Send up to 500 customer events",
     description="Good events are accepted even when others are rejected; each rejected one is "
-    "reported by its index with the field and reason. 422 when none was accepted.",
+    "reported by its index with the field and reason. Ids sent before are counted as duplicates and not published again. 422 when none was valid.",
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["events"],
         "properties": {"events": {"type": "array", "maxItems": 500, "items": EVENT_REF}}}}}}},
@@ -116,6 +129,7 @@ async def post_event(request: Request, tenant_id: TenantId, service: IngestServi
         202: {"description": "Accepted events are with the broker.", "content": {"application/json": {"schema": BATCH_RESULT_SCHEMA}}},
         400: {"description": "Malformed JSON or no `events` array.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
         413: {"description": "Over 500 events or over the batch byte limit.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+        415: {"description": "Not application/json.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
         422: {"description": "No event in the batch was valid.", "content": {"application/json": {"schema": BATCH_RESULT_SCHEMA}}},
         503: {"description": "Broker unavailable; nothing was accepted.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
     },
@@ -133,20 +147,23 @@ async def post_batch(request: Request, tenant_id: TenantId, service: IngestServi
         metrics.EVENTS_REJECTED.labels("too_large").inc()
         return _problem(413, f"batch holds {len(items)} events; the limit is {settings.max_batch_events} per batch")
     good, errors = [], []
+    now = service.clock.now()
     for index, item in enumerate(items):
-        result = validate(item, index)
+        result = validate(item, index, now)
         if isinstance(result, list):
             errors.extend(result)
             metrics.EVENTS_REJECTED.labels("invalid").inc()
         else:
             good.append(result)
+    accepted = duplicates = 0
     if good:
         try:
-            await service.publish(tenant_id, good)
+            published = await service.publish(tenant_id, good)
         except BrokerUnavailable:
             return _broker_down(settings.retry_after_s)
+        accepted, duplicates = len(published.accepted), len(published.duplicates)
     rejected = len({e.index for e in errors})
-    body = {"accepted": len(good), "rejected": rejected, "errors": [e.as_dict() for e in errors]}
+    body = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected, "errors": [e.as_dict() for e in errors]}
     return JSONResponse(body, status_code=202 if good or not items else 422)
 
 

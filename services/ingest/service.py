@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from services.ingest import metrics
+from services.ingest import metrics, repository
 from shared.clock import Clock
+from shared.db import session_scope
 from shared.events import EVENT_TYPES, EventRecord, parse_event
 from shared.kafka import Publisher
 from shared.topics import CUSTOMER_EVENTS
+
+log = logging.getLogger(__name__)
+MAX_NESTING = 16
 
 
 @dataclass(frozen=True)
@@ -31,15 +40,39 @@ class MalformedJson(ValueError):
     pass
 
 
+def _no_constants(name: str) -> Any:
+    raise MalformedJson(f"{name} is not valid JSON; numbers must be finite")
+
+
 def decode_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no NUL characters, nesting at most MAX_NESTING."""
     if not body.strip():
         raise MalformedJson("request body is empty; expected a JSON object")
     try:
-        return json.loads(body)
+        value = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError as exc:
-        raise MalformedJson(f"request body is not UTF-8: {exc.reason}") from exc
+        raise MalformedJson(f"request body is not valid UTF-8 (byte {exc.start}: {exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise MalformedJson(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise MalformedJson(f"JSON nested too deeply (at most {MAX_NESTING} levels)") from exc
+    _check_structure(value, 1)
+    return value
+
+
+def _check_structure(value: Any, depth: int) -> None:
+    if depth > MAX_NESTING:
+        raise MalformedJson(f"JSON nested too deeply (at most {MAX_NESTING} levels)")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise MalformedJson("strings must not contain NUL (\\u0000) characters")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_structure(key, depth)
+            _check_structure(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_structure(item, depth + 1)
 
 
 def describe(error: ValidationError, raw: Any, index: int | None = None) -> list[FieldError]:
@@ -64,28 +97,83 @@ def describe(error: ValidationError, raw: Any, index: int | None = None) -> list
     return found
 
 
-def validate(raw: Any, index: int | None = None) -> BaseModel | list[FieldError]:
+def validate(raw: Any, index: int | None = None, now: datetime | None = None) -> BaseModel | list[FieldError]:
     if not isinstance(raw, dict):
         return [FieldError("(event)", "must be a JSON object", index)]
     try:
-        return parse_event(raw)
+        return parse_event(raw, now=now)
     except ValidationError as exc:
         return describe(exc, raw, index)
 
 
+@dataclass
+class PublishResult:
+    accepted: list[Any] = field(default_factory=list)
+    duplicates: list[Any] = field(default_factory=list)
+
+
 class IngestService:
-    def __init__(self, publisher: Publisher, clock: Clock) -> None:
+    def __init__(self, publisher: Publisher, clock: Clock, engine: Engine) -> None:
         self._publisher = publisher
         self._clock = clock
+        self._engine = engine
 
-    async def publish(self, tenant_id: str, events: Sequence[BaseModel]) -> None:
-        """Returns only once the broker acknowledged every event (raises BrokerUnavailable)."""
-        received_at = self._clock.now()
-        records = [EventRecord(tenant_id=tenant_id, received_at=received_at, event=e) for e in events]
-        started = time.perf_counter()
-        await self._publisher.publish_many(
-            CUSTOMER_EVENTS, [(r.key, r.model_dump_json().encode()) for r in records]
-        )
-        metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    async def publish(self, tenant_id: str, events: Sequence[Any]) -> PublishResult:
+        """Publish the events this tenant has not sent before; returns only once the broker
+        acknowledged every one of them (raises BrokerUnavailable otherwise).
+
+        Ids are recorded only after the broker has the events, so a failed send is never
+        mistaken for a duplicate on retry. If the id table is unreachable, everything is
+        published: scoring's unique key still stores each event once."""
+        result = PublishResult()
+        first_seen: dict[str, Any] = {}
         for event in events:
-            metrics.EVENTS_ACCEPTED.labels(event.type).inc()  # type: ignore[attr-defined]
+            if event.id in first_seen:
+                result.duplicates.append(event)
+            else:
+                first_seen[event.id] = event
+        known = await self._known(tenant_id, list(first_seen))
+        for event_id, event in first_seen.items():
+            (result.duplicates if event_id in known else result.accepted).append(event)
+
+        received_at = self._clock.now()
+        if result.accepted:
+            records = [EventRecord(tenant_id=tenant_id, received_at=received_at, event=e) for e in result.accepted]
+            started = time.perf_counter()
+            await self._publisher.publish_many(
+                CUSTOMER_EVENTS, [(r.key, r.model_dump_json().encode()) for r in records]
+            )
+            metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
+            await self._record(tenant_id, result.accepted, received_at)
+        for event in result.accepted:
+            metrics.EVENTS_ACCEPTED.labels(event.type).inc()
+        if result.duplicates:
+            metrics.EVENTS_DUPLICATE.inc(len(result.duplicates))
+        return result
+
+    async def _known(self, tenant_id: str, event_ids: list[str]) -> set[str]:
+        def lookup() -> set[str]:
+            with session_scope(self._engine) as session:
+                return repository.known_ids(session, tenant_id, event_ids)
+
+        try:
+            return await asyncio.to_thread(lookup)
+        except SQLAlchemyError as exc:
+            metrics.DEDUP_UNAVAILABLE.inc()
+            log.warning("event id table unavailable (%s); publishing without the duplicate check", type(exc).__name__)
+            return set()
+
+    async def _record(self, tenant_id: str, events: list[Any], received_at: datetime) -> None:
+        def record() -> None:
+            with session_scope(self._engine) as session:
+                repository.record_ids(session, tenant_id, [(e.id, e.type) for e in events], received_at)
+
+        try:
+            await asyncio.to_thread(record)
+        except SQLAlchemyError as exc:  # the broker has them: the answer is still "accepted"
+            metrics.DEDUP_UNAVAILABLE.inc()
+            log.warning("could not record %d event ids (%s)", len(events), type(exc).__name__)

@@ -11,22 +11,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from services.scoring.features import HistoryEvent, as_utc
 from services.scoring.tables import ScoringCustomerFeatures, ScoringEvent, ScoringModel, ScoringScore
+from shared.db import dialect_insert
 
 _CHUNK = 1000
-
-
-def _insert(session: Session, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"scoring supports SQLite and PostgreSQL, not {dialect}")
 
 
 def _chunks(rows: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -45,7 +36,7 @@ def _event_values(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _insert_events_statement(session: Session) -> Any:
-    return _insert(session, ScoringEvent.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
+    return dialect_insert(session, ScoringEvent.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
         index_elements=["tenant_id", "event_id"]
     )
 
@@ -125,7 +116,7 @@ def upsert_features(
         {"tenant_id": tenant_id, "customer_id": customer, "features": dict(vector), "updated_at": as_utc(updated_at)}
         for customer, vector in sorted(features.items())
     ]
-    statement = _insert(session, table)
+    statement = dialect_insert(session, table)
     statement = statement.on_conflict_do_update(
         index_elements=["tenant_id", "customer_id"],
         set_={"features": statement.excluded.features, "updated_at": statement.excluded.updated_at},
@@ -142,7 +133,7 @@ def upsert_scores(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
     table = ScoringScore.__table__  # type: ignore[attr-defined]
     for chunk in _chunks(list(rows)):
         values = [{**row, "scored_at": as_utc(row["scored_at"])} for row in chunk]
-        statement = _insert(session, table)
+        statement = dialect_insert(session, table)
         statement = statement.on_conflict_do_update(
             index_elements=["score_id"],
             set_={name: statement.excluded[name] for name in ("probability", "band", "model_version", "scored_at")},

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
 
 from services.ingest.app import create_app
 from services.ingest.config import IngestSettings
+from shared.clock import ManualClock
 from shared.events import EventRecord
-from shared.settings import InternalAuthSettings, KafkaSettings
+from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
 from shared.topics import CUSTOMER_EVENTS
 from tests.helpers import INTERNAL_TOKEN, internal_headers, read_topic
 
@@ -32,20 +34,23 @@ def event(n: int = 1, **overrides) -> dict:
     return body
 
 
-def settings_for(kafka: KafkaSettings, **overrides) -> IngestSettings:
-    return IngestSettings(kafka=kafka, internal=InternalAuthSettings(internal_token=INTERNAL_TOKEN), **overrides)
+def settings_for(kafka: KafkaSettings, database_url: str, **overrides) -> IngestSettings:
+    return IngestSettings(
+        kafka=kafka, database=DatabaseSettings(database_url=database_url),
+        internal=InternalAuthSettings(internal_token=INTERNAL_TOKEN), **overrides,
+    )
 
 
 @pytest.fixture
-def client(kafka_settings: KafkaSettings):
-    with TestClient(create_app(settings_for(kafka_settings))) as test_client:
+def client(kafka_settings: KafkaSettings, database_url: str):
+    with TestClient(create_app(settings_for(kafka_settings, database_url))) as test_client:
         yield test_client
 
 
 def test_one_event_is_on_the_topic_keyed_by_tenant_and_customer(client: TestClient, kafka_settings: KafkaSettings) -> None:
     response = client.post("/v1/events", json=event(), headers=HEADERS)
     assert response.status_code == 202, response.text
-    assert response.json() == {"accepted": 1, "id": "evt-1"}
+    assert response.json() == {"accepted": 1, "duplicates": 0, "id": "evt-1"}
 
     [record] = asyncio.run(read_topic(kafka_settings, CUSTOMER_EVENTS, 1))
     assert record.key == b"tenant-a/c-1042"
@@ -93,6 +98,12 @@ def test_batch_with_no_valid_event_is_422(client: TestClient) -> None:
         (b'{"id": "x",', 400, "malformed JSON at line 1"),
         (b"", 400, "empty"),
         (b"[1, 2]", 422, "must be a JSON object"),
+        (b'{"id": NaN}', 400, "NaN is not valid JSON"),
+        (b'{"id": Infinity}', 400, "Infinity is not valid JSON"),
+        (b'{"id": "\xff\xfe"}', 400, "not valid UTF-8"),
+        (b'{"id": "a\\u0000b"}', 400, "NUL"),
+        (b"[" * 10_000 + b"]" * 10_000, 400, "nested too deeply"),
+        (b'{"a": ' * 20 + b"1" + b"}" * 20, 400, "nested too deeply"),
     ],
 )
 def test_malformed_bodies_get_a_clear_reason(client: TestClient, body: bytes, status: int, needle: str) -> None:
@@ -109,6 +120,10 @@ def test_malformed_bodies_get_a_clear_reason(client: TestClient, body: bytes, st
         ({"occurred_at": "2026-11-20T10:00:00"}, "occurred_at"),
         ({"data": {"order_id": "o", "amount": "59.90", "currency": "euro"}}, "data.currency"),
         ({"type": "feedback.nps", "data": {"score": 11}}, "data.score"),
+        ({"customer_id": ""}, "customer_id"),
+        ({"data": {"order_id": "o", "amount": "-5.00", "currency": "EUR"}}, "data.amount"),
+        ({"occurred_at": "1970-01-01T00:00:00Z"}, "occurred_at"),
+        ({"occurred_at": "2100-01-01T00:00:00Z"}, "occurred_at"),
     ],
 )
 def test_invalid_events_name_the_field(client: TestClient, change: dict, field: str) -> None:
@@ -153,9 +168,9 @@ def test_only_the_gateway_may_call(client: TestClient) -> None:
     assert client.post("/v1/events", json=event(), headers=wrong).status_code == 401
 
 
-def test_broker_down_means_503_with_retry_after_quickly() -> None:
+def test_broker_down_means_503_with_retry_after_quickly(database_url: str) -> None:
     dead = KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=1000)
-    with TestClient(create_app(settings_for(dead, publish_timeout_s=1.0))) as client:
+    with TestClient(create_app(settings_for(dead, database_url, publish_timeout_s=1.0))) as client:
         started = time.monotonic()
         response = client.post("/v1/events", json=event(), headers=HEADERS)
         assert response.status_code == 503
@@ -166,7 +181,8 @@ def test_broker_down_means_503_with_retry_after_quickly() -> None:
 
 
 def test_ready_metrics_and_schema(client: TestClient) -> None:
-    assert client.get("/readyz").json() == {"status": "ready", "checks": {"broker": True}}
+    assert client.get("/readyz").json() == {
+        "status": "ready", "checks": {"broker": True}, "diagnostics": {"database": True}}
     client.post("/v1/events", json=event(), headers=HEADERS)
     client.post("/v1/events", json=event(type="nope"), headers=HEADERS)
     metrics = client.get("/metrics").text
@@ -177,3 +193,47 @@ def test_ready_metrics_and_schema(client: TestClient) -> None:
     assert "order.completed" in json.dumps(schema["discriminator"])
     openapi = client.get("/openapi.json").json()
     assert "CustomerEvent" in openapi["components"]["schemas"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_wrong_content_type_is_415(client: TestClient, content_type: str | None) -> None:
+    headers = dict(HEADERS)
+    if content_type:
+        headers["content-type"] = content_type
+    response = client.post("/v1/events", content=json.dumps(event()).encode(), headers=headers)
+    assert response.status_code == 415
+    assert "application/json" in response.json()["detail"]
+
+
+def test_same_id_is_published_once_per_tenant(kafka_settings: KafkaSettings, database_url: str) -> None:
+    clock = ManualClock(datetime.now(timezone.utc))
+    settings = settings_for(kafka_settings, database_url)
+    with TestClient(create_app(settings, clock)) as client:
+        in_one_batch = client.post("/v1/events/batch", json={"events": [event(1), event(1), event(2)]}, headers=HEADERS)
+        assert (in_one_batch.json()["accepted"], in_one_batch.json()["duplicates"]) == (2, 1)
+        across_batches = client.post("/v1/events/batch", json={"events": [event(2), event(3)]}, headers=HEADERS)
+        assert (across_batches.json()["accepted"], across_batches.json()["duplicates"]) == (1, 1)
+        clock.advance(timedelta(days=9))
+        days_later = client.post("/v1/events", json=event(1), headers=HEADERS)
+        assert days_later.json() == {"accepted": 0, "duplicates": 1, "id": "evt-1"}
+    with TestClient(create_app(settings, clock)) as restarted:
+        after_restart = restarted.post("/v1/events", json=event(3), headers=HEADERS)
+        assert after_restart.json()["duplicates"] == 1
+        other_tenant = restarted.post("/v1/events", json=event(1), headers=internal_headers("tenant-b"))
+        assert other_tenant.json() == {"accepted": 1, "duplicates": 0, "id": "evt-1"}
+        metrics = restarted.get("/metrics").text
+        assert "churnguard_ingest_events_duplicate_total" in metrics
+
+    records = asyncio.run(read_topic(kafka_settings, CUSTOMER_EVENTS, 5, timeout_s=3))
+    published = sorted((EventRecord.model_validate_json(r.value).tenant_id, EventRecord.model_validate_json(r.value).event.id)
+                       for r in records)
+    assert published == [("tenant-a", "evt-1"), ("tenant-a", "evt-2"), ("tenant-a", "evt-3"), ("tenant-b", "evt-1")]
+
+
+def test_the_future_is_judged_by_the_injected_clock(kafka_settings: KafkaSettings, database_url: str) -> None:
+    clock = ManualClock(datetime(2026, 6, 1, tzinfo=timezone.utc))  # months before the wall clock
+    with TestClient(create_app(settings_for(kafka_settings, database_url), clock)) as client:
+        within_a_day = event(occurred_at="2026-06-01T23:00:00Z")
+        assert client.post("/v1/events", json=within_a_day, headers=HEADERS).status_code == 202
+        past_for_the_wall_clock_but_future_for_ours = event(2, occurred_at="2026-06-03T00:00:00Z")
+        assert client.post("/v1/events", json=past_for_the_wall_clock_but_future_for_ours, headers=HEADERS).status_code == 422
