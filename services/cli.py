@@ -21,6 +21,8 @@ import typer
 app = typer.Typer(help="churnguard: event-driven churn prevention.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants and API keys.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
+dlq_app = typer.Typer(help="Dead-letter topics: what could not be processed, and why.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VAR = Path("var")
@@ -141,6 +143,74 @@ def tenant_create(name: str) -> None:
 
     tenant_id, api_key = cli_ops.create_tenant(_database_url("gateway"), name)
     typer.echo(f"tenant {name} ({tenant_id})\nAPI key (shown once): {api_key}")
+
+
+@app.command("import")
+def import_history(
+    file: Annotated[Path, typer.Argument(help="NDJSON (one event per line) or CSV history.",
+                                         exists=True, dir_okay=False, readable=True)],
+    key: Annotated[str, typer.Option("--key", envvar="CHURNGUARD_API_KEY", show_default=False,
+                                     help="The tenant's API key.")],
+    url: Annotated[str, typer.Option("--url", envvar="CHURNGUARD_API_URL",
+                                     help="The gateway's base URL.")] = "http://127.0.0.1:8000",
+    fmt: Annotated[str | None, typer.Option("--format", show_default=False,
+                                            help="ndjson or csv (default: from the file extension).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=500,
+                                            help="Events per request.")] = 500,
+    rejected: Annotated[Path | None, typer.Option("--rejected", show_default=False,
+                                                  help="Where rejected rows go (default: FILE.rejected.ndjson).")] = None,
+    state: Annotated[Path | None, typer.Option("--state", show_default=False,
+                                               help="Saved progress (default: FILE.import-state.json).")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Ignore saved progress; start at the top.")] = False,
+    retry_for: Annotated[float, typer.Option("--retry-for", min=0,
+                                             help="Seconds to keep retrying a batch while the API is unavailable.")] = 600.0,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (for CI and logs).")] = False,
+) -> None:
+    """Send a history file through the public API in batches; resumable, rejects go to a file."""
+    from services.ingest import backfill
+
+    if fmt is not None and fmt.lower() not in backfill.FORMATS:
+        raise typer.BadParameter("must be ndjson or csv", param_hint="--format")
+    reporter = backfill.PlainReporter() if no_progress else backfill.RichProgress()
+    try:
+        report = backfill.run_import(
+            file, url=url, api_key=key, fmt=fmt, batch_size=batch_size, rejected_path=rejected,
+            state_path=state, restart=restart, retry_for_s=retry_for, reporter=reporter,
+        )
+    except backfill.BackfillError as exc:
+        typer.echo(f"import failed: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from exc
+    typer.echo(report.summary())
+
+
+@dlq_app.command("list")
+def dlq_list(
+    topic: Annotated[str, typer.Option(help="The topic whose dead letters to show.")] = "customer-events",
+    full: Annotated[bool, typer.Option(help="Print whole values, not a preview.")] = False,
+) -> None:
+    """Show every dead letter of a topic with its reason and origin."""
+    from shared.dead_letters import list_dead_letters
+    from shared.settings import KafkaSettings
+
+    letters = asyncio.run(list_dead_letters(KafkaSettings(), topic))
+    for letter in letters:
+        value = letter.value.decode(errors="replace")
+        typer.echo(f"[{letter.partition}]@{letter.offset} {'replayed' if letter.replayed else 'pending '} "
+                   f"from {letter.source}: {letter.reason}\n    {value if full else value[:200]}")
+    pending = sum(not letter.replayed for letter in letters)
+    typer.echo(f"{len(letters)} dead letters on {topic}.dlq, {pending} not replayed")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    topic: Annotated[str, typer.Option(help="The topic whose dead letters to re-publish.")] = "customer-events",
+) -> None:
+    """Re-publish the dead letters not replayed before to their topic (after fixing the cause)."""
+    from shared.dead_letters import replay_dead_letters
+    from shared.settings import KafkaSettings
+
+    count = asyncio.run(replay_dead_letters(KafkaSettings(), topic))
+    typer.echo(f"replayed {count} dead letters to {topic}")
 
 
 def _demo_secret() -> str:

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from shared.settings import KafkaSettings
 from shared.topics import dead_letter
@@ -30,6 +31,13 @@ class BrokerUnavailable(Exception):
 
 class Unprocessable(Exception):
     """A decoded message that no amount of retrying will process: dead-letter it."""
+
+
+# Errors that say "the world is down", not "this record is bad": never dead-letter on them.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncio.TimeoutError, KafkaError, OperationalError, InterfaceError,
+    DisconnectionError, BrokerUnavailable,
+)
 
 
 def producer_options(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
@@ -175,10 +183,11 @@ class ConsumeStats:
 class ConsumeLoop(Generic[T]):
     """fetch a batch -> decode -> handle -> commit offset+1, per partition.
 
-    A record that cannot be decoded, or whose handler raises Unprocessable, goes to
-    `<topic>.dlq` with the reason in its headers and is committed. Any other error is
-    treated as transient (database down, broker hiccup): the batch is retried after a
-    backoff from the same offsets, so nothing is skipped.
+    Infrastructure errors (TRANSIENT_ERRORS: database or broker unreachable) retry the whole
+    batch from the same offsets after a backoff, for as long as it takes: nothing is skipped.
+    A record that cannot be decoded, whose handler raises Unprocessable, or that fails
+    `max_attempts` times on its own with any other error, goes to `<topic>.dlq` with the
+    reason in its headers, and the partition moves on.
     """
 
     settings: KafkaSettings
@@ -192,6 +201,7 @@ class ConsumeLoop(Generic[T]):
     on_dead_letter: Callable[[str, str], None] | None = None
     retry_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
+    max_attempts: int = 3
     stats: ConsumeStats = field(default_factory=ConsumeStats)
     _consumer: AIOKafkaConsumer | None = None
     _task: asyncio.Task[None] | None = None
@@ -281,18 +291,37 @@ class ConsumeLoop(Generic[T]):
         if good:
             try:
                 await self.handle(good)
-            except Unprocessable:
-                # Find the culprit(s) one by one so good neighbours are still handled.
+            except TRANSIENT_ERRORS:
+                raise  # infrastructure trouble: the whole batch is retried from the same offset
+            except Exception:
+                # Something in the batch cannot be processed: handle the records one by one so
+                # good neighbours go through and only the culprit is dead-lettered.
                 for item in good:
-                    try:
-                        await self.handle([item])
-                    except Unprocessable as exc:
-                        await self._dead_letter(item.record, f"unprocessable: {exc}")
+                    await self._handle_alone(item)
         await consumer.commit({tp: records[-1].offset + 1})
         self.stats.processed += len(good)
         self.stats.batches += 1
         if self.on_batch:
             self.on_batch(tp, len(records))
+
+    async def _handle_alone(self, item: Decoded[T]) -> None:
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                await self.handle([item])
+                return
+            except TRANSIENT_ERRORS:
+                raise
+            except Unprocessable as exc:
+                await self._dead_letter(item.record, f"unprocessable: {exc}")
+                return
+            except Exception as exc:
+                if attempt == self.max_attempts:
+                    log.exception("consumer %s: giving up on one record", self.group_id)
+                    await self._dead_letter(
+                        item.record, f"unprocessable: failed {attempt} times: {type(exc).__name__}: {exc}"
+                    )
+                    return
+                await asyncio.sleep(self.retry_backoff_s * attempt)
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
         headers = [

@@ -5,17 +5,15 @@ dependency and echo what they received; `?sleep=<s>` and `?status=<code>` change
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import create_model
 
 from shared.app import TenantId
-from shared.broker import free_port
+from tests.helpers import ServerThread  # noqa: F401  (re-exported for the gateway tests)
 
 
 def upstream_app(name: str, internal_token: str) -> FastAPI:
@@ -73,30 +71,3 @@ def upstream_app(name: str, internal_token: str) -> FastAPI:
     app.add_api_route("/{rest:path}", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                       include_in_schema=False)
     return app
-
-
-class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> from a daemon thread."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, name=f"upstream:{self.port}", daemon=True)
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"upstream on port {self.port} did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=10)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -16,7 +18,7 @@ from shared.clock import ManualClock
 from shared.events import EventRecord
 from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
 from shared.topics import CUSTOMER_EVENTS
-from tests.helpers import INTERNAL_TOKEN, internal_headers, read_topic
+from tests.helpers import INTERNAL_TOKEN, ServerThread, internal_headers, read_topic
 
 HEADERS = internal_headers("tenant-a")
 
@@ -237,3 +239,35 @@ def test_the_future_is_judged_by_the_injected_clock(kafka_settings: KafkaSetting
         assert client.post("/v1/events", json=within_a_day, headers=HEADERS).status_code == 202
         past_for_the_wall_clock_but_future_for_ours = event(2, occurred_at="2026-06-03T00:00:00Z")
         assert client.post("/v1/events", json=past_for_the_wall_clock_but_future_for_ours, headers=HEADERS).status_code == 422
+
+
+def test_a_gigabyte_chunked_body_is_cut_off_at_the_limit(kafka_settings: KafkaSettings, database_url: str) -> None:
+    """Over a real socket: ingest answers 413 after reading little more than the limit, while
+    the sender still has almost the whole gigabyte to go."""
+    server = ServerThread(create_app(settings_for(kafka_settings, database_url))).start()
+    sent = 0
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/events HTTP/1.1\r\nHost: ingest\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items()).encode() + b"\r\n"
+            )
+            chunk = b"x" * 65536
+            framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+            answer = b""
+            while sent < 1024**3:
+                if select.select([sock], [], [], 0)[0]:
+                    answer = sock.recv(65536)
+                    break
+                try:
+                    sock.sendall(framed)
+                except (BrokenPipeError, ConnectionResetError):
+                    answer = sock.recv(65536)
+                    break
+                sent += len(chunk)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"32768 bytes" in answer
+        assert sent < 16 * 1024 * 1024, f"sent {sent} bytes before the answer"
+    finally:
+        server.stop()

@@ -19,8 +19,10 @@ from shared.kafka import (
     make_producer,
     producer_options,
 )
+from shared.dead_letters import list_dead_letters, replay_dead_letters
 from shared.settings import KafkaSettings
 from shared.topics import CUSTOMER_EVENTS, dead_letter
+from tests.helpers import read_topic
 
 
 async def test_producer_waits_for_all_replicas_and_consumer_never_autocommits() -> None:
@@ -95,3 +97,56 @@ async def test_publisher_reports_unreachable_broker_quickly() -> None:
     with pytest.raises(BrokerUnavailable):
         await publisher.publish(CUSTOMER_EVENTS, b"k", b"v")
     assert await publisher.ping() is False
+
+
+async def test_a_record_that_keeps_failing_is_dead_lettered_and_the_partition_moves_on(
+    kafka_settings: KafkaSettings,
+) -> None:
+    publisher = Publisher(kafka_settings, "test")
+    handled: dict[int, dict] = {}
+    flaky_failures = {"left": 2}
+
+    async def handle(batch: list[Decoded[dict]]) -> None:
+        for item in batch:
+            if item.value.get("bug"):
+                raise ValueError("cannot compute features for this record")
+            if item.value.get("flaky") and flaky_failures["left"] > 0:
+                flaky_failures["left"] -= 1
+                raise ConnectionRefusedError("database unreachable")  # transient: retried, never dead-lettered
+            handled[item.value["n"]] = item.value
+
+    loop = ConsumeLoop(
+        settings=kafka_settings, topic=CUSTOMER_EVENTS, group_id="g-attempts", client_id="test",
+        decode=json.loads, handle=handle, publisher=publisher, retry_backoff_s=0.01, max_attempts=3,
+    )
+    loop.start()
+    try:
+        await publisher.publish_many(CUSTOMER_EVENTS, [
+            (b"k", json.dumps({"n": 1, "flaky": True}).encode()),
+            (b"k", json.dumps({"n": 2, "bug": True}).encode()),
+            (b"k", json.dumps({"n": 3}).encode()),
+        ])
+        await wait_until(lambda: sorted(handled) == [1, 3] and loop.stats.dead_lettered == 1)
+    finally:
+        await loop.stop()
+        await publisher.close()
+
+    [letter] = await list_dead_letters(kafka_settings, CUSTOMER_EVENTS)
+    assert letter.reason.startswith("unprocessable: failed 3 times: ValueError")
+    assert json.loads(letter.value) == {"n": 2, "bug": True}
+    assert not letter.replayed
+
+
+async def test_dlq_replay_republishes_each_dead_letter_once(kafka_settings: KafkaSettings) -> None:
+    publisher = Publisher(kafka_settings, "test")
+    try:
+        await publisher.publish(dead_letter(CUSTOMER_EVENTS), b"t/c", b'{"n": 7}', [("reason", b"unprocessable: test")])
+    finally:
+        await publisher.close()
+    assert await replay_dead_letters(kafka_settings, CUSTOMER_EVENTS) == 1
+    assert await replay_dead_letters(kafka_settings, CUSTOMER_EVENTS) == 0
+    [letter] = await list_dead_letters(kafka_settings, CUSTOMER_EVENTS)
+    assert letter.replayed and letter.reason == "unprocessable: test"
+    [back] = await read_topic(kafka_settings, CUSTOMER_EVENTS, 1)
+    assert (back.key, back.value) == (b"t/c", b'{"n": 7}')
+    assert dict(back.headers)["replayed-from"].startswith(kafka_settings.topic("customer-events.dlq").encode())
