@@ -18,8 +18,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (
     AfterValidator,
     AwareDatetime,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
+    StrictBool,
+    StrictInt,
     Field,
     TypeAdapter,
     ValidationInfo,
@@ -33,7 +36,8 @@ EARLIEST_OCCURRED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
 class _Strict(BaseModel):
-    """Unknown fields are errors: a typo upstream must not vanish silently."""
+    """Unknown fields are errors: a typo upstream must not vanish silently. Numbers and booleans
+    are strict (no `false` as 0, no "12" as 12); dates and times come as RFC 3339 strings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +59,15 @@ Money = Annotated[
 Currency = Annotated[
     str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code", examples=["EUR"])
 ]
+def _no_numbers(value: Any) -> Any:
+    """Dates and times are RFC 3339 strings; a bare number (epoch seconds? days?) is refused."""
+    if isinstance(value, (int, float)):
+        raise ValueError("must be an RFC 3339 string, not a number")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_no_numbers)]
+Day = Annotated[date, BeforeValidator(_no_numbers)]
 Identifier = Annotated[str, Field(min_length=1, max_length=128)]
 ShortText = Annotated[str, Field(max_length=200)]
 Comment = Annotated[str, Field(max_length=2000)]
@@ -68,14 +81,14 @@ class CustomerProfile(_Strict):
     name: ShortText | None = None
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
     segment: ShortText | None = None
-    signed_up_at: AwareDatetime | None = None
+    signed_up_at: Timestamp | None = None
     attributes: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Tenant-defined attributes."
     )
 
 
 class ConsentChanged(_Strict):
-    marketing: bool = Field(description="Whether marketing offers may be sent.")
+    marketing: StrictBool = Field(description="Whether marketing offers may be sent.")
     channel: Literal["email", "sms", "push", "phone", "any"] = "any"
 
 
@@ -83,7 +96,7 @@ class OrderCompleted(_Strict):
     order_id: Identifier
     amount: Money
     currency: Currency
-    items: Annotated[int, Field(ge=0)] | None = None
+    items: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class OrderRefunded(_Strict):
@@ -98,22 +111,22 @@ class Contract(_Strict):
     plan: ShortText
     price: Money
     currency: Currency
-    start_date: date
-    end_date: date | None = Field(None, description="None for open-ended contracts.")
-    auto_renew: bool = False
-    notice_period_days: Annotated[int, Field(ge=0, le=3650)] = 0
+    start_date: Day
+    end_date: Day | None = Field(None, description="None for open-ended contracts.")
+    auto_renew: StrictBool = False
+    notice_period_days: Annotated[StrictInt, Field(ge=0, le=3650)] = 0
 
 
 class CancellationNotice(_Strict):
     contract_id: Identifier
-    notice_period_days: Annotated[int, Field(ge=0, le=3650)] = 0
-    effective_date: date | None = None
+    notice_period_days: Annotated[StrictInt, Field(ge=0, le=3650)] = 0
+    effective_date: Day | None = None
     reason: ShortText | None = None
 
 
 class ContractEnded(_Strict):
     contract_id: Identifier
-    end_date: date
+    end_date: Day
     reason: ShortText | None = None
 
 
@@ -134,23 +147,23 @@ class Complaint(_Strict):
 
 
 class NpsFeedback(_Strict):
-    score: Annotated[int, Field(ge=0, le=10)]
+    score: Annotated[StrictInt, Field(ge=0, le=10)]
     comment: Comment | None = None
 
 
 class CsatFeedback(_Strict):
-    score: Annotated[int, Field(ge=1, le=5)]
+    score: Annotated[StrictInt, Field(ge=1, le=5)]
     comment: Comment | None = None
 
 
 class CesFeedback(_Strict):
-    score: Annotated[int, Field(ge=1, le=7)]
+    score: Annotated[StrictInt, Field(ge=1, le=7)]
     comment: Comment | None = None
 
 
 class LoyaltyPoints(_Strict):
-    points: Annotated[int, Field(gt=0)]
-    balance: Annotated[int, Field(ge=0)] | None = None
+    points: Annotated[StrictInt, Field(gt=0)]
+    balance: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class TierChanged(_Strict):
@@ -159,7 +172,7 @@ class TierChanged(_Strict):
 
 
 class SessionRecorded(_Strict):
-    duration_seconds: Annotated[int, Field(ge=0)] = 0
+    duration_seconds: Annotated[StrictInt, Field(ge=0)] = 0
     channel: Literal["web", "app", "store", "other"] = "web"
 
 
@@ -173,7 +186,7 @@ class OfferResponse(_Strict):
 class _Envelope(_Strict):
     id: Identifier = Field(description="The sender's idempotency key.")
     customer_id: Identifier
-    occurred_at: AwareDatetime = Field(description="RFC 3339 with a timezone.")
+    occurred_at: Timestamp = Field(description="RFC 3339 with a timezone.")
     source: ShortText = Field("api", description="Which upstream system sent it.")
 
     @field_validator("occurred_at")
