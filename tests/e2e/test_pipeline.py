@@ -204,6 +204,10 @@ def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(stack:
     assert client.get(f"/v1/customers/{loyal}/offers").json() == []
     assert len(client.get(f"/v1/customers/{churner}/offers").json()) == 1
 
+    # Sending the same history again changes nothing: every id is a duplicate, no new offer.
+    again = client.post("/v1/events/batch", json={"events": histories[churner]})
+    assert (again.json()["accepted"], again.json()["duplicates"]) == (0, len(histories[churner]))
+
     # Each service counts its own part of the journey.
     events_sent = sum(len(h) for h in histories.values())
     assert f'churnguard_ingest_events_accepted_total{{type="order.completed"}}' in stack.metrics("ingest")
