@@ -67,7 +67,10 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         return engine
     return create_engine(
         url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10,
-        connect_args={"connect_timeout": 5},
+        # No server-side prepared statements: after five runs PostgreSQL switches to a generic
+        # plan, and for our `id IN (...500 ids...)` lookups that plan stops using the index
+        # (measured: 7 ms growing to 170 ms per lookup over a 20k-event backfill; 5 ms flat without).
+        connect_args={"connect_timeout": 5, "prepare_threshold": None},
     )
 
 
