@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from shared.settings import KafkaSettings
+from shared.tasks import stop_gracefully
 from shared.topics import dead_letter
 
 log = logging.getLogger(__name__)
@@ -221,16 +222,7 @@ class ConsumeLoop(Generic[T]):
         self._running = False
         if self._task is None:
             return
-        try:  # let the batch in hand finish and commit; cancel only if it will not
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=10)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        except Exception:  # the loop's own failure was already logged
-            pass
+        await stop_gracefully(self._task, timeout_s=10)  # the batch in hand finishes and commits
 
     async def _run(self) -> None:
         backoff = self.retry_backoff_s

@@ -21,6 +21,7 @@ from services.actions import metrics, service
 from services.actions.service import AttemptResult, ClaimedDelivery
 from shared.clock import Clock, SystemClock
 from shared.db import session_scope
+from shared.tasks import stop_gracefully
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,8 @@ class DeliveryWorker:
         if self._task is None:
             return
         self._wakeup.set()
-        try:  # let attempts in flight finish and be booked
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=self._attempt_timeout_s + 5)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        except Exception:
-            pass
+        # let attempts in flight finish and be booked
+        await stop_gracefully(self._task, timeout_s=self._attempt_timeout_s + 5)
 
     # --- the loop --------------------------------------------------------------------
 
