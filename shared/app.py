@@ -11,6 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.health import health_router
 from shared.metrics import instrument
@@ -42,19 +44,34 @@ def create_service_app(
     instrument(app, service)
     app.include_router(health_router())
 
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):  # noqa: ANN001, ANN202
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        request.state.request_id = request_id
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
-
+    app.add_middleware(_RequestIdMiddleware)
     return app
 
 
-def internal_tenant(
+class _RequestIdMiddleware:
+    """Accepts a plain caller request id or makes one; it is in `request.state.request_id` and
+    in the response. Plain ASGI: BaseHTTPMiddleware costs a task and a stream per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def internal_tenant(
     request: Request,
     tenant: Annotated[str | None, Header(alias=TENANT_HEADER, include_in_schema=False)] = None,
     token: Annotated[str | None, Header(alias=INTERNAL_TOKEN_HEADER, include_in_schema=False)] = None,

@@ -49,6 +49,7 @@ def producer_options(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
         "enable_idempotence": settings.enable_idempotence,
         "request_timeout_ms": settings.request_timeout_ms,
         "linger_ms": settings.linger_ms,
+        "max_batch_size": settings.max_batch_size,
     }
 
 

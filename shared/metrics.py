@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -39,28 +40,39 @@ def http_metrics(service: str) -> HttpMetrics:
     return HttpMetrics(service)
 
 
-def route_template(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+class _MetricsMiddleware:
+    """Plain ASGI (no BaseHTTPMiddleware: that costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.duration.labels(route, method).observe(time.perf_counter() - started)
 
 
 def instrument(app: FastAPI, service: str) -> None:
-    metrics = http_metrics(service)
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):  # noqa: ANN001, ANN202
-        started = time.perf_counter()
-        metrics.in_flight.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.in_flight.dec()
-            route = route_template(request)
-            metrics.requests.labels(route, request.method, str(status)).inc()
-            metrics.duration.labels(route, request.method).observe(time.perf_counter() - started)
+    app.add_middleware(_MetricsMiddleware, metrics=http_metrics(service))
 
     @app.get("/metrics", include_in_schema=False)
     def _metrics() -> Response:

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
@@ -15,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway.config import GatewaySettings
 from services.gateway.deps import GatewayState
 from services.gateway.openapi import MergedOpenApi
+from services.gateway.proxy import UpstreamClient
 from services.gateway.routes import add_docs_routes, add_proxy_routes, upstream_probes
 from services.gateway.service import KeyAuthenticator
 from services.gateway.tables import TABLES
@@ -38,12 +38,7 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
         engine = make_engine(
             settings.database.url_for("gateway"), echo=settings.database.database_echo
         )
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.upstream_timeout_s),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            follow_redirects=False,
-            trust_env=False,  # service-to-service calls never go through an environment proxy
-        )
+        client = UpstreamClient(settings.upstream_timeout_s, settings.upstream_max_connections)
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             app.state.gateway = GatewayState(

@@ -18,6 +18,8 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest request body proxied.")
     # Upper bound for one upstream call, connect to last byte; past it the client gets 504.
     upstream_timeout_s: float = Field(10.0, gt=0)
+    # Connections the gateway keeps to its upstreams, all of them together; more callers wait.
+    upstream_max_connections: int = Field(200, gt=0)
     # The merged OpenAPI is re-fetched from the services at most this often.
     openapi_cache_s: float = Field(30.0, ge=0)
 

@@ -13,12 +13,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.gateway import metrics
 from services.gateway.config import GatewaySettings
 from services.gateway.openapi import MergedOpenApi
+from services.gateway.query_key import accepts_query_key, take_query_key
 from services.gateway.service import Caller, KeyAuthenticator, KeyRejected
 from shared.db import session_scope
 
 log = logging.getLogger(__name__)
 
 MISSING_KEY = "missing API key: send Authorization: Bearer <key> or X-API-Key"
+MISSING_SOURCE_KEY = (
+    "missing API key: send Authorization: Bearer <key> or X-API-Key, or (for a webhook sender "
+    "that cannot set headers) add ?key=<key> to the URL"
+)
 INVALID_KEY = "invalid API key"
 
 
@@ -39,11 +44,16 @@ StateDep = Annotated[GatewayState, Depends(_state)]
 
 
 def presented_key(request: Request) -> str | None:
-    """`Authorization: Bearer <key>` first, then `X-API-Key: <key>`."""
+    """`Authorization: Bearer <key>` first, then `X-API-Key: <key>`, then, under /v1/sources/
+    only, `?key=<key>` (taken out of the query string on every path, see query_key.py)."""
+    from_query = take_query_key(request)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.headers.get("x-api-key", "").strip() or None
+    from_header = request.headers.get("x-api-key", "").strip()
+    if from_header:
+        return from_header
+    return from_query if accepts_query_key(request.url.path) else None
 
 
 async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
@@ -60,7 +70,8 @@ async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
         metrics.AUTH_FAILURES.labels(rejected.reason).inc()
         if rejected.reason == "missing":
             raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, MISSING_KEY,
+                status.HTTP_401_UNAUTHORIZED,
+                MISSING_SOURCE_KEY if accepts_query_key(request.url.path) else MISSING_KEY,
                 headers={"WWW-Authenticate": 'Bearer realm="churnguard"'},
             ) from None
         raise HTTPException(

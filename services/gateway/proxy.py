@@ -9,11 +9,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import aiohttp
 import httpx
+from multidict import CIMultiDictProxy
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from yarl import URL
 
 from services.gateway import metrics
+from services.gateway.query_key import without_query_key
 from shared.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ ROUTE_TABLE: tuple[ProxyRoute, ...] = (
     ProxyRoute("/v1/events", "ingest", ("POST",)),
     ProxyRoute("/v1/events/batch", "ingest", ("POST",)),
     ProxyRoute("/v1/schema", "ingest", ("GET",)),
+    ProxyRoute("/v1/sources/shopify/orders", "ingest", ("POST",)),
+    ProxyRoute("/v1/sources/{source}/secret", "ingest", ("PUT", "DELETE")),
     ProxyRoute("/v1/customers/{customer_id}/score", "scoring", ("GET",)),
     ProxyRoute("/v1/models", "scoring", ANY_METHOD, prefix=True),
     ProxyRoute("/v1/webhooks", "actions", ANY_METHOD, prefix=True),
@@ -80,6 +86,7 @@ _INTERNAL_PREFIX = "x-churnguard-"
 # content-encoding/length; X-Request-ID is set by the request-id middleware).
 _RESPONSE_HEADERS = (
     "content-type", "retry-after", "location", "etag", "last-modified", "cache-control", "link",
+    "www-authenticate",
 )
 
 
@@ -103,7 +110,7 @@ def upstream_url(base_url: str, request: Request) -> httpx.URL:
     """Base URL + the path exactly as the caller encoded it + the query string."""
     base = httpx.URL(base_url)
     raw_path = request.scope.get("raw_path") or request.url.path.encode()
-    query = request.scope.get("query_string", b"")
+    query = without_query_key(request.scope.get("query_string", b""))  # a credential, never forwarded
     target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + raw_path
     return base.copy_with(raw_path=target + (b"?" + query if query else b""))
 
@@ -120,8 +127,43 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+class UpstreamClient(httpx.AsyncClient):
+    """The gateway's connections to its upstream services.
+
+    Proxied requests, the hot path, go through `pool`, an aiohttp session: under concurrency
+    httpx's AsyncClient costs several times the CPU per request (encode/httpx#3215; figures in
+    docs/benchmarks.md). The occasional calls (merged OpenAPI, upstream probes) use the httpx API
+    this class inherits. Create it inside the running event loop (the app's lifespan); `aclose()`
+    closes both pools."""
+
+    def __init__(self, timeout_s: float, max_connections: int = 200) -> None:
+        super().__init__(
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=5),
+            follow_redirects=False,
+            trust_env=False,  # service-to-service calls never go through an environment proxy
+        )
+        self.pool = aiohttp.ClientSession(
+            # Idle connections are dropped before uvicorn's own 5 s keep-alive closes them, so a
+            # request is not sent down a connection the upstream is just closing.
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4.0),
+            # connect bounds getting a connection (from the pool or a new one): past it the
+            # upstream counts as unavailable (503), like httpx's connect and pool timeouts.
+            timeout=aiohttp.ClientTimeout(total=None, connect=timeout_s),
+            # Forward the caller's Content-Type or none, never aiohttp's application/octet-stream.
+            skip_auto_headers=("Content-Type",),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        try:
+            await self.pool.close()
+        finally:
+            await super().aclose()
+
+
 async def forward(
-    client: httpx.AsyncClient,
+    client: UpstreamClient,
     *,
     upstream: str,
     base_url: str,
@@ -135,36 +177,40 @@ async def forward(
     """Send the request upstream and hand back its answer. Never raises for upstream trouble:
     refused or unreachable -> 503 + Retry-After (nothing was delivered, retrying is safe),
     too slow -> 504, anything else on the wire -> 502."""
-    outgoing = client.build_request(
-        request.method,
-        upstream_url(base_url, request),
-        headers=forward_headers(request, tenant_id, request_id, internal_token),
-        content=body,
-    )
     started = time.perf_counter()
     outcome = "error"
     try:
         try:
-            answer = await _send_within(client, outgoing, timeout_s)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            answer = await _send_within(
+                client.pool,
+                request.method,
+                # already encoded: the path goes on exactly as the caller encoded it
+                URL(str(upstream_url(base_url, request)), encoded=True),
+                forward_headers(request, tenant_id, request_id, internal_token),
+                body,
+                timeout_s,
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             outcome = "unavailable"
             log.warning("upstream %s unavailable: %s", upstream, type(exc).__name__)
             return _problem(
                 503, f"upstream service {upstream} is unavailable; retry later", {"Retry-After": "1"}
             )
-        except (httpx.TimeoutException, TimeoutError):
+        except TimeoutError:  # asyncio's (3.11+) and aiohttp's read timeouts alike
             outcome = "timeout"
             log.warning("upstream %s did not answer within %ss", upstream, timeout_s)
             return _problem(
                 504, f"upstream service {upstream} did not answer within {timeout_s:g} s"
             )
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             log.warning("upstream %s failed: %s: %s", upstream, type(exc).__name__, exc)
             return _problem(502, f"upstream service {upstream} failed: {type(exc).__name__}")
-        outcome = f"{answer.status_code // 100}xx"
-        if answer.status_code == 401:
+        outcome = f"{answer.status // 100}xx"
+        if answer.status == 401 and "www-authenticate" not in answer.headers:
             # Callers are authenticated here, so an upstream 401 means it refused *our* internal
             # token: a deployment error, not the caller's. Do not let it look like a bad API key.
+            # (A 401 with a challenge is the upstream checking the caller's own proof, e.g. a
+            # source's webhook signature: that one is passed on.)
             log.error("upstream %s rejected the internal token; check CHURNGUARD_INTERNAL_TOKEN",
                       upstream)
             return _problem(
@@ -173,21 +219,31 @@ async def forward(
         headers = {h: answer.headers[h] for h in _RESPONSE_HEADERS if h in answer.headers}
         if "location" in headers:
             headers["location"] = public_location(headers["location"], base_url)
-        return Response(content=answer.content, status_code=answer.status_code, headers=headers)
+        return Response(content=answer.content, status_code=answer.status, headers=headers)
     finally:
         metrics.UPSTREAM_REQUESTS.labels(upstream, outcome).inc()
         metrics.UPSTREAM_DURATION.labels(upstream).observe(time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: CIMultiDictProxy[str]  # case-insensitive, as the upstream sent them
+    content: bytes
+
+
 async def _send_within(
-    client: httpx.AsyncClient, outgoing: httpx.Request, timeout_s: float
-) -> httpx.Response:
-    # The client's own timeouts bound each phase (connect, each read); this bounds the whole
-    # exchange, so an upstream dripping bytes slowly cannot hold the caller past timeout_s.
+    pool: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    timeout_s: float,
+) -> _Answer:
+    # This bounds the whole exchange, connect to last byte, so an upstream dripping bytes
+    # slowly cannot hold the caller past timeout_s.
     async with asyncio.timeout(timeout_s):
-        answer = await client.send(outgoing, stream=True)
-        try:
-            await answer.aread()
-        finally:
-            await answer.aclose()
-    return answer
+        async with pool.request(
+            method, url, headers=headers, data=body or None, allow_redirects=False
+        ) as answer:
+            return _Answer(answer.status, answer.headers, await answer.read())

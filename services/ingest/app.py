@@ -12,7 +12,9 @@ from fastapi.openapi.utils import get_openapi
 
 from services.ingest.config import IngestSettings
 from services.ingest.routes import router
-from services.ingest.service import IngestService
+from services.ingest.service import IdRecorder, IngestService
+from services.ingest.sources.routes import router as sources_router
+from services.ingest.sources.service import SourceService
 from services.ingest.tables import TABLES
 from shared.app import create_service_app
 from shared.clock import Clock, SystemClock
@@ -29,16 +31,22 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings.kafka, client_id="ingest", send_timeout_s=settings.publish_timeout_s)
         engine = make_engine(settings.database.url_for("ingest"), echo=settings.database.database_echo)
+        recorder: IdRecorder | None = None
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             app.state.settings = settings
-            app.state.service = IngestService(publisher, clock, engine)
+            recorder = IdRecorder(engine)
+            recorder.start()
+            app.state.service = IngestService(publisher, clock, engine, recorder)
+            app.state.sources = SourceService(engine, clock)
             # Ready = the broker takes events. The id table only sharpens the "duplicate" answer
             # (events are still deduplicated where they are stored), so it is reported, not gating.
             app.state.readiness = {"broker": publisher.ping}
             app.state.diagnostics = {"database": lambda: asyncio.to_thread(ping, engine)}
             yield
         finally:
+            if recorder is not None:
+                await recorder.stop()
             await publisher.close()
             engine.dispose()
 
@@ -50,6 +58,7 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
         internal_token=settings.internal.internal_token.get_secret_value(),
     )
     app.include_router(router)
+    app.include_router(sources_router)
     app.openapi = lambda: _openapi_with_contract(app)  # type: ignore[method-assign]
     return app
 

@@ -16,6 +16,8 @@ class IngestSettings(BaseSettings):
     max_event_bytes: int = 32 * 1024
     max_batch_bytes: int = 512 * 1024
     max_batch_events: int = 500
+    # Upstream sources' webhooks (a Shopify order with many line items is large).
+    max_source_bytes: int = 256 * 1024
     # Upper bound for one publish; past it the client gets 503 + Retry-After, never a hang.
     publish_timeout_s: float = 5.0
     retry_after_s: int = 2

@@ -29,3 +29,8 @@ DEDUP_UNAVAILABLE = Counter(
     "churnguard_ingest_dedup_unavailable_total",
     "Times the event id table could not be read or written (events were still published).",
 )
+SOURCE_WEBHOOKS = Counter(
+    "churnguard_ingest_source_webhooks_total",
+    "Webhooks of upstream sources (services/ingest/sources), by source and outcome.",
+    ["source", "outcome"],
+)

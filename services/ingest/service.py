@@ -20,6 +20,7 @@ from shared.clock import Clock
 from shared.db import session_scope
 from shared.events import EVENT_TYPES, EventRecord, parse_event
 from shared.kafka import Publisher
+from shared.tasks import stop_gracefully
 from shared.topics import CUSTOMER_EVENTS
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,72 @@ class PublishResult:
     duplicates: list[Any] = field(default_factory=list)
 
 
+class IdRecorder:
+    """Writes acknowledged event ids to the id table behind the requests, many per transaction
+    (one SQLite/PostgreSQL round trip per request was ingest's largest cost). Ids waiting to be
+    written still count as known. If the process dies before a flush, a resend of those few ids
+    is published again and scoring's unique key stores it once."""
+
+    def __init__(self, engine: Engine, flush_interval_s: float = 0.02) -> None:
+        self._engine = engine
+        self._flush_interval_s = flush_interval_s
+        self._pending: dict[tuple[str, str], tuple[str, datetime]] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+
+    def start(self) -> None:
+        self._running = True
+        self._task = asyncio.create_task(self._run(), name="ingest:id-recorder")
+
+    async def stop(self) -> None:
+        self._running = False
+        self._wakeup.set()
+        if self._task is not None:
+            await stop_gracefully(self._task, timeout_s=10)
+        await self._flush()  # whatever arrived after the last round
+
+    def add(self, tenant_id: str, events: Sequence[Any], received_at: datetime) -> None:
+        for event in events:
+            self._pending[(tenant_id, event.id)] = (event.type, received_at)
+        self._wakeup.set()
+
+    def pending(self, tenant_id: str, event_ids: Sequence[str]) -> set[str]:
+        return {event_id for event_id in event_ids if (tenant_id, event_id) in self._pending}
+
+    async def _run(self) -> None:
+        while self._running:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await asyncio.sleep(self._flush_interval_s)  # let a round fill up
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        by_tenant: dict[str, list[tuple[str, str, datetime]]] = {}
+        for (tenant_id, event_id), (type_, received_at) in batch.items():
+            by_tenant.setdefault(tenant_id, []).append((event_id, type_, received_at))
+
+        def write() -> None:
+            with session_scope(self._engine) as session:
+                for tenant_id, rows in by_tenant.items():
+                    repository.record_ids(session, tenant_id, rows)
+
+        try:
+            await asyncio.to_thread(write)
+        except SQLAlchemyError as exc:  # the broker has them: they were rightly accepted
+            metrics.DEDUP_UNAVAILABLE.inc()
+            log.warning("could not record %d event ids (%s)", len(batch), type(exc).__name__)
+
+
 class IngestService:
-    def __init__(self, publisher: Publisher, clock: Clock, engine: Engine) -> None:
+    def __init__(self, publisher: Publisher, clock: Clock, engine: Engine, recorder: IdRecorder) -> None:
         self._publisher = publisher
         self._clock = clock
         self._engine = engine
+        self._recorder = recorder
 
     @property
     def clock(self) -> Clock:
@@ -136,7 +198,8 @@ class IngestService:
                 result.duplicates.append(event)
             else:
                 first_seen[event.id] = event
-        known = await self._known(tenant_id, list(first_seen))
+        ids = list(first_seen)
+        known = self._recorder.pending(tenant_id, ids) | await self._known(tenant_id, ids)
         for event_id, event in first_seen.items():
             (result.duplicates if event_id in known else result.accepted).append(event)
 
@@ -148,7 +211,7 @@ class IngestService:
                 CUSTOMER_EVENTS, [(r.key, r.model_dump_json().encode()) for r in records]
             )
             metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
-            await self._record(tenant_id, result.accepted, received_at)
+            self._recorder.add(tenant_id, result.accepted, received_at)
         for event in result.accepted:
             metrics.EVENTS_ACCEPTED.labels(event.type).inc()
         if result.duplicates:
@@ -166,14 +229,3 @@ class IngestService:
             metrics.DEDUP_UNAVAILABLE.inc()
             log.warning("event id table unavailable (%s); publishing without the duplicate check", type(exc).__name__)
             return set()
-
-    async def _record(self, tenant_id: str, events: list[Any], received_at: datetime) -> None:
-        def record() -> None:
-            with session_scope(self._engine) as session:
-                repository.record_ids(session, tenant_id, [(e.id, e.type) for e in events], received_at)
-
-        try:
-            await asyncio.to_thread(record)
-        except SQLAlchemyError as exc:  # the broker has them: the answer is still "accepted"
-            metrics.DEDUP_UNAVAILABLE.inc()
-            log.warning("could not record %d event ids (%s)", len(events), type(exc).__name__)

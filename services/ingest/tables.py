@@ -23,4 +23,29 @@ class IngestEventId(SQLModel, table=True):
     received_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
 
 
-TABLES = [IngestEventId]
+class IngestSourceSecret(SQLModel, table=True):
+    """A tenant's shared secret with an upstream source (verifies its webhook signatures).
+    Stored as given for now: encryption at rest is a later issue."""
+
+    __tablename__ = "ingest_source_secrets"
+
+    tenant_id: str = Field(primary_key=True, max_length=128)
+    source: str = Field(primary_key=True, max_length=32)
+    secret: str = Field(max_length=512)
+    created_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
+
+
+class IngestSourceOrder(SQLModel, table=True):
+    """Whose order it was, as the source names the order: refund webhooks name only the order."""
+
+    __tablename__ = "ingest_source_orders"
+
+    tenant_id: str = Field(primary_key=True, max_length=128)
+    source: str = Field(primary_key=True, max_length=32)
+    order_id: str = Field(primary_key=True, max_length=128)
+    customer_id: str = Field(max_length=128)
+    seen_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
+
+
+TABLES = [IngestEventId, IngestSourceSecret, IngestSourceOrder]
