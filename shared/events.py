@@ -299,6 +299,9 @@ class ScoreRecord(BaseModel):
     cause: Literal["event", "sweep"] = "event"
     event_id: Identifier | None = None
     features: dict[str, float] = Field(default_factory=dict)
+    reasons: list[str] = Field(
+        default_factory=list, description="Top contributing reasons, in plain language, most important first."
+    )
 
     @property
     def key(self) -> bytes:
