@@ -271,3 +271,16 @@ def test_a_gigabyte_chunked_body_is_cut_off_at_the_limit(kafka_settings: KafkaSe
         assert sent < 16 * 1024 * 1024, f"sent {sent} bytes before the answer"
     finally:
         server.stop()
+
+
+def test_nothing_is_produced_for_rejected_input(client: TestClient, kafka_settings: KafkaSettings) -> None:
+    bad_bodies = [
+        b'{"id": "x",', b'{"id": NaN}', b"\xff", json.dumps(event(type="nope")).encode(),
+        json.dumps(event(occurred_at="1970-01-01T00:00:00Z")).encode(),
+        json.dumps({"events": [event(type="nope"), event(customer_id="")]}).encode(),
+    ]
+    for body in bad_bodies:
+        for path in ("/v1/events", "/v1/events/batch"):
+            response = client.post(path, content=body, headers={**HEADERS, "content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (path, body, response.text)
+    assert asyncio.run(read_topic(kafka_settings, CUSTOMER_EVENTS, 1, timeout_s=2)) == []
