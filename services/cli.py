@@ -136,6 +136,27 @@ def train(
     typer.echo(report.summary() if hasattr(report, "summary") else str(report))
 
 
+@app.command()
+def evaluate(
+    version: Annotated[str | None, typer.Option(help="Model version (default: the active model, else the newest).",
+                                                show_default=False)] = None,
+    out: Annotated[Path, typer.Option(help="Reports directory; the report goes to OUT/<version>/index.html.")]
+    = Path("var/reports"),
+) -> None:
+    """Draw a model's evaluation report: an HTML page with ROC, calibration, gain/lift,
+    score distribution and feature importance charts."""
+    from services.scoring import cli_ops
+    from services.scoring.evaluate import ReportUnavailable
+    from services.scoring.service import ModelNotFound
+
+    try:
+        path = cli_ops.evaluate(_database_url("scoring"), version, out)
+    except (ModelNotFound, ReportUnavailable) as exc:
+        typer.echo(f"evaluate failed: {exc.args[0] if exc.args else exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"report written to {path}")
+
+
 @tenant_app.command("create")
 def tenant_create(name: str) -> None:
     """Create a tenant (or add a key to an existing one) and print its API key once."""

@@ -91,7 +91,7 @@ def decide(session: Session, score: ScoreRecord, policy: Policy, now: datetime) 
         )
         session.add(offer)
         session.flush()  # the outbox rows reference the offer
-        deliveries = _enqueue_webhooks(session, offer, now)
+        deliveries = _enqueue_webhooks(session, offer, now, score.reasons)
 
     decision = ActionsDecision(
         decision_id=new_id(),
@@ -112,8 +112,10 @@ def decide(session: Session, score: ScoreRecord, policy: Policy, now: datetime) 
     return DecisionResult(action_record(decision), created=True, deliveries=deliveries)
 
 
-def _enqueue_webhooks(session: Session, offer: ActionsOffer, now: datetime) -> int:
-    payload = offer_payload(offer)
+def _enqueue_webhooks(
+    session: Session, offer: ActionsOffer, now: datetime, reasons: Sequence[str] = ()
+) -> int:
+    payload = offer_payload(offer, reasons)
     count = 0
     for subscription in repository.active_subscriptions(session, offer.tenant_id):
         if OFFER_CREATED_EVENT not in subscription.event_types:
@@ -136,9 +138,11 @@ def _enqueue_webhooks(session: Session, offer: ActionsOffer, now: datetime) -> i
     return count
 
 
-def offer_payload(offer: ActionsOffer) -> str:
+def offer_payload(offer: ActionsOffer, reasons: Sequence[str] = ()) -> str:
     """The webhook body: what the receiver needs to deliver the offer, and nothing else
-    (no tenant id, no secrets). Stored as text so every retry signs the same bytes."""
+    (no tenant id, no secrets). Stored as text so every retry signs the same bytes.
+    `reasons` are the score's plain-language reasons (ScoreRecord.reasons), copied so the
+    marketing tool can personalise the offer."""
     body = {
         "type": OFFER_CREATED_EVENT,
         "timestamp": offer.created_at.isoformat(),
@@ -152,6 +156,7 @@ def offer_payload(offer: ActionsOffer) -> str:
             "churn_probability": offer.churn_probability,
             "band": offer.band,
             "model_version": offer.model_version,
+            "reasons": list(reasons),
         },
     }
     return json.dumps(body, separators=(",", ":"))

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from services.scoring.config import ScoringSettings
 from services.scoring.consumer import ScoringConsumer
 from services.scoring.routes import router
+from services.scoring.sweeps import Sweeper
 from services.scoring.tables import TABLES
 from shared.app import create_service_app
 from shared.clock import Clock, SystemClock
@@ -28,9 +29,12 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
         engine = make_engine(settings.database_url, echo=settings.database.database_echo)
         publisher = Publisher(settings.kafka, settings.client_id)
         scoring = ScoringConsumer(settings, engine, publisher, clock)
+        sweeper = Sweeper(settings, engine, publisher, clock, lambda: scoring.predictor)
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             await scoring.start()
+            if settings.sweep_enabled:
+                sweeper.start()
 
             async def database() -> bool:
                 return await asyncio.to_thread(ping, engine)
@@ -44,9 +48,10 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
             app.state.readiness.update(
                 {"database": database, "broker": publisher.ping, "model": model, "consumer": consumer}
             )
-            yield {"engine": engine, "scoring": scoring}
+            yield {"engine": engine, "scoring": scoring, "sweeper": sweeper}
         finally:
             app.state.readiness.clear()
+            await sweeper.stop()
             await scoring.stop()
             await publisher.close()
             engine.dispose()

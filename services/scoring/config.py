@@ -20,7 +20,17 @@ class ScoringSettings(BaseSettings):
     high_threshold: float = Field(0.5, gt=0.0, le=1.0, description="probability >= this is band 'high'")
     medium_threshold: float = Field(0.2, ge=0.0, lt=1.0, description="probability >= this is band 'medium'")
     model_refresh_s: float = Field(10.0, gt=0.0, description="how often the model registry is re-read")
+    sweep_enabled: bool = Field(True, description="run the periodic re-score sweep in this instance")
+    sweep_interval_s: float = Field(
+        3600.0, gt=0.0, description="how often time-driven risk (inactivity, contract end) is re-scored"
+    )
+    sweep_delta: float = Field(
+        0.05, ge=0.0, le=1.0, description="publish a sweep score only when the probability moved by more than this"
+    )
+    sweep_batch: int = Field(500, ge=1, le=5000, description="customers per sweep transaction")
     port: int = 8002
+    # The registry is shared by every tenant: only these tenants may promote or roll back.
+    model_admin_tenants: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> "ScoringSettings":

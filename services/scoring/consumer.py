@@ -117,7 +117,9 @@ class ScoringConsumer:
         predictor = self.predictor
         assert predictor is not None, "the consumer starts only once a model is loaded"
         records = [item.value for item in batch]
-        outcome = await asyncio.to_thread(self._process, records, predictor)
+        outcome, flagged = await asyncio.to_thread(self._process, records, predictor)
+        for reason in flagged:
+            metrics.EVENTS_FLAGGED.labels(reason).inc()
         for kind, count in outcome.events_by_type.items():
             metrics.EVENTS_PROCESSED.labels(kind).inc(count)
         metrics.EVENTS_DUPLICATE.inc(outcome.duplicates)
@@ -129,6 +131,10 @@ class ScoringConsumer:
             metrics.SCORE.observe(score.probability)
             metrics.SCORES_PUBLISHED.labels(score.band).inc()
 
-    def _process(self, records: list[EventRecord], predictor: Predictor) -> service.BatchOutcome:
+    def _process(self, records: list[EventRecord], predictor: Predictor) -> tuple[service.BatchOutcome, list[str]]:
+        """Events, features, scores and the flags of unusable data: one transaction."""
+        now = self.clock.now()
         with session_scope(self.engine) as session:
-            return service.process_batch(session, records, predictor, self.bands, self.clock.now())
+            outcome = service.process_batch(session, records, predictor, self.bands, now)
+            flagged = service.flag_events(session, records, now)
+            return outcome, flagged

@@ -4,6 +4,11 @@ Everything is computed from a customer's event history *as of* a moment: events 
 occurred after `as_of` are invisible, so a feature can never see past its cutoff (no
 leakage in training) and the wall clock is never read. Events are sorted first, so the
 order in which they arrived does not matter.
+
+Data the features cannot use is flagged (`event_flags`) and that part is ignored: spend counts
+only amounts in MAIN_CURRENCY (no conversion; an order in another currency still counts as an
+order, its amount does not), and a contract whose end date lies before its start date is taken
+as open-ended (the contract counts, its end date does not).
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ _TYPE_RANK = {
 }
 _DAY = 86_400.0
 
+MAIN_CURRENCY = "EUR"
+"""The one currency spend features count (every tenant's main currency in this version)."""
+FLAG_CURRENCY = "currency"
+FLAG_CONTRACT_DATES = "contract_dates"
+FLAG_REASONS: tuple[str, ...] = (FLAG_CURRENCY, FLAG_CONTRACT_DATES)
+"""Why an event's data is (partly) unusable for features; the event itself is kept."""
+_MONEY_TYPES = frozenset({"order.completed", "order.refunded"})
+_CONTRACT_TERM_TYPES = frozenset({"subscription.started", "subscription.renewed"})
+FLAGGABLE_TYPES = _MONEY_TYPES | _CONTRACT_TERM_TYPES
+"""Event types whose data event_flags looks at (any other type is never flagged)."""
+
 
 @dataclass(frozen=True, slots=True)
 class HistoryEvent:
@@ -98,6 +114,24 @@ def _money(value: Any) -> float:
         return 0.0
 
 
+def _contract_dates_inconsistent(data: Mapping[str, Any]) -> bool:
+    try:
+        start, end = _to_date(data.get("start_date")), _to_date(data.get("end_date"))
+    except (TypeError, ValueError):
+        return True
+    return start is not None and end is not None and end < start
+
+
+def event_flags(kind: str, data: Mapping[str, Any], currency: str = MAIN_CURRENCY) -> list[str]:
+    """What in one event features cannot use (FLAG_REASONS), empty when all of it is usable."""
+    flags: list[str] = []
+    if kind in _MONEY_TYPES and data.get("currency") not in (None, currency):
+        flags.append(FLAG_CURRENCY)
+    if kind in _CONTRACT_TERM_TYPES and _contract_dates_inconsistent(data):
+        flags.append(FLAG_CONTRACT_DATES)
+    return flags
+
+
 def to_history_event(event: Any) -> HistoryEvent:
     """Accept a HistoryEvent, a dict (`type`, `occurred_at`, `data` or `payload`), or an object
     with those attributes (e.g. a parsed shared.events envelope)."""
@@ -122,16 +156,19 @@ def sorted_history(events: Iterable[Any]) -> list[HistoryEvent]:
     return sorted((to_history_event(e) for e in events), key=HistoryEvent.sort_key)
 
 
-def compute_features(events: Iterable[Any], as_of: datetime) -> dict[str, float]:
+def compute_features(events: Iterable[Any], as_of: datetime, currency: str = MAIN_CURRENCY) -> dict[str, float]:
     """The feature vector of one customer from their event history, as of `as_of`."""
     as_of = as_utc(as_of)
     history = [e for e in sorted_history(events) if e.occurred_at <= as_of]
-    return features_from_sorted(history, as_of)
+    return features_from_sorted(history, as_of, currency)
 
 
-def features_from_sorted(history: list[HistoryEvent], as_of: datetime) -> dict[str, float]:
+def features_from_sorted(
+    history: list[HistoryEvent], as_of: datetime, currency: str = MAIN_CURRENCY
+) -> dict[str, float]:
     """compute_features for a history that is already sorted (HistoryEvent.sort_key) and
-    holds nothing after `as_of` (training calls this on prefixes of one sorted history)."""
+    holds nothing after `as_of` (training calls this on prefixes of one sorted history).
+    Spend counts only amounts in `currency`."""
     t30, t90, t180, t365 = (as_of - timedelta(days=d) for d in (30, 90, 180, 365))
     orders_30 = orders_90 = orders_prev_90 = orders_365 = 0
     spend_90 = spend_365 = 0.0
@@ -152,7 +189,7 @@ def features_from_sorted(history: list[HistoryEvent], as_of: datetime) -> dict[s
             last_order = at
             if at > t365:
                 orders_365 += 1
-                amount = _money(data.get("amount"))
+                amount = _money(data.get("amount")) if data.get("currency", currency) == currency else 0.0
                 spend_365 += amount
                 if at > t90:
                     orders_90 += 1
@@ -175,7 +212,7 @@ def features_from_sorted(history: list[HistoryEvent], as_of: datetime) -> dict[s
             sessions_30 += at > t30
         elif kind in ("subscription.started", "subscription.renewed"):
             has_contract = True
-            contract_end = _to_date(data.get("end_date"))
+            contract_end = None if _contract_dates_inconsistent(data) else _to_date(data.get("end_date"))
             auto_renew = bool(data.get("auto_renew", False))
             notice_given = False  # a new term supersedes an earlier notice
         elif kind == "subscription.cancellation_notice":

@@ -23,6 +23,11 @@ SCORING_LATENCY = Histogram(
     "Per batch: loading history, computing features and predicting.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+EXPLAIN_SECONDS = Histogram(
+    "churnguard_scoring_explain_seconds",
+    "Per batch: computing the top reasons of each score (one predict_proba over rows x features).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 SCORE = Histogram(
     "churnguard_scoring_score",
     "Distribution of churn probabilities produced.",
@@ -41,6 +46,25 @@ DEAD_LETTERS = Counter(
     "churnguard_scoring_dead_letters_total",
     "Records sent to customer-events.dlq, by reason (undecodable, unprocessable).",
     ["reason"],
+)
+
+EVENTS_FLAGGED = Counter(
+    "churnguard_scoring_events_flagged_total",
+    "Stored events whose data features cannot (fully) use, by reason (currency, contract_dates).",
+    ["reason"],
+)
+SWEEP_RESCORED = Counter(
+    "churnguard_scoring_sweep_rescored_total",
+    "Customers re-scored by the periodic sweep (time alone moves risk).",
+)
+SWEEP_PUBLISHED = Counter(
+    "churnguard_scoring_sweep_published_total",
+    "Sweep scores published: the probability moved by more than the delta, or crossed a band.",
+)
+SWEEP_ROUNDS = Counter(
+    "churnguard_scoring_sweep_rounds_total",
+    "Sweep rounds, by outcome (done, skipped: another instance holds the lease or no model, failed).",
+    ["outcome"],
 )
 
 

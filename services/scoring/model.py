@@ -2,30 +2,37 @@
 
 Training examples come from stored history: at several cutoff dates, features are computed
 as of the cutoff (only events before it), and the label says whether the customer churned
-within the horizon after it. Evaluation is time-based: the model is fitted on the earlier
-cutoffs and scored on the latest cutoff whose horizon lies fully inside the history, next
-to a recency-only baseline, so the report says honestly whether the model earns its keep.
+within the horizon after it. Evaluation is time-based: candidates are fitted on the earlier
+cutoffs and scored on the validation period (the latest cutoff whose horizon lies fully
+inside the history). Two calibrated candidates compete there — a regularised logistic
+regression and a histogram gradient boosting model — and the one with the higher ROC AUC
+wins; both are reported next to a recency-only baseline, so the report says honestly whether
+the model earns its keep. The registered artifact is exactly the winner that was validated.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import secrets
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 import skops.io as sio
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.inspection import permutation_importance
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import ThreadpoolController
 
 from services.scoring.features import FEATURE_NAMES, HistoryEvent, feature_vector, features_from_sorted
 from shared.clock import Clock, SystemClock
@@ -34,16 +41,33 @@ log = logging.getLogger(__name__)
 
 CHURN_EVENT_TYPES = frozenset({"subscription.ended", "subscription.cancellation_notice"})
 _CONTRACT_TYPES = frozenset({"subscription.started", "subscription.renewed", "subscription.ended"})
-ALGORITHM = "CalibratedClassifierCV(sigmoid, cv=3) over Pipeline(StandardScaler, LogisticRegression)"
-MIN_PER_CLASS = 50
+MIN_PER_CLASS = 100
+"""Training refuses with fewer churned or fewer retained training examples than this."""
 MIN_HOLDOUT_PER_CLASS = 5
+CALIBRATION_BINS = 10
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def single_threaded() -> Any:
+    """Context: OpenMP (HistGradientBoosting) runs one thread in the calling thread. On a
+    shared, busy machine OpenMP's spinning workers made training 10x slower; one thread per
+    fit is predictable, and the service scales by processes anyway."""
+    return _threadpools().limit(limits=1, user_api="openmp")
 
 
 class InsufficientData(ValueError):
     """Not enough history to train or evaluate a model honestly."""
 
 
-class UntrustedArtifact(ValueError):
+class ModelLoadError(ValueError):
+    """A registered model cannot be used by this code: corrupt or incompatible artifact."""
+
+
+class UntrustedArtifact(ModelLoadError):
     """A model artifact contains types outside sklearn/numpy: refuse to load it."""
 
 
@@ -60,6 +84,38 @@ class Examples:
     @property
     def negatives(self) -> int:
         return int(len(self.y) - self.y.sum())
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One candidate model as it did on the validation period."""
+
+    name: str
+    algorithm: str
+    roc_auc: float
+    winner: bool = False
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    """What the charts of the evaluation report are drawn from: per validation example the
+    label, the winner's probability and the baseline's score (days since last activity)."""
+
+    labels: tuple[int, ...]
+    probabilities: tuple[float, ...]
+    baseline: tuple[float, ...]
+
+    def as_json(self) -> dict[str, list[float] | list[int]]:
+        return {"labels": list(self.labels), "probabilities": [round(p, 6) for p in self.probabilities],
+                "baseline": [round(b, 4) for b in self.baseline]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Sequence[float]] | None) -> ValidationData | None:
+        if not data or not data.get("labels"):
+            return None
+        return cls(labels=tuple(int(v) for v in data["labels"]),
+                   probabilities=tuple(float(v) for v in data["probabilities"]),
+                   baseline=tuple(float(v) for v in data["baseline"]))
 
 
 @dataclass(frozen=True)
@@ -80,21 +136,52 @@ class TrainReport:
     holdout_cutoff: str
     trained_at: datetime
     duration_s: float
+    candidate: str = ""
+    pr_auc: float = float("nan")
+    brier: float = float("nan")
+    lift_top_decile: float = float("nan")
+    calibration: tuple[dict[str, float], ...] = ()
+    candidates: tuple[CandidateResult, ...] = ()
+    importance: tuple[dict[str, float | str], ...] = ()
+    validation: ValidationData | None = field(default=None, repr=False, compare=False)
     feature_names: tuple[str, ...] = FEATURE_NAMES
     activated: bool = False
+    report_path: str | None = None
+
+    @property
+    def runner_up(self) -> CandidateResult | None:
+        return next((c for c in self.candidates if not c.winner), None)
+
+    @property
+    def runner_up_auc(self) -> float | None:
+        runner_up = self.runner_up
+        return runner_up.roc_auc if runner_up else None
 
     def summary(self) -> str:
         verdict = "beats" if self.roc_auc > self.baseline_auc else "does NOT beat"
-        return (
-            f"model {self.version}{' (active)' if self.activated else ''}: holdout ROC AUC {self.roc_auc:.3f}, "
-            f"{verdict} the recency-only baseline {self.baseline_auc:.3f}\n"
+        lines = [
+            f"model {self.version}{' (active)' if self.activated else ''}: {self.candidate or self.algorithm} wins with "
+            f"holdout ROC AUC {self.roc_auc:.3f}, {verdict} the recency-only baseline {self.baseline_auc:.3f}",
+        ]
+        for c in self.candidates:
+            lines.append(f"  candidate {c.name:<24} ROC AUC {c.roc_auc:.3f}{'  <- winner' if c.winner else ''}")
+        lines.append(f"  baseline  {'recency only':<24} ROC AUC {self.baseline_auc:.3f}")
+        lines.append(
+            f"  winner on the validation period: PR AUC {self.pr_auc:.3f}, Brier {self.brier:.4f}, "
+            f"top-decile lift {self.lift_top_decile:.2f}x"
+        )
+        lines.append(
             f"  {self.n_customers} customers; {self.n_train} training examples ({self.positives} churned) "
             f"from {len(self.train_cutoffs)} cutoffs; holdout {self.n_holdout} ({self.holdout_positives} churned) "
             f"at {self.holdout_cutoff[:10]}; horizon {self.horizon_days} days; {self.duration_s:.1f}s"
         )
+        if self.report_path:
+            lines.append(f"  report: {self.report_path}")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("validation", None)
         data["trained_at"] = self.trained_at.isoformat()
         return data
 
@@ -118,7 +205,8 @@ class Predictor:
         if not rows:
             return []
         matrix = np.array([feature_vector(row, self.feature_names) for row in rows], dtype=float)
-        probabilities = self.estimator.predict_proba(matrix)[:, 1]
+        with single_threaded():
+            probabilities = self.estimator.predict_proba(matrix)[:, 1]
         return [float(min(1.0, max(0.0, p))) for p in probabilities]
 
 
@@ -204,7 +292,15 @@ def plan_cutoffs(
 # --- training -------------------------------------------------------------------------
 
 
-def make_estimator() -> CalibratedClassifierCV:
+@dataclass(frozen=True)
+class CandidateSpec:
+    name: str
+    algorithm: str
+    build: Any  # () -> unfitted estimator
+
+
+def make_logistic() -> CalibratedClassifierCV:
+    """L2-regularised logistic regression on standardised features, sigmoid-calibrated."""
     pipeline = Pipeline([
         ("scale", StandardScaler()),
         ("logreg", LogisticRegression(C=0.5, max_iter=2000)),
@@ -212,8 +308,72 @@ def make_estimator() -> CalibratedClassifierCV:
     return CalibratedClassifierCV(pipeline, method="sigmoid", cv=3)
 
 
+def make_gradient_boosting() -> CalibratedClassifierCV:
+    """Histogram gradient boosting (shallow trees, L2, fixed rounds), sigmoid-calibrated."""
+    boosting = HistGradientBoostingClassifier(
+        learning_rate=0.06, max_iter=150, max_leaf_nodes=15, min_samples_leaf=40,
+        l2_regularization=1.0, early_stopping=False, random_state=0,
+    )
+    return CalibratedClassifierCV(boosting, method="sigmoid", cv=3)
+
+
+
+CANDIDATES: tuple[CandidateSpec, ...] = (
+    CandidateSpec(
+        "logistic_regression",
+        "CalibratedClassifierCV(sigmoid, cv=3) over Pipeline(StandardScaler, LogisticRegression(C=0.5))",
+        make_logistic,
+    ),
+    CandidateSpec(
+        "hist_gradient_boosting",
+        "CalibratedClassifierCV(sigmoid, cv=3) over HistGradientBoostingClassifier(150 rounds, 15 leaves, l2=1)",
+        make_gradient_boosting,
+    ),
+)
+
+
 def new_version(moment: datetime) -> str:
     return f"m-{moment.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def top_decile_lift(y: np.ndarray, scores: np.ndarray) -> float:
+    """Churn rate among the riskiest tenth divided by the overall churn rate."""
+    base = float(np.mean(y))
+    if base == 0.0 or len(y) == 0:
+        return float("nan")
+    top = max(1, int(np.ceil(len(y) / 10)))
+    order = np.argsort(-scores, kind="stable")
+    return float(np.mean(y[order[:top]]) / base)
+
+
+def calibration_bins(y: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> list[dict[str, float]]:
+    """Equal-count bins of the predicted probability (deciles): mean predicted vs observed
+    churn rate. Equal-count, because churn probabilities crowd near zero and equal-width
+    bins would leave most of them empty."""
+    order = np.argsort(probabilities, kind="stable")
+    result = []
+    for chunk in np.array_split(order, bins):
+        if len(chunk) == 0:
+            continue
+        p = probabilities[chunk]
+        result.append({
+            "lower": round(float(p.min()), 6), "upper": round(float(p.max()), 6), "count": int(len(chunk)),
+            "mean_predicted": round(float(p.mean()), 6), "observed": round(float(np.mean(y[chunk])), 6),
+        })
+    return result
+
+
+def feature_importance(
+    estimator: Any, X: np.ndarray, y: np.ndarray, names: Sequence[str] = FEATURE_NAMES, repeats: int = 3
+) -> list[dict[str, float | str]]:
+    """Permutation importance on the validation set (drop in ROC AUC when a feature is
+    shuffled): the same measure for either model kind. Largest first."""
+    result = permutation_importance(estimator, X, y, scoring="roc_auc", n_repeats=repeats, random_state=0)
+    rows = [
+        {"feature": name, "mean": round(float(m), 6), "std": round(float(s), 6)}
+        for name, m, s in zip(names, result.importances_mean, result.importances_std, strict=True)
+    ]
+    return sorted(rows, key=lambda row: -float(row["mean"]))
 
 
 def train(
@@ -221,12 +381,19 @@ def train(
     horizon_days: int = 90,
     *,
     min_per_class: int = MIN_PER_CLASS,
+    min_holdout_per_class: int = MIN_HOLDOUT_PER_CLASS,
     step_days: int = 30,
+    candidates: Sequence[CandidateSpec] = CANDIDATES,
+    importance_repeats: int = 3,
     clock: Clock | None = None,
 ) -> TrainedModel:
-    """Fit and evaluate a model on customer histories (customer id -> events)."""
+    """Fit the candidates on customer histories (customer id -> events), keep the one with
+    the best ROC AUC on the validation period, and report it next to the others and the
+    recency-only baseline."""
     if horizon_days < 1:
         raise ValueError("horizon_days must be at least 1")
+    if not candidates:
+        raise ValueError("need at least one candidate model")
     started = time.perf_counter()
     timelines = _timelines(histories)
     if not timelines:
@@ -242,20 +409,27 @@ def train(
             f"examples, got {training.positives} churned and {training.negatives} retained "
             f"({len(timelines)} customers, {len(train_cutoffs)} cutoffs, {horizon_days}-day horizon)"
         )
-    if holdout.positives < MIN_HOLDOUT_PER_CLASS or holdout.negatives < MIN_HOLDOUT_PER_CLASS:
+    if holdout.positives < min_holdout_per_class or holdout.negatives < min_holdout_per_class:
         raise InsufficientData(
             f"too little data to evaluate: the holdout cutoff {holdout_cutoff.date()} has "
             f"{holdout.positives} churned and {holdout.negatives} retained customers "
-            f"(need at least {MIN_HOLDOUT_PER_CLASS} of each)"
+            f"(need at least {min_holdout_per_class} of each)"
         )
-    estimator = make_estimator().fit(training.X, training.y)
-    probabilities = estimator.predict_proba(holdout.X)[:, 1]
+    fitted: list[tuple[CandidateSpec, Any, np.ndarray, float]] = []
+    with single_threaded():
+        for spec in candidates:
+            estimator = spec.build().fit(training.X, training.y)
+            probabilities = estimator.predict_proba(holdout.X)[:, 1]
+            fitted.append((spec, estimator, probabilities, float(roc_auc_score(holdout.y, probabilities))))
+        best = max(fitted, key=lambda item: item[3])  # ties: the first (simpler) candidate
+        importance = feature_importance(best[1], holdout.X, holdout.y, repeats=importance_repeats)
+    spec, estimator, probabilities, roc_auc = best
     recency = holdout.X[:, FEATURE_NAMES.index("days_since_last_activity")]
     trained_at = (clock or SystemClock()).now()
     report = TrainReport(
         version=new_version(trained_at),
-        algorithm=ALGORITHM,
-        roc_auc=float(roc_auc_score(holdout.y, probabilities)),
+        algorithm=spec.algorithm,
+        roc_auc=roc_auc,
         baseline_auc=float(roc_auc_score(holdout.y, recency)),
         horizon_days=horizon_days,
         n_train=len(training.y),
@@ -268,10 +442,25 @@ def train(
         train_cutoffs=tuple(c.isoformat() for c in train_cutoffs),
         holdout_cutoff=holdout_cutoff.isoformat(),
         trained_at=trained_at,
-        duration_s=round(time.perf_counter() - started, 3),
+        duration_s=0.0,
+        candidate=spec.name,
+        pr_auc=float(average_precision_score(holdout.y, probabilities)),
+        brier=float(brier_score_loss(holdout.y, probabilities)),
+        lift_top_decile=top_decile_lift(holdout.y, probabilities),
+        calibration=tuple(calibration_bins(holdout.y, probabilities)),
+        candidates=tuple(
+            CandidateResult(s.name, s.algorithm, auc, winner=s is spec) for s, _e, _p, auc in fitted
+        ),
+        importance=tuple(importance),
+        validation=ValidationData(
+            labels=tuple(int(v) for v in holdout.y), probabilities=tuple(float(p) for p in probabilities),
+            baseline=tuple(float(r) for r in recency),
+        ),
     )
-    log.info("trained %s: holdout ROC AUC %.3f (recency baseline %.3f) on %d examples",
-             report.version, report.roc_auc, report.baseline_auc, report.n_train)
+    report = replace(report, duration_s=round(time.perf_counter() - started, 3))
+    log.info("trained %s: %s wins with holdout ROC AUC %.3f (%s; recency baseline %.3f) on %d examples",
+             report.version, spec.name, report.roc_auc,
+             ", ".join(f"{c.name} {c.roc_auc:.3f}" for c in report.candidates), report.baseline_auc, report.n_train)
     return TrainedModel(estimator=estimator, report=report)
 
 
@@ -285,9 +474,44 @@ def dump_artifact(estimator: Any) -> bytes:
 
 
 def load_artifact(blob: bytes) -> Any:
-    """skops load, trusting only sklearn and numpy types beyond skops' defaults."""
-    untrusted = sio.get_untrusted_types(data=blob)
+    """skops load, trusting only sklearn and numpy types beyond skops' defaults. Raises
+    ModelLoadError (UntrustedArtifact for foreign types) instead of loading anything else."""
+    try:
+        untrusted = sio.get_untrusted_types(data=blob)
+    except Exception as exc:  # a zip that is not one, a skops schema it does not know, ...
+        raise ModelLoadError(f"model artifact is not a readable skops file ({type(exc).__name__}: {exc})") from exc
     foreign = [name for name in untrusted if not name.startswith(_TRUSTED_PREFIXES)]
     if foreign:
         raise UntrustedArtifact(f"model artifact contains untrusted types: {', '.join(sorted(foreign))}")
-    return sio.loads(blob, trusted=untrusted)
+    try:
+        return sio.loads(blob, trusted=untrusted)
+    except Exception as exc:
+        raise ModelLoadError(f"model artifact cannot be loaded ({type(exc).__name__}: {exc})") from exc
+
+
+def load_predictor(version: str, feature_names: Sequence[str], blob: bytes, roc_auc: float) -> Predictor:
+    """A registered model, checked before it may score: the artifact loads safely, is a binary
+    classifier with probabilities, and its inputs are features this code computes, as many as
+    the registry says. Every refusal is a ModelLoadError naming the version."""
+    unknown = sorted(set(feature_names) - set(FEATURE_NAMES))
+    if unknown:
+        raise ModelLoadError(
+            f"model {version} needs features this code does not compute: {', '.join(unknown)}"
+        )
+    if len(set(feature_names)) != len(feature_names) or not feature_names:
+        raise ModelLoadError(f"model {version} has an empty or repeated feature list")
+    try:
+        estimator = load_artifact(blob)
+    except ModelLoadError as exc:
+        raise type(exc)(f"model {version}: {exc}") from exc
+    if not callable(getattr(estimator, "predict_proba", None)):
+        raise ModelLoadError(f"model {version}: the artifact ({type(estimator).__name__}) has no predict_proba")
+    classes = getattr(estimator, "classes_", None)
+    if classes is None or [int(c) for c in classes] != [0, 1]:
+        raise ModelLoadError(f"model {version}: the artifact is not a fitted binary (0/1) classifier")
+    width = getattr(estimator, "n_features_in_", None)
+    if width is not None and int(width) != len(feature_names):
+        raise ModelLoadError(
+            f"model {version}: the artifact expects {width} features but its feature list names {len(feature_names)}"
+        )
+    return Predictor(version=version, feature_names=tuple(feature_names), estimator=estimator, roc_auc=roc_auc)

@@ -14,7 +14,14 @@ from sqlalchemy import func, select, update
 from sqlmodel import Session
 
 from services.scoring.features import HistoryEvent, as_utc
-from services.scoring.tables import ScoringCustomerFeatures, ScoringEvent, ScoringModel, ScoringScore
+from services.scoring.tables import (
+    ScoringCustomerFeatures,
+    ScoringEvent,
+    ScoringEventFlag,
+    ScoringModel,
+    ScoringScore,
+    ScoringSweepLease,
+)
 from shared.db import dialect_insert
 
 _CHUNK = 1000
@@ -120,23 +127,32 @@ def upsert_features(
     statement = statement.on_conflict_do_update(
         index_elements=["tenant_id", "customer_id"],
         set_={"features": statement.excluded.features, "updated_at": statement.excluded.updated_at},
-    )
-    session.execute(statement, values)
+        # an older computation (a sweep page that started before an event batch) never
+        # overwrites a newer one
+        where=table.c.updated_at <= statement.excluded.updated_at,
+    ).returning(table.c.customer_id)
+    # executemany with RETURNING is sent as one multi-row INSERT ... ON CONFLICT per 1000 rows
+    # ("insertmanyvalues", compiled once and cached): one round trip and one statement per batch,
+    # where a plain executemany would run one statement per customer.
+    session.execute(statement, values).all()
 
 
 def upsert_scores(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
     """rows: score_id (unique), tenant_id, customer_id, probability, band, model_version,
-    scored_at, event_id. A re-scored event (redelivery) keeps its score_id; the row takes
-    the newest computation."""
+    scored_at, event_id, reasons (optional, default none). A re-scored event (redelivery)
+    keeps its score_id; the row takes the newest computation."""
     if not rows:
         return
     table = ScoringScore.__table__  # type: ignore[attr-defined]
     for chunk in _chunks(list(rows)):
-        values = [{**row, "scored_at": as_utc(row["scored_at"])} for row in chunk]
+        values = [{"reasons": [], **row, "scored_at": as_utc(row["scored_at"])} for row in chunk]
         statement = dialect_insert(session, table)
         statement = statement.on_conflict_do_update(
             index_elements=["score_id"],
-            set_={name: statement.excluded[name] for name in ("probability", "band", "model_version", "scored_at")},
+            set_={
+                name: statement.excluded[name]
+                for name in ("probability", "band", "model_version", "scored_at", "reasons")
+            },
         )
         session.execute(statement, values)
 
@@ -158,16 +174,34 @@ def customer_features(session: Session, tenant_id: str, customer_id: str) -> Sco
 # --- model registry (global, not per tenant, in this version) -------------------------
 
 _MODEL_INFO_COLUMNS = (
-    ScoringModel.id, ScoringModel.version, ScoringModel.algorithm, ScoringModel.roc_auc,
-    ScoringModel.baseline_auc, ScoringModel.feature_names, ScoringModel.n_train, ScoringModel.n_holdout,
-    ScoringModel.horizon_days, ScoringModel.trained_on_tenant, ScoringModel.trained_at, ScoringModel.active,
+    ScoringModel.id, ScoringModel.version, ScoringModel.algorithm, ScoringModel.candidate, ScoringModel.roc_auc,
+    ScoringModel.baseline_auc, ScoringModel.runner_up_auc, ScoringModel.pr_auc, ScoringModel.brier,
+    ScoringModel.lift_top_decile, ScoringModel.feature_names, ScoringModel.n_train, ScoringModel.n_holdout,
+    ScoringModel.horizon_days, ScoringModel.first_cutoff, ScoringModel.last_cutoff, ScoringModel.validation_cutoff,
+    ScoringModel.trained_on_tenant, ScoringModel.trained_at, ScoringModel.active, ScoringModel.activated_at,
+    ScoringModel.previous_version, ScoringModel.report_path,
+)
+_MODEL_DETAIL_COLUMNS = (
+    *_MODEL_INFO_COLUMNS, ScoringModel.calibration, ScoringModel.candidates, ScoringModel.importance,
 )
 
 
 def list_models(session: Session) -> list[dict[str, Any]]:
-    """The registry without artifacts, newest first."""
+    """The registry without artifacts and chart data, newest first."""
     statement = select(*_MODEL_INFO_COLUMNS).order_by(ScoringModel.trained_at.desc(), ScoringModel.id.desc())  # type: ignore[union-attr]
     return [dict(row._mapping) for row in session.execute(statement)]
+
+
+def model_info(session: Session, version: str, with_validation: bool = False) -> dict[str, Any] | None:
+    """One model with its metrics (and, if asked, the validation data the report draws), no artifact."""
+    columns = (*_MODEL_DETAIL_COLUMNS, ScoringModel.validation) if with_validation else _MODEL_DETAIL_COLUMNS
+    row = session.execute(select(*columns).where(ScoringModel.version == version)).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def get_model(session: Session, version: str) -> ScoringModel | None:
+    """The whole row, artifact included."""
+    return session.execute(select(ScoringModel).where(ScoringModel.version == version)).scalars().first()
 
 
 def active_model_version(session: Session) -> str | None:
@@ -180,9 +214,25 @@ def active_model(session: Session) -> ScoringModel | None:
     return session.execute(statement).scalars().first()
 
 
+def newest_model_version(session: Session) -> str | None:
+    statement = select(ScoringModel.version).order_by(ScoringModel.trained_at.desc(), ScoringModel.id.desc())  # type: ignore[union-attr]
+    return session.execute(statement.limit(1)).scalars().first()
+
+
+def lock_registry(session: Session) -> None:
+    """Serialise registry changes (promote, rollback, activate) until the transaction ends:
+    they read the active model, then change it. Row locks on PostgreSQL; SQLite serialises
+    writers anyway (FOR UPDATE is not emitted there)."""
+    session.execute(select(ScoringModel.id).with_for_update())
+
+
 def add_model(session: Session, row: ScoringModel) -> ScoringModel:
-    """Insert a model; if it is to be active, the previously active one is deactivated first."""
+    """Insert a model; if it is to be active, the previously active one is deactivated first
+    and remembered as the new one's previous_version (what a rollback returns to)."""
     if row.active:
+        lock_registry(session)
+        row.previous_version = active_model_version(session)
+        row.activated_at = row.activated_at or row.trained_at
         deactivate_all(session)
     session.add(row)
     session.flush()
@@ -194,10 +244,126 @@ def deactivate_all(session: Session) -> None:
     session.flush()
 
 
-def activate_model(session: Session, version: str) -> bool:
+def set_active(session: Session, version: str, activated_at: datetime, previous_version: str | None) -> bool:
+    """Make `version` the only active model, recording when and what a rollback from it
+    returns to. False if there is no such version."""
     exists = session.execute(select(ScoringModel.id).where(ScoringModel.version == version)).first()
     if exists is None:
         return False
     deactivate_all(session)
-    session.execute(update(ScoringModel).where(ScoringModel.version == version).values(active=True))
+    session.execute(
+        update(ScoringModel).where(ScoringModel.version == version)
+        .values(active=True, activated_at=as_utc(activated_at), previous_version=previous_version)
+    )
+    session.flush()
     return True
+
+
+def set_report_path(session: Session, version: str, path: str) -> None:
+    session.execute(update(ScoringModel).where(ScoringModel.version == version).values(report_path=path))
+
+
+# --- flagged events (data features cannot use) ------------------------------------------
+
+
+def insert_event_flags(session: Session, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """rows: tenant_id, event_id, reason, customer_id, flagged_at. Insert-if-absent; returns
+    the reasons of the rows that were new (a redelivered event is not flagged twice)."""
+    if not rows:
+        return []
+    table = ScoringEventFlag.__table__  # type: ignore[attr-defined]
+    statement = dialect_insert(session, table).on_conflict_do_nothing(
+        index_elements=["tenant_id", "event_id", "reason"]
+    ).returning(table.c.reason)
+    values = [{**row, "flagged_at": as_utc(row["flagged_at"])} for row in rows]
+    reasons: list[str] = []
+    for chunk in _chunks(values):
+        reasons.extend(reason for (reason,) in session.execute(statement, list(chunk)))
+    return reasons
+
+
+def event_flags(session: Session, tenant_id: str, customer_id: str | None = None) -> dict[str, list[str]]:
+    """event id -> its flags (sorted), for one tenant (optionally one customer)."""
+    statement = select(ScoringEventFlag.event_id, ScoringEventFlag.reason).where(
+        ScoringEventFlag.tenant_id == tenant_id
+    )
+    if customer_id is not None:
+        statement = statement.where(ScoringEventFlag.customer_id == customer_id)
+    flags: dict[str, list[str]] = defaultdict(list)
+    for event_id, reason in session.execute(statement.order_by(ScoringEventFlag.event_id, ScoringEventFlag.reason)):
+        flags[event_id].append(reason)
+    return dict(flags)
+
+
+# --- the periodic sweep ---------------------------------------------------------------------
+
+
+def feature_tenants(session: Session) -> list[str]:
+    """Tenants with at least one scored customer (the sweep walks them one by one)."""
+    statement = select(ScoringCustomerFeatures.tenant_id).distinct().order_by(ScoringCustomerFeatures.tenant_id)
+    return list(session.execute(statement).scalars())
+
+
+def sweep_candidates(
+    session: Session, tenant_id: str, after: str | None, limit: int, updated_before: datetime | None = None
+) -> list[str]:
+    """Customer ids of one tenant that have features (optionally: last computed before
+    `updated_before`), in id order after `after` (keyset paging)."""
+    statement = select(ScoringCustomerFeatures.customer_id).where(ScoringCustomerFeatures.tenant_id == tenant_id)
+    if updated_before is not None:
+        statement = statement.where(ScoringCustomerFeatures.updated_at < as_utc(updated_before))
+    if after is not None:
+        statement = statement.where(ScoringCustomerFeatures.customer_id > after)
+    statement = statement.order_by(ScoringCustomerFeatures.customer_id).limit(limit)
+    return list(session.execute(statement).scalars())
+
+
+def recent_scores(
+    session: Session, tenant_id: str, customer_ids: Iterable[str], per_customer: int = 2
+) -> dict[str, list[tuple[str, float, str]]]:
+    """customer id -> its latest `per_customer` scores as (score_id, probability, band), newest first."""
+    wanted = sorted(set(customer_ids))
+    result: dict[str, list[tuple[str, float, str]]] = defaultdict(list)
+    for chunk in _chunks(wanted, 500):
+        rank = func.row_number().over(
+            partition_by=ScoringScore.customer_id,
+            order_by=(ScoringScore.scored_at.desc(), ScoringScore.id.desc()),  # type: ignore[union-attr]
+        ).label("rank")
+        ranked = select(
+            ScoringScore.customer_id, ScoringScore.score_id, ScoringScore.probability, ScoringScore.band, rank,
+        ).where(
+            ScoringScore.tenant_id == tenant_id, ScoringScore.customer_id.in_(chunk)  # type: ignore[attr-defined]
+        ).subquery()
+        statement = select(ranked.c.customer_id, ranked.c.score_id, ranked.c.probability, ranked.c.band).where(
+            ranked.c.rank <= per_customer
+        ).order_by(ranked.c.customer_id, ranked.c.rank)
+        for customer, score_id, probability, band in session.execute(statement):
+            result[customer].append((score_id, float(probability), band))
+    return dict(result)
+
+
+def acquire_lease(session: Session, name: str, holder: str, now: datetime, expires_at: datetime) -> bool:
+    """Take (or renew) the lease `name` for `holder` until `expires_at`, if it is free, expired
+    or already ours. One conditional UPDATE: atomic on PostgreSQL and SQLite alike."""
+    table = ScoringSweepLease.__table__  # type: ignore[attr-defined]
+    session.execute(
+        dialect_insert(session, table).on_conflict_do_nothing(index_elements=["name"]),
+        [{"name": name, "holder": "", "expires_at": as_utc(now)}],
+    )
+    result = session.execute(
+        update(ScoringSweepLease)
+        .where(
+            ScoringSweepLease.name == name,
+            (ScoringSweepLease.holder == holder) | (ScoringSweepLease.expires_at <= as_utc(now)),
+        )
+        .values(holder=holder, expires_at=as_utc(expires_at))
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def release_lease(session: Session, name: str, holder: str, now: datetime) -> None:
+    session.execute(
+        update(ScoringSweepLease)
+        .where(ScoringSweepLease.name == name, ScoringSweepLease.holder == holder)
+        .values(expires_at=as_utc(now))
+    )

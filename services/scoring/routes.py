@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
+from pydantic import BaseModel, Field
 
 from services.scoring import service
 from services.scoring.deps import SessionDep
@@ -25,23 +25,69 @@ class CustomerScoreOut(BaseModel):
     score_id: str
     event_id: str | None
     features: dict[str, float]
+    reasons: list[str] = Field(
+        default_factory=list,
+        description="Top contributing reasons (at most 3), in plain language, most important first; "
+        "derived from the model: only features whose actual value raises the risk.",
+    )
+
+
+class CalibrationBin(BaseModel):
+    lower: float
+    upper: float
+    count: int
+    mean_predicted: float = Field(description="mean predicted churn probability in the bin")
+    observed: float = Field(description="share of the bin that actually churned")
+
+
+class CandidateOut(BaseModel):
+    name: str
+    algorithm: str
+    roc_auc: float
+    winner: bool
+
+
+class ImportanceOut(BaseModel):
+    feature: str
+    mean: float = Field(description="mean drop in validation ROC AUC when the feature is shuffled")
+    std: float
 
 
 class ModelOut(BaseModel):
     version: str
     algorithm: str
+    candidate: str = Field(description="the winning candidate's short name")
     active: bool
-    roc_auc: float
-    baseline_auc: float
+    roc_auc: float = Field(description="ROC AUC on the validation period")
+    baseline_auc: float = Field(description="the recency-only baseline's ROC AUC on the validation period")
+    runner_up_auc: float | None = Field(description="the losing candidate's ROC AUC on the validation period")
+    pr_auc: float | None
+    brier: float | None
+    lift_top_decile: float | None = Field(description="churn rate in the riskiest tenth / overall churn rate")
     feature_names: list[str]
     n_train: int
     n_holdout: int
     horizon_days: int
+    first_cutoff: datetime | None
+    last_cutoff: datetime | None
+    validation_cutoff: datetime | None
     trained_on_tenant: str
     trained_at: datetime
+    activated_at: datetime | None
+    previous_version: str | None = Field(description="the model a rollback from this one re-activates")
+    report_path: str | None
+
+
+class ModelDetailOut(ModelOut):
+    calibration: list[CalibrationBin] = Field(description="10 equal-count bins of the predicted probability")
+    candidates: list[CandidateOut]
+    importance: list[ImportanceOut] = Field(description="permutation importance on the validation period")
+
+
 
 
 CustomerIdPath = Annotated[str, Path(min_length=1, max_length=128, description="The tenant's customer id.")]
+VersionPath = Annotated[str, Path(min_length=1, max_length=64, description="A model version, e.g. m-20260601120000-1a2b.")]
 
 
 @router.get("/customers/{customer_id}/score", response_model=CustomerScoreOut)
@@ -56,3 +102,51 @@ def get_customer_score(customer_id: CustomerIdPath, tenant_id: TenantId, session
 def get_models(_tenant_id: TenantId, session: SessionDep) -> list[ModelOut]:
     """The model registry (global in this version), newest first, without artifacts."""
     return [ModelOut(**row) for row in service.list_models(session)]
+
+
+@router.get("/models/{version}", response_model=ModelDetailOut)
+def get_model(version: VersionPath, _tenant_id: TenantId, session: SessionDep) -> ModelDetailOut:
+    """One model with its validation metrics, calibration bins, candidates and feature importance."""
+    try:
+        return ModelDetailOut(**service.model_detail(session, version))
+    except service.ModelNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+
+
+def _now(request: Request) -> datetime:
+    return request.state.scoring.clock.now()
+
+
+def model_admin(request: Request, tenant_id: TenantId) -> str:
+    if tenant_id not in request.state.scoring.settings.model_admin_tenants:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "the model registry is shared by every tenant: promoting or rolling back is limited to "
+            "operator tenants (CHURNGUARD_SCORING_MODEL_ADMIN_TENANTS)",
+        )
+    return tenant_id
+
+
+ModelAdmin = Annotated[str, Depends(model_admin)]
+
+
+@router.post("/models/rollback", response_model=ModelDetailOut)
+def rollback_model(request: Request, _tenant_id: ModelAdmin, session: SessionDep) -> ModelDetailOut:
+    """Re-activate the model that was active before the current one (409 if there is none).
+    Running scorers switch at their next registry refresh."""
+    try:
+        return ModelDetailOut(**service.rollback_model(session, _now(request)))
+    except service.RegistryConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+
+
+@router.post("/models/{version}/promote", response_model=ModelDetailOut)
+def promote_model(version: VersionPath, request: Request, _tenant_id: ModelAdmin, session: SessionDep) -> ModelDetailOut:
+    """Make this model the active one, after checking its artifact loads (409 if not).
+    Running scorers switch at their next registry refresh."""
+    try:
+        return ModelDetailOut(**service.promote_model(session, version, _now(request)))
+    except service.ModelNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except service.RegistryConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc

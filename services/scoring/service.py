@@ -16,9 +16,23 @@ from typing import Any
 
 from sqlmodel import Session
 
-from services.scoring import repository
-from services.scoring.features import FEATURE_NAMES, as_utc, compute_features
-from services.scoring.model import Predictor, TrainedModel, TrainReport, dump_artifact, load_artifact, train
+from services.scoring import reasons, repository
+from services.scoring.features import (
+    FLAGGABLE_TYPES,
+    MAIN_CURRENCY,
+    as_utc,
+    compute_features,
+    event_flags,
+)
+from services.scoring.model import (
+    ModelLoadError,
+    Predictor,
+    TrainedModel,
+    TrainReport,
+    dump_artifact,
+    load_predictor,
+    train,
+)
 from services.scoring.tables import ScoringModel
 from shared.clock import Clock
 from shared.events import EventRecord, RiskBand, ScoreRecord, parse_event
@@ -97,23 +111,24 @@ def process_batch(
             vectors.append(compute_features(histories.get(customer, []), as_of))
     probabilities = predictor.predict(vectors)
     outcome.scoring_seconds = time.perf_counter() - started
-    scored = {key: (p, v) for key, p, v in zip(keys, probabilities, vectors, strict=True)}
+    explanations = reasons.explain(predictor.estimator, predictor.feature_names, vectors, probabilities)
+    scored = {key: (p, v, r) for key, p, v, r in zip(keys, probabilities, vectors, explanations, strict=True)}
 
     for tenant_id, customers in affected.items():
         repository.upsert_features(session, tenant_id, {c: scored[(tenant_id, c)][1] for c in customers}, as_of)
     for (tenant_id, event_id), record in distinct.items():
-        probability, vector = scored[(tenant_id, record.event.customer_id)]
+        probability, vector, why = scored[(tenant_id, record.event.customer_id)]
         outcome.scores.append(ScoreRecord(
             score_id=score_id_for(tenant_id, event_id), tenant_id=tenant_id,
             customer_id=record.event.customer_id, probability=probability, band=bands.band(probability),
             model_version=predictor.version, scored_at=as_of, cause="event", event_id=event_id,
-            features=vector,
+            features=vector, reasons=why,
         ))
     repository.upsert_scores(session, [
         {
             "score_id": s.score_id, "tenant_id": s.tenant_id, "customer_id": s.customer_id,
             "probability": s.probability, "band": s.band, "model_version": s.model_version,
-            "scored_at": s.scored_at, "event_id": s.event_id,
+            "scored_at": s.scored_at, "event_id": s.event_id, "reasons": s.reasons,
         }
         for s in outcome.scores
     ])
@@ -130,6 +145,7 @@ class CustomerScore:
     score_id: str
     event_id: str | None
     features: dict[str, float]
+    reasons: list[str] = field(default_factory=list)
 
 
 def latest_score(session: Session, tenant_id: str, customer_id: str) -> CustomerScore | None:
@@ -141,6 +157,7 @@ def latest_score(session: Session, tenant_id: str, customer_id: str) -> Customer
         customer_id=score.customer_id, probability=score.probability, band=score.band,
         model_version=score.model_version, scored_at=as_utc(score.scored_at), score_id=score.score_id,
         event_id=score.event_id, features=dict(features.features) if features else {},
+        reasons=list(score.reasons or []),
     )
 
 
@@ -178,6 +195,14 @@ def store_history(
 # --- models -----------------------------------------------------------------------------
 
 
+class ModelNotFound(LookupError):
+    """No model with this version in the registry."""
+
+
+class RegistryConflict(ValueError):
+    """The registry cannot do this now (nothing to roll back to, a model that cannot load)."""
+
+
 def train_for_tenant(
     session: Session, tenant_id: str, horizon_days: int = 90, *, clock: Clock | None = None, **options: Any
 ) -> TrainedModel:
@@ -186,36 +211,146 @@ def train_for_tenant(
 
 
 def register_model(session: Session, trained: TrainedModel, tenant_id: str, activate: bool) -> TrainReport:
+    """Store the model with its training window, validation metrics and chart data."""
     report = trained.report
+    cutoffs = [datetime.fromisoformat(c) for c in report.train_cutoffs]
     repository.add_model(session, ScoringModel(
-        version=report.version, algorithm=report.algorithm, roc_auc=report.roc_auc,
-        baseline_auc=report.baseline_auc, feature_names=list(report.feature_names), n_train=report.n_train,
-        n_holdout=report.n_holdout, horizon_days=report.horizon_days, trained_on_tenant=tenant_id,
-        trained_at=report.trained_at, active=activate, artifact=dump_artifact(trained.estimator),
+        version=report.version, algorithm=report.algorithm, candidate=report.candidate, roc_auc=report.roc_auc,
+        baseline_auc=report.baseline_auc, runner_up_auc=report.runner_up_auc,
+        pr_auc=_finite(report.pr_auc), brier=_finite(report.brier), lift_top_decile=_finite(report.lift_top_decile),
+        calibration=[dict(b) for b in report.calibration],
+        candidates=[{"name": c.name, "algorithm": c.algorithm, "roc_auc": c.roc_auc, "winner": c.winner}
+                    for c in report.candidates],
+        importance=[dict(i) for i in report.importance],
+        validation=report.validation.as_json() if report.validation else {},
+        feature_names=list(report.feature_names), n_train=report.n_train, n_holdout=report.n_holdout,
+        horizon_days=report.horizon_days, first_cutoff=min(cutoffs) if cutoffs else None,
+        last_cutoff=max(cutoffs) if cutoffs else None,
+        validation_cutoff=datetime.fromisoformat(report.holdout_cutoff) if report.holdout_cutoff else None,
+        trained_on_tenant=tenant_id, trained_at=report.trained_at, active=activate,
+        artifact=dump_artifact(trained.estimator),
     ))
     return replace(report, activated=activate)
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN -> None (JSON has no NaN)
 
 
 def active_version(session: Session) -> str | None:
     return repository.active_model_version(session)
 
 
+def _predictor(row: ScoringModel) -> Predictor:
+    """Raises model.ModelLoadError (a ValueError with the version and the cause)."""
+    return load_predictor(row.version, list(row.feature_names), row.artifact, row.roc_auc)
+
+
 def load_active_predictor(session: Session) -> Predictor | None:
+    """The active model, ready to score; ModelLoadError if it is corrupt or incompatible
+    (the caller keeps the model it has)."""
     row = repository.active_model(session)
-    if row is None:
-        return None
-    unknown = sorted(set(row.feature_names) - set(FEATURE_NAMES))
-    if unknown:
-        raise ValueError(f"model {row.version} needs features this code does not compute: {', '.join(unknown)}")
-    return Predictor(
-        version=row.version, feature_names=tuple(row.feature_names),
-        estimator=load_artifact(row.artifact), roc_auc=row.roc_auc,
-    )
+    return _predictor(row) if row is not None else None
+
+
+def _model_out(row: Mapping[str, Any]) -> dict[str, Any]:
+    result = dict(row)
+    for name in ("trained_at", "activated_at", "first_cutoff", "last_cutoff", "validation_cutoff"):
+        if result.get(name) is not None:
+            result[name] = as_utc(result[name])
+    return result
 
 
 def list_models(session: Session) -> list[dict[str, Any]]:
-    return [{**row, "trained_at": as_utc(row["trained_at"])} for row in repository.list_models(session)]
+    return [_model_out(row) for row in repository.list_models(session)]
 
 
-def activate_model(session: Session, version: str) -> bool:
-    return repository.activate_model(session, version)
+def model_detail(session: Session, version: str, with_validation: bool = False) -> dict[str, Any]:
+    row = repository.model_info(session, version, with_validation)
+    if row is None:
+        raise ModelNotFound(f"no model {version!r} in the registry")
+    return _model_out(row)
+
+
+def resolve_version(session: Session, version: str | None) -> str:
+    """`version`, or the active model's, or the newest model's."""
+    if version is not None:
+        return version
+    chosen = repository.active_model_version(session) or repository.newest_model_version(session)
+    if chosen is None:
+        raise ModelNotFound("the model registry is empty; train a model first")
+    return chosen
+
+
+def promote_model(session: Session, version: str, now: datetime) -> dict[str, Any]:
+    """Make `version` the active model once its artifact has proven it loads and fits this
+    code. The model active before becomes its previous_version (what rollback returns to).
+    Promoting the active model changes nothing."""
+    repository.lock_registry(session)
+    row = repository.get_model(session, version)
+    if row is None:
+        raise ModelNotFound(f"no model {version!r} in the registry")
+    if not row.active:
+        try:
+            _predictor(row)
+        except ModelLoadError as exc:
+            raise RegistryConflict(f"model {version} cannot be promoted: {exc}") from exc
+        repository.set_active(session, version, now, previous_version=repository.active_model_version(session))
+    return model_detail(session, version)
+
+
+def rollback_model(session: Session, now: datetime) -> dict[str, Any]:
+    """Re-activate the model that was active before the current one. Like an undo: the
+    re-activated model keeps its own previous_version, so a second rollback goes one further."""
+    repository.lock_registry(session)
+    current = repository.active_model(session)
+    if current is None:
+        raise RegistryConflict("no model is active, so there is nothing to roll back from")
+    if not current.previous_version:
+        raise RegistryConflict(
+            f"model {current.version} has no previously active model to roll back to"
+        )
+    target = repository.get_model(session, current.previous_version)
+    if target is None:
+        raise RegistryConflict(f"the previously active model {current.previous_version} is no longer in the registry")
+    try:
+        _predictor(target)
+    except ModelLoadError as exc:
+        raise RegistryConflict(f"cannot roll back to model {target.version}: {exc}") from exc
+    repository.set_active(session, target.version, now, previous_version=target.previous_version)
+    return model_detail(session, target.version)
+
+
+def activate_model(session: Session, version: str, now: datetime) -> bool:
+    """Operator's activate (CLI), without the load check: False if there is no such version."""
+    repository.lock_registry(session)
+    previous = repository.active_model_version(session)
+    if previous == version:
+        return repository.get_model(session, version) is not None
+    return repository.set_active(session, version, now, previous_version=previous)
+
+
+def set_report_path(session: Session, version: str, path: str) -> None:
+    repository.set_report_path(session, version, path)
+
+
+# --- data features cannot use ---------------------------------------------------------------
+
+
+def flag_events(
+    session: Session, records: Sequence[EventRecord], flagged_at: datetime, currency: str = MAIN_CURRENCY
+) -> list[str]:
+    """Record why some of these events' data is unusable for features (features.event_flags);
+    the events themselves are stored as usual. Returns the reasons newly recorded (one per
+    flagged event and reason; a redelivered event adds nothing)."""
+    rows = []
+    for record in records:
+        event = record.event
+        if event.type not in FLAGGABLE_TYPES:
+            continue
+        for reason in event_flags(event.type, event.data.model_dump(mode="json"), currency):
+            rows.append({
+                "tenant_id": record.tenant_id, "event_id": event.id, "reason": reason,
+                "customer_id": event.customer_id, "flagged_at": flagged_at,
+            })
+    return repository.insert_event_flags(session, rows)

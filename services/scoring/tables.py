@@ -60,6 +60,11 @@ class ScoringScore(SQLModel, table=True):
     model_version: str = Field(max_length=64)
     scored_at: datetime = _ts()
     event_id: str | None = Field(default=None, max_length=128)
+    reasons: list[str] = Field(
+        default_factory=list,
+        sa_column=Column(JSON, nullable=False, default=lambda: [], server_default=text("'[]'")),
+        description="Top contributing reasons in plain language, most important first (services.scoring.reasons).",
+    )
 
 
 class ScoringModel(SQLModel, table=True):
@@ -86,6 +91,51 @@ class ScoringModel(SQLModel, table=True):
     trained_at: datetime = _ts()
     active: bool = False
     artifact: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # training window and validation-period metrics (model.TrainReport)
+    candidate: str = Field(default="", max_length=64, description="winning candidate's short name")
+    first_cutoff: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+    last_cutoff: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+    validation_cutoff: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+    pr_auc: float | None = None
+    brier: float | None = None
+    lift_top_decile: float | None = None
+    runner_up_auc: float | None = Field(default=None, description="the losing candidate's ROC AUC")
+    calibration: list[dict[str, float]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    candidates: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    importance: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    validation: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False),
+        description="labels, probabilities and baseline scores of the validation period (report charts)",
+    )
+    report_path: str | None = Field(default=None, max_length=500)
+    # activation history: rollback follows previous_version
+    activated_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+    previous_version: str | None = Field(default=None, max_length=64)
 
 
-TABLES: tuple[type[SQLModel], ...] = (ScoringEvent, ScoringCustomerFeatures, ScoringScore, ScoringModel)
+class ScoringEventFlag(SQLModel, table=True):
+    """Why a stored event's data is (partly) unusable for features (features.FLAG_REASONS).
+    The event stays in scoring_events; features ignore the flagged part."""
+
+    __tablename__ = "scoring_event_flags"
+
+    tenant_id: str = Field(max_length=128, primary_key=True)
+    event_id: str = Field(max_length=128, primary_key=True)
+    reason: str = Field(max_length=32, primary_key=True)
+    customer_id: str = Field(max_length=128)
+    flagged_at: datetime = _ts()
+
+
+class ScoringSweepLease(SQLModel, table=True):
+    """Which instance runs the periodic re-score sweep, until when (one row per sweep name)."""
+
+    __tablename__ = "scoring_sweep_leases"
+
+    name: str = Field(max_length=64, primary_key=True)
+    holder: str = Field(max_length=128)
+    expires_at: datetime = _ts()
+
+
+TABLES: tuple[type[SQLModel], ...] = (
+    ScoringEvent, ScoringCustomerFeatures, ScoringScore, ScoringModel, ScoringEventFlag, ScoringSweepLease,
+)

@@ -37,6 +37,7 @@ def make_score(
     probability: float,
     tenant: str = TENANT,
     model_version: str = "m-test-1",
+    reasons: list[str] | None = None,
 ) -> ScoreRecord:
     band = "high" if probability >= 0.7 else "medium" if probability >= 0.4 else "low"
     return ScoreRecord(
@@ -47,6 +48,7 @@ def make_score(
         band=band,
         model_version=model_version,
         scored_at=START,
+        reasons=reasons or [],
     )
 
 

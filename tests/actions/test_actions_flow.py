@@ -69,7 +69,7 @@ async def test_high_score_gets_one_signed_offer_low_none_redelivery_and_cooldown
             == 201
         )
 
-        first = make_score("s-1", "c-1", 0.91)
+        first = make_score("s-1", "c-1", 0.91, reasons=["no order for 74 days", "last NPS 2 of 10"])
         await publish(first)
         [delivery] = await wait_until(lambda: _delivered(client), what="first offer delivered")
         [request] = receiver.received("/hooks/a")
@@ -88,6 +88,8 @@ async def test_high_score_gets_one_signed_offer_low_none_redelivery_and_cooldown
                 "churn_probability": 0.91,
                 "band": "high",
                 "model_version": "m-test-1",
+                # copied from the ScoreRecord, so the marketing tool can personalise the offer
+                "reasons": ["no order for 74 days", "last NPS 2 of 10"],
             },
         }
         assert request.headers["webhook-id"] == delivery["delivery_id"]

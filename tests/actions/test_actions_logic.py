@@ -154,8 +154,11 @@ def test_webhook_body_carries_the_offer_and_not_the_tenant() -> None:
         "churn_probability": 0.9,
         "band": "high",
         "model_version": "m-1",
+        "reasons": [],
     }
     assert "tenant-secret-name" not in offer_payload(_offer())
+    with_reasons = json.loads(offer_payload(_offer(), ["2 complaints in the last 90 days"]))
+    assert with_reasons["data"]["reasons"] == ["2 complaints in the last 90 days"]
 
 
 def test_signed_headers_verify_with_standardwebhooks_and_use_the_wall_clock() -> None:

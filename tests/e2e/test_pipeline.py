@@ -93,7 +93,7 @@ def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
     }
     # A model trained on simulated history, registered in scoring's registry before it starts.
     scoring_ops.simulate(database_url, "sim", 1500, 11, None, None)
-    scoring_ops.train(database_url, "sim", 90, True)
+    scoring_ops.train(database_url, "sim", 90, True, reports_dir=tmp_path / "reports")
     _tenant_id, api_key = gateway_ops.create_tenant(database_url, "e2e-shop")
 
     subprocess.run([sys.executable, "-m", "services.cli", "topics"], env=env, check=True, capture_output=True)

@@ -70,6 +70,7 @@ def scoring_settings(kafka_settings: KafkaSettings, database_url: str) -> Scorin
         internal=InternalAuthSettings(internal_token=TOKEN),
         group_id=f"scoring-{uuid.uuid4().hex[:8]}",  # each test its own consumer group
         model_refresh_s=0.2,
+        model_admin_tenants=["acme"],
     )
 
 

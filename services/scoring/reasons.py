@@ -1,0 +1,275 @@
+"""Why a score is high: the top contributing features, from the model, in plain language.
+
+Method (model-agnostic: works for any estimator with `predict_proba`): for every scored row
+and every feature, the feature's value is replaced by a reference value (a "typical
+customer") and the row re-scored; the drop in churn probability is that feature's
+contribution. All (rows x features) perturbed copies are scored in ONE predict_proba call
+per batch. Only features whose actual value pushes the risk UP (by at least
+`MIN_CONTRIBUTION`) can be reasons; the strongest three are rendered with one template per
+feature, which states the customer's actual value ("no order for 74 days").
+
+The reference: the model registry does not store training medians (yet), so
+`TYPICAL_CUSTOMER` is a fixed per-feature reference, the rounded medians of the training
+examples built from simulated history (`simulate_history(1500, seed=11)`, 90-day horizon).
+
+Related features are worded once: within a `GROUPS` entry only the strongest member may
+become a reason (so "no order for 74 days" is not followed by "no order in the last 90 days").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from services.scoring import metrics
+from services.scoring.features import FEATURE_NAMES, NO_CONTRACT_END_DAYS, feature_vector
+from services.scoring.model import single_threaded
+
+MAX_REASONS = 3
+MIN_CONTRIBUTION = 0.005
+"""A feature must raise the churn probability by at least this much (absolute) to be a reason."""
+
+TYPICAL_CUSTOMER: dict[str, float] = {
+    "days_since_last_activity": 7.0,
+    "days_since_last_order": 14.0,
+    "orders_30d": 1.0,
+    "orders_90d": 4.0,
+    "orders_365d": 9.0,
+    "spend_90d": 190.0,
+    "spend_365d": 480.0,
+    "order_trend": 0.0,
+    "refunds_365d": 0.0,
+    "complaints_90d": 0.0,
+    "tickets_open": 0.0,
+    "last_nps": 7.0,
+    "has_nps": 1.0,
+    "sessions_30d": 0.0,
+    "has_contract": 1.0,
+    "days_to_contract_end": 350.0,
+    "contract_auto_renew": 0.0,
+    "cancellation_notice_given": 0.0,
+    "tenure_days": 410.0,
+}
+"""The reference each feature is replaced with (rounded training medians, see the module doc)."""
+
+GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"days_since_last_order", "orders_30d", "orders_90d"}),
+    frozenset({"orders_365d", "spend_90d", "spend_365d"}),
+    frozenset({"last_nps", "has_nps"}),
+    frozenset({"has_contract", "days_to_contract_end", "contract_auto_renew"}),
+)
+
+
+# --- plain language ---------------------------------------------------------------------
+
+
+def plural(count: int, singular: str, many: str | None = None) -> str:
+    """`1 complaint`, `2 complaints`, `0 complaints`."""
+    return f"{count} {singular if count == 1 else (many or singular + 's')}"
+
+
+def _int(value: float) -> int:
+    """Counts and days as people say them: 73.6 days -> 74 (half up, not banker's rounding)."""
+    return int(math.floor(value + 0.5))
+
+
+def _days(value: float) -> str:
+    return plural(max(0, _int(value)), "day")
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}".rstrip("0").rstrip(".")
+
+
+def _no_order_for(f: Mapping[str, float]) -> str:
+    return f"no order for {_days(f['days_since_last_order'])}"
+
+
+def _orders_in(window: str, feature: str) -> Callable[[Mapping[str, float]], str]:
+    def render(f: Mapping[str, float]) -> str:
+        count = _int(f[feature])
+        return f"no order in the last {window}" if count == 0 else f"only {plural(count, 'order')} in the last {window}"
+    return render
+
+
+def _spend_in(window: str, feature: str) -> Callable[[Mapping[str, float]], str]:
+    def render(f: Mapping[str, float]) -> str:
+        value = f[feature]
+        return f"no spend in the last {window}" if value <= 0 else f"spent only {_amount(value)} in the last {window}"
+    return render
+
+
+def _order_trend(f: Mapping[str, float]) -> str | None:
+    trend = f["order_trend"]
+    if trend <= -1.0:
+        return "no order in the last 90 days after ordering in the 90 before"
+    if trend >= 1.0:
+        return None  # orders only recently: "up from nothing" is no reason to leave
+    # trend = (recent - previous) / (recent + previous)  =>  recent / previous = (1 + t) / (1 - t)
+    change = _int(abs(2 * trend / (1 - trend)) * 100)
+    if change == 0:
+        return "orders flat on the previous 90 days"
+    return f"orders {'down' if trend < 0 else 'up'} {change}% on the previous 90 days"
+
+
+def _count(feature: str, singular: str, suffix: str = "") -> Callable[[Mapping[str, float]], str | None]:
+    def render(f: Mapping[str, float]) -> str | None:
+        count = _int(f[feature])
+        return f"{plural(count, singular)}{suffix}" if count > 0 else None
+    return render
+
+
+def _last_nps(f: Mapping[str, float]) -> str | None:
+    return f"last NPS {_int(f['last_nps'])} of 10" if f.get("has_nps", 1.0) >= 0.5 else None
+
+
+def _has_nps(f: Mapping[str, float]) -> str | None:
+    return "never answered an NPS survey" if f["has_nps"] < 0.5 else None
+
+
+def _sessions(f: Mapping[str, float]) -> str:
+    count = _int(f["sessions_30d"])
+    return "no session in the last 30 days" if count == 0 else f"only {plural(count, 'session')} in the last 30 days"
+
+
+def _has_contract(f: Mapping[str, float]) -> str | None:
+    return "no subscription contract" if f["has_contract"] < 0.5 else None
+
+
+def _contract_end(f: Mapping[str, float]) -> str | None:
+    days = f["days_to_contract_end"]
+    if f.get("has_contract", 1.0) < 0.5 or days >= NO_CONTRACT_END_DAYS:
+        return None
+    renew = "" if f.get("contract_auto_renew", 0.0) >= 0.5 else " without auto-renewal"
+    whole = _int(days)
+    if whole < 0:
+        return f"contract ended {_days(-days)} ago"
+    if whole == 0:
+        return f"contract ends today{renew}"
+    return f"contract ends in {_days(days)}{renew}"
+
+
+def _auto_renew(f: Mapping[str, float]) -> str | None:
+    if f.get("has_contract", 1.0) < 0.5 or f["contract_auto_renew"] >= 0.5:
+        return None
+    return "contract does not renew automatically"
+
+
+def _notice(f: Mapping[str, float]) -> str | None:
+    return "cancellation notice given" if f["cancellation_notice_given"] >= 0.5 else None
+
+
+def _tenure(f: Mapping[str, float]) -> str:
+    days = max(0.0, f["tenure_days"])
+    if days < 90:
+        return f"customer for only {_days(days)}"
+    if days < 730:
+        return f"customer for {plural(_int(days / 30.44), 'month')}"
+    return f"customer for {plural(_int(days / 365.25), 'year')}"
+
+
+TEMPLATES: dict[str, Callable[[Mapping[str, float]], str | None]] = {
+    "days_since_last_activity": lambda f: f"no activity for {_days(f['days_since_last_activity'])}",
+    "days_since_last_order": _no_order_for,
+    "orders_30d": _orders_in("30 days", "orders_30d"),
+    "orders_90d": _orders_in("90 days", "orders_90d"),
+    "orders_365d": _orders_in("12 months", "orders_365d"),
+    "spend_90d": _spend_in("90 days", "spend_90d"),
+    "spend_365d": _spend_in("12 months", "spend_365d"),
+    "order_trend": _order_trend,
+    "refunds_365d": _count("refunds_365d", "refund", " in the last 12 months"),
+    "complaints_90d": _count("complaints_90d", "complaint", " in the last 90 days"),
+    "tickets_open": _count("tickets_open", "unresolved support ticket"),
+    "last_nps": _last_nps,
+    "has_nps": _has_nps,
+    "sessions_30d": _sessions,
+    "has_contract": _has_contract,
+    "days_to_contract_end": _contract_end,
+    "contract_auto_renew": _auto_renew,
+    "cancellation_notice_given": _notice,
+    "tenure_days": _tenure,
+}
+"""One template per feature; it renders the customer's actual value, or None when the value
+cannot be stated as a reason (e.g. an NPS the customer never gave)."""
+
+assert set(TEMPLATES) == set(FEATURE_NAMES) == set(TYPICAL_CUSTOMER), "a feature lacks a template or reference"
+
+
+def render(feature: str, features: Mapping[str, float]) -> str | None:
+    return TEMPLATES[feature](features)
+
+
+# --- contributions from the model -------------------------------------------------------
+
+
+def contributions(
+    estimator: Any, feature_names: Sequence[str], rows: Sequence[Mapping[str, float]],
+    reference: Mapping[str, float] = TYPICAL_CUSTOMER,
+    probabilities: Sequence[float] | None = None,
+) -> np.ndarray:
+    """(rows x features): how much each feature's actual value raises the churn probability
+    over the same row with that feature set to its reference (negative = it lowers it).
+    One predict_proba call over all perturbed copies (plus the rows themselves when
+    `probabilities` is not given)."""
+    n, m = len(rows), len(feature_names)
+    if n == 0:
+        return np.zeros((0, m))
+    X = np.array([feature_vector(row, feature_names) for row in rows], dtype=float)
+    ref = np.array([float(reference[name]) for name in feature_names], dtype=float)
+    perturbed = np.repeat(X[:, None, :], m, axis=1)  # (n, m, m): copy j of row i has feature j at its reference
+    diagonal = np.arange(m)
+    perturbed[:, diagonal, diagonal] = ref
+    stacked = perturbed.reshape(n * m, m)
+    if probabilities is None:
+        stacked = np.vstack([stacked, X])
+    with single_threaded():  # as Predictor.predict: OpenMP (HistGradientBoosting) on one thread
+        scored = estimator.predict_proba(stacked)[:, 1]
+    base = np.asarray(probabilities, dtype=float) if probabilities is not None else scored[n * m:]
+    return base[:, None] - scored[: n * m].reshape(n, m)
+
+
+def top_reasons(
+    features: Mapping[str, float], feature_names: Sequence[str], row_contributions: Sequence[float],
+    limit: int = MAX_REASONS, min_contribution: float = MIN_CONTRIBUTION,
+) -> list[tuple[str, float, str]]:
+    """(feature, contribution, text) of the strongest risk-raising features, most important
+    first, one per GROUPS entry, only those a template can state."""
+    chosen: list[tuple[str, float, str]] = []
+    used: set[str] = set()
+    order = sorted(range(len(feature_names)), key=lambda j: (-row_contributions[j], feature_names[j]))
+    for j in order:
+        weight = float(row_contributions[j])
+        if weight < min_contribution or len(chosen) >= limit:
+            break
+        name = feature_names[j]
+        if name in used:
+            continue
+        text = render(name, features)
+        if text is None:
+            continue
+        chosen.append((name, weight, text))
+        used.update(next((g for g in GROUPS if name in g), {name}))
+    return chosen
+
+
+def explain(
+    estimator: Any, feature_names: Sequence[str], rows: Sequence[Mapping[str, float]],
+    probabilities: Sequence[float] | None = None, reference: Mapping[str, float] = TYPICAL_CUSTOMER,
+) -> list[list[str]]:
+    """Plain-language reasons per row (at most MAX_REASONS, possibly none), for a batch.
+    CPU-bound: call it off the event loop, as the scoring itself. Observes
+    churnguard_scoring_explain_seconds once per batch."""
+    started = time.perf_counter()
+    try:
+        weights = contributions(estimator, feature_names, rows, reference, probabilities)
+        return [
+            [text for _, _, text in top_reasons(row, feature_names, weights[i])]
+            for i, row in enumerate(rows)
+        ]
+    finally:
+        if rows:
+            metrics.EXPLAIN_SECONDS.observe(time.perf_counter() - started)

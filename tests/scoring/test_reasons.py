@@ -1,0 +1,300 @@
+"""Reasons: plain-language templates, contributions from the model (any model), and the reasons
+travelling with the score through the consumer, the score API and churn-scores."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from services.scoring import reasons
+from services.scoring.app import create_app
+from services.scoring.config import ScoringSettings
+from services.scoring.features import FEATURE_NAMES, compute_features
+from services.scoring.model import Predictor, TrainedModel
+from services.scoring.reasons import TYPICAL_CUSTOMER, contributions, explain, render, top_reasons
+from services.scoring.service import score_id_for
+from shared.clock import ManualClock
+from shared.events import ScoreRecord
+from shared.kafka import Publisher
+from shared.settings import KafkaSettings
+from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS
+
+from .conftest import event_record, headers, read_topic, register, simulated_histories, wait_until
+
+NOW = datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
+
+
+def _features(**values: float) -> dict[str, float]:
+    return {**TYPICAL_CUSTOMER, **values}
+
+
+# --- templates ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("feature", "values", "expected"), [
+    ("days_since_last_order", {"days_since_last_order": 73.6}, "no order for 74 days"),
+    ("days_since_last_order", {"days_since_last_order": 1.2}, "no order for 1 day"),
+    ("days_since_last_activity", {"days_since_last_activity": 30.0}, "no activity for 30 days"),
+    ("orders_30d", {"orders_30d": 0.0}, "no order in the last 30 days"),
+    ("orders_90d", {"orders_90d": 1.0}, "only 1 order in the last 90 days"),
+    ("orders_365d", {"orders_365d": 2.0}, "only 2 orders in the last 12 months"),
+    ("spend_90d", {"spend_90d": 0.0}, "no spend in the last 90 days"),
+    ("spend_90d", {"spend_90d": 12.5}, "spent only 12.5 in the last 90 days"),
+    ("spend_365d", {"spend_365d": 1234.56}, "spent only 1,235 in the last 12 months"),
+    ("order_trend", {"order_trend": -3 / 7}, "orders down 60% on the previous 90 days"),
+    ("order_trend", {"order_trend": -1.0}, "no order in the last 90 days after ordering in the 90 before"),
+    ("order_trend", {"order_trend": 1.0}, None),
+    ("refunds_365d", {"refunds_365d": 1.0}, "1 refund in the last 12 months"),
+    ("complaints_90d", {"complaints_90d": 3.0}, "3 complaints in the last 90 days"),
+    ("complaints_90d", {"complaints_90d": 1.0}, "1 complaint in the last 90 days"),
+    ("complaints_90d", {"complaints_90d": 0.0}, None),
+    ("tickets_open", {"tickets_open": 2.0}, "2 unresolved support tickets"),
+    ("tickets_open", {"tickets_open": 1.0}, "1 unresolved support ticket"),
+    ("last_nps", {"last_nps": 2.0, "has_nps": 1.0}, "last NPS 2 of 10"),
+    ("last_nps", {"last_nps": 7.0, "has_nps": 0.0}, None),  # the neutral stand-in, never given
+    ("has_nps", {"has_nps": 0.0}, "never answered an NPS survey"),
+    ("has_nps", {"has_nps": 1.0}, None),
+    ("sessions_30d", {"sessions_30d": 0.0}, "no session in the last 30 days"),
+    ("sessions_30d", {"sessions_30d": 1.0}, "only 1 session in the last 30 days"),
+    ("has_contract", {"has_contract": 0.0}, "no subscription contract"),
+    ("days_to_contract_end", {"days_to_contract_end": 12.0, "contract_auto_renew": 0.0},
+     "contract ends in 12 days without auto-renewal"),
+    ("days_to_contract_end", {"days_to_contract_end": 1.0, "contract_auto_renew": 1.0}, "contract ends in 1 day"),
+    ("days_to_contract_end", {"days_to_contract_end": 0.0, "contract_auto_renew": 0.0},
+     "contract ends today without auto-renewal"),
+    ("days_to_contract_end", {"days_to_contract_end": -5.0}, "contract ended 5 days ago"),
+    ("days_to_contract_end", {"days_to_contract_end": 3650.0, "has_contract": 0.0}, None),
+    ("contract_auto_renew", {"contract_auto_renew": 0.0}, "contract does not renew automatically"),
+    ("contract_auto_renew", {"contract_auto_renew": 0.0, "has_contract": 0.0}, None),
+    ("cancellation_notice_given", {"cancellation_notice_given": 1.0}, "cancellation notice given"),
+    ("cancellation_notice_given", {"cancellation_notice_given": 0.0}, None),
+    ("tenure_days", {"tenure_days": 20.0}, "customer for only 20 days"),
+    ("tenure_days", {"tenure_days": 31.0 * 6}, "customer for 6 months"),
+    ("tenure_days", {"tenure_days": 365.25 * 3}, "customer for 3 years"),
+])
+def test_templates_render_the_actual_value(feature: str, values: dict[str, float], expected: str | None) -> None:
+    assert render(feature, _features(**values)) == expected
+
+
+def test_every_feature_has_a_template_and_a_reference() -> None:
+    assert set(reasons.TEMPLATES) == set(FEATURE_NAMES) == set(TYPICAL_CUSTOMER)
+
+
+def test_top_reasons_rank_keep_only_risk_raising_and_word_related_features_once() -> None:
+    names = ("days_since_last_order", "orders_90d", "complaints_90d", "last_nps", "tenure_days", "has_nps")
+    row = _features(days_since_last_order=74.0, orders_90d=0.0, complaints_90d=2.0, last_nps=2.0, has_nps=1.0)
+    weights = [0.20, 0.15, 0.10, 0.30, -0.05, 0.004]
+    # orders_90d is in the same group as days_since_last_order; tenure lowers the risk; has_nps is below the floor
+    assert top_reasons(row, names, weights) == [
+        ("last_nps", 0.30, "last NPS 2 of 10"),
+        ("days_since_last_order", 0.20, "no order for 74 days"),
+        ("complaints_90d", 0.10, "2 complaints in the last 90 days"),
+    ]
+    assert [f for f, _, _ in top_reasons(row, names, weights, limit=5)] == [
+        "last_nps", "days_since_last_order", "complaints_90d",
+    ]
+    assert top_reasons(row, names, [-0.1, 0.0, 0.001, -0.2, 0.0, 0.0]) == []
+    # a member whose value cannot be stated (NPS never given) leaves the group to the next member
+    silent = _features(has_nps=0.0, last_nps=7.0)
+    assert top_reasons(silent, ("last_nps", "has_nps"), [0.2, 0.1]) == [
+        ("has_nps", 0.1, "never answered an NPS survey"),
+    ]
+
+
+# --- from the model ----------------------------------------------------------------------
+
+
+_ids = itertools.count()
+
+
+def _history(kind: str, days_ago: float, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": f"e{next(_ids)}", "type": kind, "customer_id": "x",
+            "occurred_at": (NOW - timedelta(days=days_ago)).isoformat(), "data": data or {}}
+
+
+def _contract(days_ago: float, ends_in: int, auto_renew: bool) -> dict[str, Any]:
+    return _history("subscription.started", days_ago, {
+        "contract_id": "k-1", "plan": "basic", "price": "9.90", "currency": "EUR",
+        "start_date": (NOW - timedelta(days=days_ago)).date().isoformat(),
+        "end_date": (NOW + timedelta(days=ends_in)).date().isoformat(), "auto_renew": auto_renew,
+    })
+
+
+def _order(days_ago: float, amount: str = "30.00") -> dict[str, Any]:
+    return _history("order.completed", days_ago, {"order_id": f"o-{days_ago}", "amount": amount, "currency": "EUR"})
+
+
+def at_risk_customer() -> dict[str, float]:
+    """Complaints, an open ticket, a low NPS, a contract ending soon, no order for 74 days."""
+    return compute_features([
+        _history("customer.profile_updated", 500, {"signed_up_at": (NOW - timedelta(days=500)).isoformat()}),
+        _contract(350, ends_in=12, auto_renew=False),
+        _order(150), _order(74),
+        _history("support.complaint", 20), _history("support.complaint", 10),
+        _history("support.ticket_opened", 9, {"ticket_id": "t-1"}),
+        _history("feedback.nps", 5, {"score": 2}),
+    ], NOW)
+
+
+def loyal_customer() -> dict[str, float]:
+    """Orders every 12 days, NPS 10, an auto-renewing contract, customer for 800 days."""
+    return compute_features([
+        _history("customer.profile_updated", 800, {"signed_up_at": (NOW - timedelta(days=800)).isoformat()}),
+        _contract(300, ends_in=300, auto_renew=True),
+        *(_order(days, "60.00") for days in range(2, 360, 12)),
+        _history("feedback.nps", 30, {"score": 10}),
+        _history("session.recorded", 3),
+    ], NOW)
+
+
+RISK_TEXTS = ("complaint", "NPS", "no order", "order in the last", "contract ends", "unresolved support ticket")
+
+
+def test_the_trained_model_names_what_makes_a_customer_risky_and_nothing_for_a_loyal_one(
+    trained_model: TrainedModel,
+) -> None:
+    estimator, names = trained_model.estimator, trained_model.report.feature_names
+    risky, loyal = at_risk_customer(), loyal_customer()
+    predictor = Predictor("v", names, estimator, 0.8)
+    p_risky, p_loyal = predictor.predict([risky, loyal])
+    assert p_risky > 5 * p_loyal
+
+    risky_reasons, loyal_reasons = explain(estimator, names, [risky, loyal], [p_risky, p_loyal])
+    assert 2 <= len(risky_reasons) <= 3
+    assert all(any(word in text for word in RISK_TEXTS) for text in risky_reasons), risky_reasons
+    assert "2 complaints in the last 90 days" in risky_reasons
+    assert "last NPS 2 of 10" in risky_reasons
+
+    weights = contributions(estimator, names, [risky, loyal])
+    # the loyal customer: nothing raises the risk noticeably, so no (or only low-weight) reasons
+    assert weights[1].max() < 0.02
+    assert len(loyal_reasons) <= 1
+    # the reasons are the strongest risk-raising contributions, most important first
+    ranked = [f for f, _, _ in top_reasons(risky, names, weights[0])]
+    assert [render(f, risky) for f in ranked] == risky_reasons
+    ranked_weights = [weights[0][names.index(f)] for f in ranked]
+    assert ranked_weights == sorted(ranked_weights, reverse=True)
+
+
+class _Counting:
+    """Any estimator: records the shape of each predict_proba call."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[tuple[int, ...]] = []
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        self.calls.append(X.shape)
+        return self.inner.predict_proba(X)
+
+
+def test_one_predict_proba_per_batch_over_rows_times_features(trained_model: TrainedModel) -> None:
+    names = trained_model.report.feature_names
+    rows = [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
+    counting = _Counting(trained_model.estimator)
+    before = REGISTRY.get_sample_value("churnguard_scoring_explain_seconds_count") or 0.0
+    probabilities = Predictor("v", names, trained_model.estimator, 0.8).predict(rows)
+    out = explain(counting, names, rows, probabilities)
+    assert counting.calls == [(len(rows) * len(names), len(names))]
+    assert REGISTRY.get_sample_value("churnguard_scoring_explain_seconds_count") == before + 1
+    assert out[2] == []  # the reference customer itself: nothing differs, nothing to explain
+    assert explain(counting, names, []) == []
+
+
+def _dropping(feature_names: Sequence[str], dropped: Sequence[str], final: Any) -> Pipeline:
+    """A model that never looks at `dropped` (the columns are removed before the estimator)."""
+    drop = [feature_names.index(name) for name in dropped]
+    return Pipeline([
+        ("select", ColumnTransformer([("drop", "drop", drop)], remainder="passthrough")),
+        ("scale", StandardScaler()),
+        ("model", final),
+    ])
+
+
+@pytest.mark.parametrize("final", [
+    LogisticRegression(max_iter=2000),
+    HistGradientBoostingClassifier(max_iter=30, random_state=0),
+], ids=["logistic", "gradient-boosting"])
+def test_a_feature_without_influence_is_never_a_reason(final: Any) -> None:
+    """Works for any model; the reasons follow the model, not hand-written rules: customers
+    with complaints and a low NPS are not told so by a model that ignores both."""
+    as_of = datetime(2026, 6, 1, tzinfo=timezone.utc)
+    rows = [compute_features(events, as_of) for events in simulated_histories(300, seed=5, end=as_of).values()]
+    X = np.array([[row[name] for name in FEATURE_NAMES] for row in rows])
+    y = X[:, FEATURE_NAMES.index("tickets_open")] >= 1  # the only signal in this world
+    assert 20 < y.sum() < len(y) - 20
+    ignored = ("complaints_90d", "last_nps", "has_nps")
+    model = _dropping(FEATURE_NAMES, ignored, final).fit(X, y.astype(int))
+
+    batch = [*rows, at_risk_customer()]
+    weights = contributions(model, FEATURE_NAMES, batch)
+    assert np.all(weights[:, [FEATURE_NAMES.index(name) for name in ignored]] == 0.0)
+    explained = explain(model, FEATURE_NAMES, batch)
+    texts = [text for row in explained for text in row]
+    assert texts, "the model's own signals must show up as reasons"
+    assert not any("complaint" in text or "NPS" in text for text in texts)
+    assert any("unresolved support ticket" in text for text in explained[-1]), explained[-1]
+
+
+# --- through the consumer, the API and churn-scores -------------------------------------
+
+
+async def test_reasons_are_stored_served_and_published_with_the_score(
+    scoring_settings: ScoringSettings, kafka_settings: KafkaSettings, database_url: str, trained_model: TrainedModel
+) -> None:
+    register(database_url, trained_model)
+    at = NOW - timedelta(days=1)
+    records = [
+        event_record("c-risk", "subscription.started", NOW - timedelta(days=350), {
+            "contract_id": "k-1", "plan": "basic", "price": "9.90", "currency": "EUR",
+            "start_date": (NOW - timedelta(days=350)).date().isoformat(),
+            "end_date": (NOW + timedelta(days=12)).date().isoformat(), "auto_renew": False,
+        }),
+        event_record("c-risk", "order.completed", NOW - timedelta(days=74),
+                     {"order_id": "o1", "amount": "30.00", "currency": "EUR"}),
+        event_record("c-risk", "support.complaint", NOW - timedelta(days=20), {"severity": "high"}),
+        event_record("c-risk", "support.complaint", NOW - timedelta(days=10), {"severity": "medium"}),
+        event_record("c-risk", "feedback.nps", at, {"score": 2}),
+    ]
+    explained_before = REGISTRY.get_sample_value("churnguard_scoring_explain_seconds_count") or 0.0
+    with TestClient(create_app(scoring_settings, ManualClock(NOW))) as client:
+        publisher = Publisher(kafka_settings, "test-ingest")
+        try:
+            await publisher.publish_many(CUSTOMER_EVENTS, [(r.key, r.model_dump_json().encode()) for r in records])
+        finally:
+            await publisher.close()
+
+        def scored_with_everything() -> dict | None:
+            response = client.get("/v1/customers/c-risk/score", headers=headers())
+            body = response.json() if response.status_code == 200 else None
+            complete = body and body["features"]["complaints_90d"] == 2.0 and body["features"]["has_nps"] == 1.0
+            return body if complete else None
+
+        body = wait_until(scored_with_everything, what="c-risk scored with all its events")
+        assert body["reasons"], body
+        assert len(body["reasons"]) <= 3
+        assert "2 complaints in the last 90 days" in body["reasons"]
+        assert "last NPS 2 of 10" in body["reasons"]
+        assert (REGISTRY.get_sample_value("churnguard_scoring_explain_seconds_count") or 0.0) > explained_before
+        assert "churnguard_scoring_explain_seconds_bucket" in client.get("/metrics").text
+
+    wanted = score_id_for("acme", body["event_id"])
+    published = await read_topic(
+        kafka_settings, CHURN_SCORES,
+        until=lambda rs: any(ScoreRecord.model_validate_json(r.value).score_id == wanted for r in rs),
+    )
+    record = next(s for s in (ScoreRecord.model_validate_json(r.value) for r in published) if s.score_id == wanted)
+    assert record.reasons == body["reasons"]
+    assert record.probability == body["probability"]
