@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 
 from services.gateway.manage import create_tenant
+from bench.common import replace_generated_block
 from shared.broker import free_port, start_broker
 from shared.events import EventRecord, parse_event
 from shared.kafka import ensure_topics, producer_options
@@ -604,14 +605,7 @@ def doc_block(results: dict[str, Any]) -> str:
 
 
 def write_doc(results: dict[str, Any]) -> None:
-    block = doc_block(results)
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{DOC_START}\n{DOC_END}\n"
-    if DOC_START in text and DOC_END in text:
-        head, rest = text.split(DOC_START, 1)
-        text = head + block + rest.split(DOC_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    replace_generated_block(DOC, DOC_START, DOC_END, doc_block(results))
 
 
 # --- main -------------------------------------------------------------------------------

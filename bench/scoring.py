@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from bench.common import replace_generated_block
 from bench.ingest import cpu_seconds, finite, machine, percentile
 from shared.broker import free_port, start_broker
 from shared.events import EventRecord, parse_event
@@ -404,13 +405,8 @@ def write_doc(results: dict[str, Any]) -> None:
         tables(results),
         DOC_END,
     ])
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if DOC_START in text and DOC_END in text:
-        head, rest = text.split(DOC_START, 1)
-        text = head + block + rest.split(DOC_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Scoring\n\n`make bench` also runs `bench/scoring.py` (see its docstring).\n\n" + block + "\n"
-    DOC.write_text(text)
+    replace_generated_block(DOC, DOC_START, DOC_END, block, intro_if_new=(
+        "## Scoring\n\n`make bench` also runs `bench/scoring.py` (see its docstring).\n\n"))
 
 
 # --- main ---------------------------------------------------------------------------------

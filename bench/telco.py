@@ -53,6 +53,7 @@ from services.scoring.datasets import telco
 from services.scoring.features import FEATURE_NAMES
 from services.scoring.model import InsufficientData
 from services.scoring.tables import TABLES
+from bench.common import replace_generated_block
 from shared.broker import free_port, start_broker
 from shared.db import create_tables, make_engine, session_scope
 from shared.kafka import ensure_topics
@@ -403,14 +404,7 @@ def doc_block(results: dict[str, Any]) -> str:
 
 
 def write_doc(results: dict[str, Any]) -> None:
-    block = doc_block(results)
-    text = DOC.read_text() if DOC.exists() else f"# The churn model\n\n{DOC_START}\n{DOC_END}\n"
-    if DOC_START in text and DOC_END in text:
-        head, rest = text.split(DOC_START, 1)
-        text = head + block + rest.split(DOC_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    replace_generated_block(DOC, DOC_START, DOC_END, doc_block(results))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,17 @@
+"""What every benchmark script shares: rewriting its generated block in a doc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def replace_generated_block(doc: Path, start: str, end: str, block: str, intro_if_new: str = "") -> None:
+    """Put `block` (which begins with `start` and ends with `end`) in place of the text between
+    those markers in `doc`; append it (after `intro_if_new`) when the markers are not there yet."""
+    text = doc.read_text() if doc.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + intro_if_new + block + "\n"
+    doc.write_text(text)
