@@ -35,6 +35,21 @@ def wait_until(
         time.sleep(interval_s)
 
 
+async def async_wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition", interval_s: float = 0.02
+) -> Any:
+    """wait_until for tests running on the event loop: polls without blocking it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
+
+
 async def read_topic(
     settings: KafkaSettings,
     topic: str,

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import Any
 
 
 
 from shared.events import ScoreRecord
 from shared.settings import KafkaSettings
 from tests.helpers import INTERNAL_TOKEN, read_topic
+from tests.helpers import async_wait_until as wait_until  # noqa: F401  (re-exported for the actions tests)
 
 TOKEN = INTERNAL_TOKEN
 TENANT = "tenant-a"
 OTHER_TENANT = "tenant-b"
 START = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
 
-T = TypeVar("T")
 
 
 def headers(tenant: str = TENANT, token: str | None = TOKEN) -> dict[str, str]:
@@ -50,21 +48,6 @@ def make_score(
         scored_at=START,
         reasons=reasons or [],
     )
-
-
-async def wait_until(
-    predicate: Callable[[], T], timeout_s: float = 15.0, what: str = "condition"
-) -> T:
-    """Poll until the predicate returns something truthy (returned), or fail at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s}s")
-        await asyncio.sleep(0.02)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from shared.kafka import (
     BrokerUnavailable,
@@ -22,6 +20,7 @@ from shared.kafka import (
 from shared.dead_letters import list_dead_letters, replay_dead_letters
 from shared.settings import KafkaSettings
 from shared.topics import CUSTOMER_EVENTS, dead_letter
+from tests.helpers import async_wait_until as wait_until
 from tests.helpers import read_topic
 
 
@@ -38,14 +37,6 @@ async def test_producer_waits_for_all_replicas_and_consumer_never_autocommits() 
 def test_acks_cannot_be_weakened_by_configuration() -> None:
     with pytest.raises(ValueError):
         KafkaSettings(acks="1")
-
-
-async def wait_until(predicate, timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.02)
 
 
 async def test_consume_loop_handles_good_records_and_dead_letters_poison(kafka_settings: KafkaSettings) -> None:
@@ -75,21 +66,9 @@ async def test_consume_loop_handles_good_records_and_dead_letters_poison(kafka_s
         await loop.stop()
         await publisher.close()
 
-    dlq = AIOKafkaConsumer(
-        kafka_settings.topic(dead_letter(CUSTOMER_EVENTS)), bootstrap_servers=kafka_settings.bootstrap_servers,
-        group_id="dlq-reader", auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
-    )
-    await dlq.start()
-    try:
-        records = []
-        deadline = asyncio.get_running_loop().time() + 10
-        while len(records) < 2 and asyncio.get_running_loop().time() < deadline:
-            for batch in (await dlq.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        reasons = sorted(dict(r.headers)["reason"].decode().split(":")[0] for r in records)
-        assert reasons == ["undecodable", "unprocessable"]
-    finally:
-        await dlq.stop()
+    records = await read_topic(kafka_settings, dead_letter(CUSTOMER_EVENTS), 2, timeout_s=10)
+    reasons = sorted(dict(r.headers)["reason"].decode().split(":")[0] for r in records)
+    assert reasons == ["undecodable", "unprocessable"]
 
 
 async def test_publisher_reports_unreachable_broker_quickly() -> None:
