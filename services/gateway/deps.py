@@ -36,7 +36,7 @@ class GatewayState:
     openapi: MergedOpenApi
 
 
-def _state(request: Request) -> GatewayState:
+async def _state(request: Request) -> GatewayState:
     return request.app.state.gateway
 
 

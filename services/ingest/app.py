@@ -12,7 +12,8 @@ from fastapi.openapi.utils import get_openapi
 
 from services.ingest.config import IngestSettings
 from services.ingest.routes import router
-from services.ingest.service import IdRecorder, IngestService
+from services.ingest.ledger import EventIdLedger
+from services.ingest.service import IngestService
 from services.ingest.sources.routes import router as sources_router
 from services.ingest.sources.service import SourceService
 from services.ingest.tables import TABLES
@@ -31,13 +32,13 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings.kafka, client_id="ingest", send_timeout_s=settings.publish_timeout_s)
         engine = make_engine(settings.database.url_for("ingest"), echo=settings.database.database_echo)
-        recorder: IdRecorder | None = None
+        ledger: EventIdLedger | None = None
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             app.state.settings = settings
-            recorder = IdRecorder(engine)
-            recorder.start()
-            app.state.service = IngestService(publisher, clock, engine, recorder)
+            ledger = EventIdLedger(engine)
+            ledger.start()
+            app.state.service = IngestService(publisher, clock, ledger)
             app.state.sources = SourceService(engine, clock)
             # Ready = the broker takes events. The id table only sharpens the "duplicate" answer
             # (events are still deduplicated where they are stored), so it is reported, not gating.
@@ -45,8 +46,8 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
             app.state.diagnostics = {"database": lambda: asyncio.to_thread(ping, engine)}
             yield
         finally:
-            if recorder is not None:
-                await recorder.stop()
+            if ledger is not None:
+                await ledger.stop()
             await publisher.close()
             engine.dispose()
 

@@ -8,11 +8,11 @@ from services.ingest.config import IngestSettings
 from services.ingest.service import IngestService
 
 
-def _service(request: Request) -> IngestService:
+async def _service(request: Request) -> IngestService:
     return request.app.state.service
 
 
-def _settings(request: Request) -> IngestSettings:
+async def _settings(request: Request) -> IngestSettings:
     return request.app.state.settings
 
 

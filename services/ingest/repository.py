@@ -2,35 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Connection, Dialect, delete, select
 from sqlmodel import Session
 
 from services.ingest.tables import IngestEventId, IngestSourceOrder, IngestSourceSecret
 from shared.db import dialect_insert
 
-
-def known_ids(session: Session, tenant_id: str, event_ids: Sequence[str]) -> set[str]:
-    if not event_ids:
-        return set()
-    statement = select(IngestEventId.event_id).where(
-        IngestEventId.tenant_id == tenant_id, IngestEventId.event_id.in_(event_ids)  # type: ignore[attr-defined]
-    )
-    return set(session.execute(statement).scalars())
+SQLITE_CHUNK = 900  # well under SQLite's bound-parameter limit on every build
 
 
-def record_ids(session: Session, tenant_id: str, events: Iterable[tuple[str, str, datetime]]) -> None:
-    """Insert-if-absent: two concurrent sends of one id both end here harmlessly.
-    events: (event_id, type, received_at)."""
-    rows = [{"tenant_id": tenant_id, "event_id": event_id, "type": type_, "received_at": received_at}
-            for event_id, type_, received_at in events]
-    if rows:
-        statement = dialect_insert(session, IngestEventId.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
-            index_elements=["tenant_id", "event_id"]
-        )
-        session.execute(statement, rows)
+def known_ids(connection: Connection, tenant_id: str, event_ids: Collection[str]) -> set[str]:
+    """Driver-level, like IdWriter: SQLAlchemy's expansion of a large IN list cost more than the
+    query. PostgreSQL takes the ids as one array; SQLite in chunks under its parameter limit."""
+    table = IngestEventId.__table__.name  # type: ignore[attr-defined]
+    ids = list(event_ids)
+    if connection.dialect.paramstyle != "qmark":
+        sql = f"SELECT event_id FROM {table} WHERE tenant_id = %s AND event_id = ANY(%s)"
+        return {row[0] for row in connection.exec_driver_sql(sql, (tenant_id, ids))}
+    found: set[str] = set()
+    for start in range(0, len(ids), SQLITE_CHUNK):
+        chunk = ids[start:start + SQLITE_CHUNK]
+        sql = f"SELECT event_id FROM {table} WHERE tenant_id = ? AND event_id IN ({', '.join('?' * len(chunk))})"
+        found.update(row[0] for row in connection.exec_driver_sql(sql, (tenant_id, *chunk)))
+    return found
+
+
+class IdWriter:
+    """Insert-if-absent of (tenant_id, event_id, type, received_at) rows with one driver-level
+    executemany: SQLAlchemy's per-row parameter processing cost more than the database did.
+    Two concurrent sends of one id both end here harmlessly."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        table = IngestEventId.__table__  # type: ignore[attr-defined]
+        columns = ("tenant_id", "event_id", "type", "received_at")
+        placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
+        self._sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
+                     f"VALUES ({', '.join([placeholder] * len(columns))}) ON CONFLICT DO NOTHING")
+        self._bind_time = table.c.received_at.type.bind_processor(dialect) or (lambda value: value)
+
+    def write(self, connection: Connection, rows: Iterable[tuple[str, str, str, datetime]]) -> None:
+        bound: dict[datetime, Any] = {}
+        parameters = []
+        for tenant_id, event_id, type_, received_at in rows:
+            if received_at not in bound:
+                bound[received_at] = self._bind_time(received_at)
+            parameters.append((tenant_id, event_id, type_, bound[received_at]))
+        if parameters:
+            connection.exec_driver_sql(self._sql, parameters)
 
 
 # --- upstream sources (services/ingest/sources) ---------------------------------------

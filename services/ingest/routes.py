@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -9,7 +10,14 @@ from fastapi.responses import JSONResponse
 
 from services.ingest import metrics
 from services.ingest.deps import IngestServiceDep, SettingsDep
-from services.ingest.service import FieldError, MalformedJson, decode_json, validate
+from services.ingest.service import (
+    FieldError,
+    MalformedJson,
+    decode_json,
+    parse_all_or_nothing,
+    parse_one_or_nothing,
+    validate,
+)
 from shared.app import BodyTooLarge, TenantId, read_body_limited
 from shared.events import event_json_schema
 from shared.kafka import BrokerUnavailable
@@ -63,16 +71,21 @@ def _is_json(content_type: str) -> bool:
     return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
     if not _is_json(request.headers.get("content-type", "")):
         metrics.EVENTS_REJECTED.labels("content_type").inc()
         given = request.headers.get("content-type") or "none"
         raise _Reject(_problem(415, f"Content-Type must be application/json (got {given})"))
     try:
-        return decode_json(await read_body_limited(request, limit))
+        return await read_body_limited(request, limit)
     except BodyTooLarge as exc:
         metrics.EVENTS_REJECTED.labels("too_large").inc()
         raise _Reject(_problem(413, str(exc))) from exc
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return decode_json(body)
     except MalformedJson as exc:
         metrics.EVENTS_REJECTED.labels("malformed_json").inc()
         raise _Reject(_problem(400, str(exc))) from exc
@@ -100,11 +113,12 @@ class _Reject(Exception):
     },
 )
 async def post_event(request: Request, tenant_id: TenantId, service: IngestServiceDep, settings: SettingsDep) -> JSONResponse:
+    now = service.clock.now()
     try:
-        raw = await _read_json(request, settings.max_event_bytes)
+        body = await _read_body(request, settings.max_event_bytes)
+        result = parse_one_or_nothing(body, now) or validate(_decode(body), now=now)
     except _Reject as rejected:
         return rejected.response
-    result = validate(raw, now=service.clock.now())
     if isinstance(result, list):
         metrics.EVENTS_REJECTED.labels("invalid").inc()
         return _problem(422, "event rejected: " + "; ".join(f"{e.field}: {e.message}" for e in result), result)
@@ -135,26 +149,18 @@ async def post_event(request: Request, tenant_id: TenantId, service: IngestServi
     },
 )
 async def post_batch(request: Request, tenant_id: TenantId, service: IngestServiceDep, settings: SettingsDep) -> JSONResponse:
+    now = service.clock.now()
     try:
-        raw = await _read_json(request, settings.max_batch_bytes)
+        body = await _read_body(request, settings.max_batch_bytes)
+        events = parse_all_or_nothing(body, now)
+        if events is not None:
+            _check_count(len(events), settings.max_batch_events)
+            sent, good, errors = len(events), events, []
+        else:
+            items = _batch_items(_decode(body), settings.max_batch_events)
+            sent, (good, errors) = len(items), _validate_each(items, now)
     except _Reject as rejected:
         return rejected.response
-    if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
-        metrics.EVENTS_REJECTED.labels("malformed_batch").inc()
-        return _problem(400, "expected a JSON object with an 'events' array", [FieldError("events", "must be an array of events")])
-    items = raw["events"]
-    if len(items) > settings.max_batch_events:
-        metrics.EVENTS_REJECTED.labels("too_large").inc()
-        return _problem(413, f"batch holds {len(items)} events; the limit is {settings.max_batch_events} per batch")
-    good, errors = [], []
-    now = service.clock.now()
-    for index, item in enumerate(items):
-        result = validate(item, index, now)
-        if isinstance(result, list):
-            errors.extend(result)
-            metrics.EVENTS_REJECTED.labels("invalid").inc()
-        else:
-            good.append(result)
     accepted = duplicates = 0
     if good:
         try:
@@ -163,8 +169,36 @@ async def post_batch(request: Request, tenant_id: TenantId, service: IngestServi
             return _broker_down(settings.retry_after_s)
         accepted, duplicates = len(published.accepted), len(published.duplicates)
     rejected = len({e.index for e in errors})
-    body = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected, "errors": [e.as_dict() for e in errors]}
-    return JSONResponse(body, status_code=202 if good or not items else 422)
+    response = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected, "errors": [e.as_dict() for e in errors]}
+    return JSONResponse(response, status_code=202 if good or not sent else 422)
+
+
+def _batch_items(raw: Any, limit: int) -> list[Any]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
+        metrics.EVENTS_REJECTED.labels("malformed_batch").inc()
+        raise _Reject(_problem(400, "expected a JSON object with an 'events' array",
+                               [FieldError("events", "must be an array of events")]))
+    _check_count(len(raw["events"]), limit)
+    return raw["events"]
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count > limit:
+        metrics.EVENTS_REJECTED.labels("too_large").inc()
+        raise _Reject(_problem(413, f"batch holds {count} events; the limit is {limit} per batch"))
+
+
+def _validate_each(items: list[Any], now: datetime) -> tuple[list[Any], list[FieldError]]:
+    good: list[Any] = []
+    errors: list[FieldError] = []
+    for index, item in enumerate(items):
+        result = validate(item, index, now)
+        if isinstance(result, list):
+            errors.extend(result)
+            metrics.EVENTS_REJECTED.labels("invalid").inc()
+        else:
+            good.append(result)
+    return good, errors
 
 
 @router.get("/schema", summary="The event contract as JSON Schema")

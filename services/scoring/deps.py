@@ -12,7 +12,7 @@ from sqlmodel import Session
 from shared.db import session_scope
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.state.engine
 
 

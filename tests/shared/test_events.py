@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.events import EVENT_TYPES, EventRecord, event_json_schema, parse_event
+from shared.events import EVENT_TYPES, EventRecord, event_json_schema, event_records_json, parse_event
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "events.md"
 
@@ -34,6 +34,18 @@ def test_every_type_round_trips_through_the_topic_record(example: dict) -> None:
     assert again == record
     assert type(again.event) is type(event)
     assert again.key == b"t1/c-1042"
+
+
+def test_fast_record_serialization_is_byte_for_byte_the_models() -> None:
+    received_at = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+    events = [parse_event(example) for example in documented_examples()]
+    tenant = "tenant-\u00e9\"quoted\""
+    fast = event_records_json(tenant, received_at, events)
+    for (key, value), event in zip(fast, events, strict=True):
+        record = EventRecord(tenant_id=tenant, received_at=received_at, event=event)
+        assert key == record.key
+        assert value == record.model_dump_json().encode()
+        assert EventRecord.model_validate_json(value) == record
 
 
 def test_json_schema_names_every_type() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from shared.kafka import (
     BrokerUnavailable,
@@ -129,3 +130,27 @@ async def test_dlq_replay_republishes_each_dead_letter_once(kafka_settings: Kafk
     [back] = await read_topic(kafka_settings, CUSTOMER_EVENTS, 1)
     assert (back.key, back.value) == (b"t/c", b'{"n": 7}')
     assert dict(back.headers)["replayed-from"].startswith(kafka_settings.topic("customer-events.dlq").encode())
+
+
+async def test_publish_many_puts_each_key_where_send_would_and_keeps_its_order(kafka_settings: KafkaSettings) -> None:
+    publisher = Publisher(kafka_settings, "test-batches")
+    messages = [(f"customer-{i % 37}".encode(), f"{i}".encode()) for i in range(2_000)]
+    oversized = (b"customer-big", b"x" * (kafka_settings.max_batch_size + 1_000))
+    try:
+        await publisher.publish_many(CUSTOMER_EVENTS, [*messages, oversized])
+    finally:
+        await publisher.close()
+
+    records = await read_topic(kafka_settings, CUSTOMER_EVENTS, count=len(messages) + 1)
+    assert len(records) == len(messages) + 1
+    partitions = list(range(kafka_settings.partitions))
+    partitioner = DefaultPartitioner()
+    by_key: dict[bytes, list[int]] = {}
+    for record in records:
+        assert record.partition == partitioner(record.key, partitions, partitions)
+        if record.key != oversized[0]:
+            by_key.setdefault(record.key, []).append(int(record.value))
+    assert sum(len(values) for values in by_key.values()) == len(messages)
+    for values in by_key.values():
+        assert values == sorted(values)  # per-key order is the send order
+    assert [r.value for r in records if r.key == oversized[0]] == [oversized[1]]
