@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -45,7 +46,7 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
                 settings=settings,
                 engine=engine,
                 client=client,
-                authenticator=KeyAuthenticator(clock),
+                authenticator=KeyAuthenticator(clock, cache_ttl=timedelta(seconds=settings.auth_cache_s)),
                 openapi=MergedOpenApi(
                     client, settings.upstreams(), title=TITLE, version=app.version,
                     description=DESCRIPTION, ttl_s=settings.openapi_cache_s,

@@ -21,6 +21,11 @@ class GatewaySettings(BaseSettings):
     # Connections the gateway keeps to its upstreams, all of them together; more callers wait.
     upstream_max_connections: int = Field(200, gt=0)
     # The merged OpenAPI is re-fetched from the services at most this often.
+    auth_cache_s: float = Field(
+        2.0, ge=0,
+        description="How long a gateway process remembers a checked API key (0: ask the database "
+        "on every request). A key revoked elsewhere keeps working here for at most this long.",
+    )
     openapi_cache_s: float = Field(30.0, ge=0)
 
     @field_validator("ingest_url", "scoring_url", "actions_url")

@@ -65,7 +65,7 @@ async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
             return gateway.authenticator.authenticate(session, key)
 
     try:
-        return await asyncio.to_thread(lookup)
+        return gateway.authenticator.cached(key) or await asyncio.to_thread(lookup)
     except KeyRejected as rejected:
         metrics.AUTH_FAILURES.labels(rejected.reason).inc()
         if rejected.reason == "missing":

@@ -124,28 +124,66 @@ class Caller:
 
 class KeyAuthenticator:
     """Resolves a presented key to its tenant. `last_used_at` is written at most once per
-    TOUCH_INTERVAL per key and process, so a busy key does not turn every request into a write."""
+    TOUCH_INTERVAL per key and process, so a busy key does not turn every request into a write.
 
-    def __init__(self, clock: Clock, touch_interval: timedelta = TOUCH_INTERVAL) -> None:
+    A key found in the database is remembered for `cache_ttl` (by its hash, never the key):
+    most requests are then answered without a database round trip. The price: a key revoked
+    by another process keeps working here for at most `cache_ttl`."""
+
+    def __init__(self, clock: Clock, touch_interval: timedelta = TOUCH_INTERVAL,
+                 cache_ttl: timedelta = timedelta(seconds=2), cache_size: int = 10_000) -> None:
         self._clock = clock
         self._touch_interval = touch_interval
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
         self._touched: dict[str, datetime] = {}
+        self._known: dict[str, tuple[Caller | None, datetime]] = {}  # hash -> (caller or revoked, until)
         self._lock = threading.Lock()  # authenticate() runs in worker threads
+
+    def cached(self, presented: str | None) -> Caller | None:
+        """The answer without the database, when there is a fresh one (raises KeyRejected);
+        None when the database must be asked (unknown, expired, or last_used_at is due)."""
+        if not presented:
+            raise KeyRejected("missing")
+        if not presented.startswith(KEY_PREFIX) or len(presented) > MAX_KEY_CHARS:
+            raise KeyRejected("invalid")  # cannot be one of ours; spare the database
+        entry = self._known.get(hash_key(presented))
+        now = self._clock.now()
+        if entry is None or now >= entry[1]:
+            return None
+        caller = entry[0]
+        if caller is None:
+            raise KeyRejected("revoked")
+        with self._lock:
+            last = self._touched.get(caller.key_id)
+        return caller if last is not None and now - last < self._touch_interval else None
 
     def authenticate(self, session: Session, presented: str | None) -> Caller:
         if not presented:
             raise KeyRejected("missing")
         if not presented.startswith(KEY_PREFIX) or len(presented) > MAX_KEY_CHARS:
             raise KeyRejected("invalid")  # cannot be one of ours; spare the database
-        key = repository.key_by_hash(session, hash_key(presented))
+        hashed = hash_key(presented)
+        key = repository.key_by_hash(session, hashed)
         if key is None:
-            raise KeyRejected("invalid")
-        if key.revoked_at is not None:
-            raise KeyRejected("revoked")
+            raise KeyRejected("invalid")  # not remembered: guessing must not fill the cache
         now = self._clock.now()
+        if key.revoked_at is not None:
+            self._remember(hashed, None, now)
+            raise KeyRejected("revoked")
         if self._due(key.id, now):
             repository.touch_key(session, key.tenant_id, key.id, now)
-        return Caller(tenant_id=key.tenant_id, key_id=key.id)
+        caller = Caller(tenant_id=key.tenant_id, key_id=key.id)
+        self._remember(hashed, caller, now)
+        return caller
+
+    def _remember(self, hashed: str, caller: Caller | None, now: datetime) -> None:
+        if self._cache_ttl <= timedelta(0):
+            return
+        with self._lock:
+            if len(self._known) >= self._cache_size:
+                self._known.clear()  # bounded; refilled from the database as keys come back
+            self._known[hashed] = (caller, now + self._cache_ttl)
 
     def _due(self, key_id: str, now: datetime) -> bool:
         with self._lock:

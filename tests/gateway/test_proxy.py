@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 
 import httpx
 from fastapi.testclient import TestClient
@@ -12,6 +13,7 @@ from services.gateway.app import create_app
 from services.gateway.config import GatewaySettings
 from services.gateway.manage import create_tenant, revoke_key
 from services.gateway.proxy import public_location
+from shared.clock import ManualClock
 from shared.settings import InternalAuthSettings
 from tests.gateway.conftest import INTERNAL_TOKEN
 
@@ -114,16 +116,36 @@ def test_unknown_and_revoked_keys_are_refused(client: TestClient, database_url: 
         assert response.json()["detail"] == "invalid API key"
         assert "invalid_token" in response.headers["WWW-Authenticate"]
 
-    _, key = create_tenant(database_url, "leaky")
-    assert client.get("/v1/models", headers={"X-API-Key": key}).status_code == 200
-    assert revoke_key(database_url, key) is True
-    assert revoke_key(database_url, key) is False  # already revoked
-    response = client.get("/v1/models", headers={"X-API-Key": key})
-    assert response.status_code == 401
-    assert response.json()["detail"] == "invalid API key"
 
-    failures = client.get("/metrics").text
-    assert 'churnguard_gateway_auth_failures_total{reason="revoked"}' in failures
+
+def test_a_revoked_key_is_refused_once_the_gateways_memory_of_it_expires(
+    settings: GatewaySettings, database_url: str
+) -> None:
+    clock = ManualClock(datetime(2026, 5, 1, tzinfo=timezone.utc))
+    with TestClient(create_app(settings.model_copy(update={"auth_cache_s": 2.0}), clock=clock)) as client:
+        _, key = create_tenant(database_url, "leaky")
+        assert client.get("/v1/models", headers={"X-API-Key": key}).status_code == 200
+        assert revoke_key(database_url, key) is True
+        assert revoke_key(database_url, key) is False  # already revoked
+        # Revoked by another process: this gateway remembers the key as valid for auth_cache_s.
+        clock.advance(timedelta(seconds=1.9))
+        assert client.get("/v1/models", headers={"X-API-Key": key}).status_code == 200
+        clock.advance(timedelta(seconds=0.2))
+        for _ in range(2):  # the second answer comes from memory, and is the same
+            response = client.get("/v1/models", headers={"X-API-Key": key})
+            assert response.status_code == 401
+            assert response.json()["detail"] == "invalid API key"
+
+        failures = client.get("/metrics").text
+        assert 'churnguard_gateway_auth_failures_total{reason="revoked"}' in failures
+
+
+def test_without_the_memory_revocation_is_immediate(settings: GatewaySettings, database_url: str) -> None:
+    with TestClient(create_app(settings.model_copy(update={"auth_cache_s": 0.0}))) as client:
+        _, key = create_tenant(database_url, "leaky")
+        assert client.get("/v1/models", headers={"X-API-Key": key}).status_code == 200
+        assert revoke_key(database_url, key) is True
+        assert client.get("/v1/models", headers={"X-API-Key": key}).status_code == 401
 
 
 def test_unknown_path_is_404_and_wrong_method_405(client: TestClient, auth: dict[str, str]) -> None:
