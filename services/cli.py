@@ -54,8 +54,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Port (default: the service's own).")] = None,
     log_level: str = "info",
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes sharing the port "
+                                         "(about one per CPU core for ingest and the gateway).")] = 1,
 ) -> None:
-    """Run one service (one uvicorn worker; scale with more processes/pods)."""
+    """Run one service (scale with --workers on one machine, with more processes/pods beyond)."""
     import uvicorn
 
     uvicorn.run(
@@ -64,6 +66,7 @@ def serve(
         host=host,
         port=port or DEFAULT_PORTS[service],
         log_level=log_level,
+        workers=workers,
         timeout_graceful_shutdown=20,
     )
 

@@ -86,9 +86,16 @@ def dialect_insert(session: Session, table: Any) -> Any:
     raise NotImplementedError(f"churnguard supports SQLite and PostgreSQL, not {dialect}")
 
 
+SCHEMA_LOCK_ID = 0x63675F73636865  # any constant: one advisory lock for all schema creation
+
+
 def create_tables(engine: Engine, tables: Sequence[type[SQLModel]]) -> None:
-    """Each service creates only the tables it owns."""
-    SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
+    """Each service creates only the tables it owns. On PostgreSQL, processes starting together
+    (workers, replicas) take turns: concurrent CREATE TABLE IF NOT EXISTS can collide there."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
+        SQLModel.metadata.create_all(connection, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
 
 
 @contextmanager
