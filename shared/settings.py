@@ -22,7 +22,14 @@ class KafkaSettings(BaseSettings):
     # aiokafka defaults to acks=1 and auto-commit every 5 s; neither is safe for us.
     acks: Literal["all"] = "all"
     # The embedded Tansu broker has no InitProducerId, so idempotence is opt-in (real Kafka: on).
-    enable_idempotence: bool = False
+    enable_idempotence: bool = Field(
+        False, description="Idempotent producer; set true on Apache Kafka (Tansu has no InitProducerId)."
+    )
+    # read_committed hides records of aborted transactions; we write none yet, but on real Kafka
+    # a producer may one day be transactional and consumers must not see what it rolled back.
+    isolation_level: Literal["read_uncommitted", "read_committed"] = Field(
+        "read_uncommitted", description="Consumers' isolation level; read_committed on Apache Kafka."
+    )
     request_timeout_ms: int = 5_000
     # Tansu holds a fetch for the full wait instead of answering when data arrives.
     fetch_max_wait_ms: int = 10
