@@ -13,8 +13,8 @@ from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import Field
-from pythonjsonlogger.core import RESERVED_ATTRS as _RESERVED_ATTRS
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pythonjsonlogger.core import RESERVED_ATTRS as _RESERVED_ATTRS
 
 request_id_var: ContextVar[str | None] = ContextVar("churnguard_request_id", default=None)
 tenant_var: ContextVar[str | None] = ContextVar("churnguard_tenant", default=None)
@@ -24,7 +24,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s"
 JSON_FORMAT = "%(levelname)s %(name)s %(message)s %(request_id)s %(tenant)s"
 JSON_RENAMES = {"levelname": "level", "name": "logger"}
 # Not JSON keys: `context` is the text form of request_id and tenant; uvicorn adds `color_message`.
-_TEXT_ONLY = ("context", "color_message")
+_NOT_JSON_KEYS = ("context", "color_message")
 
 
 class LogSettings(BaseSettings):
@@ -82,7 +82,7 @@ def logging_config(settings: LogSettings) -> dict[str, Any]:
             "fmt": JSON_FORMAT,
             "rename_fields": dict(JSON_RENAMES),
             "timestamp": "time",  # ISO 8601, UTC
-            "reserved_attrs": [*_RESERVED_ATTRS, *_TEXT_ONLY],
+            "reserved_attrs": [*_RESERVED_ATTRS, *_NOT_JSON_KEYS],
         }
     else:
         formatter = {"format": TEXT_FORMAT}
