@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from services.gateway import manage as gateway_ops
 from shared.broker import free_port
-from shared.logs import LogSettings, bind_tenant, logging_config, request_id_var, tenant_var
+from shared.logs import TEXT_FORMAT, LogSettings, bind_tenant, logging_config, request_id_var, tenant_var
 from tests.helpers import wait_until
 
 SERVICES = ("ingest", "actions", "gateway")
@@ -33,6 +33,19 @@ def test_log_settings_reject_unknown_values() -> None:
         LogSettings(format="xml")
     with pytest.raises(ValidationError, match="level"):
         LogSettings(level="LOUD")
+
+
+def test_level_and_access_log_follow_the_settings() -> None:
+    quiet = logging_config(LogSettings(level="WARNING", access_log=False))
+    assert quiet["root"]["level"] == "WARNING"
+    assert quiet["loggers"]["uvicorn"]["level"] == "WARNING"
+    assert quiet["loggers"]["uvicorn.access"]["level"] == "WARNING"  # INFO access lines dropped
+    verbose = logging_config(LogSettings(level="DEBUG"))
+    assert verbose["root"]["level"] == "DEBUG"
+    assert verbose["loggers"]["uvicorn.access"]["level"] == "DEBUG"
+    assert verbose["formatters"]["default"] == {"format": TEXT_FORMAT}
+    json_config = logging_config(LogSettings(format="json"))
+    assert json_config["formatters"]["default"]["()"] == "pythonjsonlogger.json.JsonFormatter"
 
 
 def test_text_format_names_request_and_tenant_only_when_known() -> None:
