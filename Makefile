@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-scoring clean
+.PHONY: install system-tools run test k8s-validate bench bench-scoring clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +12,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-tools
+
+# promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus in `make test`.
+# Installed when missing and apt is usable as root; otherwise the tests say what is missing (in
+# CI they fail). kubectl (1.32, with kustomize) is expected on the machine for deploy/k8s.
+system-tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (apt-get install prometheus)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool missing: apt-get install -y prometheus (as root)" >&2; fi; }
 
 run: $(STAMP)
 	$(BIN)/churnguard dev
 
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(BIN)/python -m pytest
+
+# Renders deploy/k8s/overlays/* with kubectl kustomize and validates every resource against the
+# Kubernetes 1.32 schemas (strict); lists the custom resources it cannot validate. Also in `make test`.
+k8s-validate: $(STAMP)
+	$(BIN)/python -m deploy.k8s.validate
 
 # Ingest throughput and latency on a real broker and real service processes (~2.5 min; uses wrk
 # when installed: apt-get install -y wrk). Writes bench/results/ingest.json, docs/benchmarks.md.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import os
 import secrets
 import shlex
@@ -53,19 +52,22 @@ def serve(
     service: Service,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Port (default: the service's own).")] = None,
-    log_level: str = "info",
+    log_level: Annotated[str | None, typer.Option(help="Overrides CHURNGUARD_LOG_LEVEL.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes sharing the port "
                                          "(about one per CPU core for ingest and the gateway).")] = 1,
 ) -> None:
     """Run one service (scale with --workers on one machine, with more processes/pods beyond)."""
     import uvicorn
 
+    from shared.logs import LogSettings, logging_config
+
+    log_settings = LogSettings(**({"level": log_level.upper()} if log_level else {}))
     uvicorn.run(
         f"services.{service.value}.app:create_app",
         factory=True,
         host=host,
         port=port or DEFAULT_PORTS[service],
-        log_level=log_level,
+        log_config=logging_config(log_settings),
         workers=workers,
         timeout_graceful_shutdown=20,
     )
@@ -361,8 +363,9 @@ def dev() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from shared.logs import configure_logging
+
+    configure_logging()
     app()
 
 

@@ -15,6 +15,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.health import health_router
+from shared.logs import bind_tenant, request_id_var
 from shared.metrics import instrument
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -62,13 +63,17 @@ class _RequestIdMiddleware:
         incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        bound = request_id_var.set(request_id)  # every log line of this request carries it
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(bound)
 
 
 async def internal_tenant(
@@ -83,6 +88,7 @@ async def internal_tenant(
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this service only accepts requests from the gateway")
     if not tenant:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"missing {TENANT_HEADER} header")
+    bind_tenant(tenant)
     return tenant
 
 

@@ -63,6 +63,7 @@ def consumer_options(settings: KafkaSettings, group_id: str, client_id: str) -> 
         # Offsets are committed by the consume loop only after the work is persisted.
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        "isolation_level": settings.isolation_level,
         "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         "session_timeout_ms": settings.session_timeout_ms,
         "rebalance_timeout_ms": settings.rebalance_timeout_ms,

@@ -16,6 +16,7 @@ from services.gateway.openapi import MergedOpenApi
 from services.gateway.query_key import accepts_query_key, take_query_key
 from services.gateway.service import Caller, KeyAuthenticator, KeyRejected
 from shared.db import session_scope
+from shared.logs import bind_tenant
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
             return gateway.authenticator.authenticate(session, key)
 
     try:
-        return gateway.authenticator.cached(key) or await asyncio.to_thread(lookup)
+        caller = gateway.authenticator.cached(key) or await asyncio.to_thread(lookup)
     except KeyRejected as rejected:
         metrics.AUTH_FAILURES.labels(rejected.reason).inc()
         if rejected.reason == "missing":
@@ -84,6 +85,8 @@ async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
             status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check API keys right now; retry later",
             headers={"Retry-After": "1"},
         ) from None
+    bind_tenant(caller.tenant_id)
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(authenticated_caller)]
