@@ -1,10 +1,9 @@
 """Why a score is high: the top contributing features, from the model, in plain language.
 
 Method (model-agnostic: works for any estimator with `predict_proba`): for every scored row
-and every feature, the feature's value is replaced by a reference value (a "typical
-customer") and the row re-scored; the drop in churn probability is that feature's
-contribution. All (rows x features) perturbed copies are scored in ONE predict_proba call
-per batch. Only features whose actual value pushes the risk UP (by at least
+and every feature not already at it, the feature's value is replaced by a reference value
+(a "typical customer") and the row re-scored; the drop in churn probability is that feature's
+contribution. All perturbed copies are scored in ONE predict_proba call per batch. Only features whose actual value pushes the risk UP (by at least
 `MIN_CONTRIBUTION`) can be reasons; the strongest three are rendered with one template per
 feature, which states the customer's actual value ("no order for 74 days").
 
@@ -220,16 +219,19 @@ def contributions(
         return np.zeros((0, m))
     X = np.array([feature_vector(row, feature_names) for row in rows], dtype=float)
     ref = np.array([float(reference[name]) for name in feature_names], dtype=float)
-    perturbed = np.repeat(X[:, None, :], m, axis=1)  # (n, m, m): copy j of row i has feature j at its reference
-    diagonal = np.arange(m)
-    perturbed[:, diagonal, diagonal] = ref
-    stacked = perturbed.reshape(n * m, m)
+    # A feature already at its reference contributes exactly nothing: only the others are
+    # perturbed and scored (typically half of them or fewer).
+    rows_at, features_at = np.nonzero(X != ref)
+    stacked = X[rows_at].copy()
+    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
     if probabilities is None:
         stacked = np.vstack([stacked, X])
     with single_threaded():  # as Predictor.predict: OpenMP (HistGradientBoosting) on one thread
-        scored = estimator.predict_proba(stacked)[:, 1]
-    base = np.asarray(probabilities, dtype=float) if probabilities is not None else scored[n * m:]
-    return base[:, None] - scored[: n * m].reshape(n, m)
+        scored = estimator.predict_proba(stacked)[:, 1] if len(stacked) else np.zeros(0)
+    base = np.asarray(probabilities, dtype=float) if probabilities is not None else scored[len(rows_at):]
+    weights = np.zeros((n, m))
+    weights[rows_at, features_at] = base[rows_at] - scored[: len(rows_at)]
+    return weights
 
 
 def top_reasons(

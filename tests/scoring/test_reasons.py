@@ -207,10 +207,25 @@ def test_one_predict_proba_per_batch_over_rows_times_features(trained_model: Tra
     before = REGISTRY.get_sample_value("churnguard_scoring_explain_seconds_count") or 0.0
     probabilities = Predictor("v", names, trained_model.estimator, 0.8).predict(rows)
     out = explain(counting, names, rows, probabilities)
-    assert counting.calls == [(len(rows) * len(names), len(names))]
+    differing = sum(row[name] != TYPICAL_CUSTOMER[name] for row in rows for name in names)
+    assert 0 < differing < len(rows) * len(names)
+    assert counting.calls == [(differing, len(names))]  # only features away from the reference
     assert REGISTRY.get_sample_value("churnguard_scoring_explain_seconds_count") == before + 1
     assert out[2] == []  # the reference customer itself: nothing differs, nothing to explain
     assert explain(counting, names, []) == []
+
+
+def test_skipping_features_at_the_reference_changes_no_contribution(trained_model: TrainedModel) -> None:
+    names = trained_model.report.feature_names
+    rows = [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
+    X = np.array([[row[name] for name in names] for row in rows], dtype=float)
+    base = trained_model.estimator.predict_proba(X)[:, 1]
+    brute = np.zeros((len(rows), len(names)))
+    for j, name in enumerate(names):  # every feature of every row, the slow way
+        perturbed = X.copy()
+        perturbed[:, j] = TYPICAL_CUSTOMER[name]
+        brute[:, j] = base - trained_model.estimator.predict_proba(perturbed)[:, 1]
+    assert np.allclose(contributions(trained_model.estimator, names, rows), brute, atol=1e-12)
 
 
 def _dropping(feature_names: Sequence[str], dropped: Sequence[str], final: Any) -> Pipeline:
@@ -240,7 +255,8 @@ def test_a_feature_without_influence_is_never_a_reason(final: Any) -> None:
 
     batch = [*rows, at_risk_customer()]
     weights = contributions(model, FEATURE_NAMES, batch)
-    assert np.all(weights[:, [FEATURE_NAMES.index(name) for name in ignored]] == 0.0)
+    # zero up to the last bit of floating point (BLAS may sum a row in another order)
+    assert np.allclose(weights[:, [FEATURE_NAMES.index(name) for name in ignored]], 0.0, rtol=0, atol=1e-12)
     explained = explain(model, FEATURE_NAMES, batch)
     texts = [text for row in explained for text in row]
     assert texts, "the model's own signals must show up as reasons"
