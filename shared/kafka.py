@@ -246,7 +246,8 @@ class ConsumeLoop(Generic[T]):
     decode: Callable[[bytes], T]
     handle: Callable[[list[Decoded[T]]], Awaitable[None]]
     publisher: Publisher
-    on_batch: Callable[[TopicPartition, int], None] | None = None
+    on_batch: Callable[[TopicPartition, int, int | None], None] | None = None
+    """Called after each committed batch: (partition, records, lag after it or None if unknown)."""
     on_dead_letter: Callable[[str, str], None] | None = None
     retry_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
@@ -342,7 +343,8 @@ class ConsumeLoop(Generic[T]):
         self.stats.processed += len(good)
         self.stats.batches += 1
         if self.on_batch:
-            self.on_batch(tp, len(records))
+            highwater = consumer.highwater(tp)
+            self.on_batch(tp, len(records), None if highwater is None else max(0, highwater - records[-1].offset - 1))
 
     async def _handle_alone(self, item: Decoded[T]) -> None:
         for attempt in range(1, self.max_attempts + 1):

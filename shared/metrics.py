@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
+from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
@@ -77,3 +78,27 @@ def instrument(app: FastAPI, service: str) -> None:
     @app.get("/metrics", include_in_schema=False)
     def _metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+class ConsumerMetrics:
+    """What every consuming service exports about its consumer: lag per partition (records
+    not yet processed, from the broker's high watermark at the last fetch) and batch sizes.
+    Pass `on_batch` to shared.kafka.ConsumeLoop."""
+
+    def __init__(self, service: str) -> None:
+        self.lag = Gauge(
+            f"churnguard_{service}_consumer_lag",
+            "Records of the partition not yet processed by this consumer (high watermark at the "
+            "last fetch minus the next offset to process).",
+            ["topic", "partition"],
+        )
+        self.batch_size = Histogram(
+            f"churnguard_{service}_batch_size",
+            "Records per processed batch (one partition's share of a poll).",
+            buckets=(1, 5, 10, 25, 50, 100, 200, 500, 1000, 2000),
+        )
+
+    def on_batch(self, tp: Any, records: int, lag: int | None) -> None:
+        self.batch_size.observe(records)
+        if lag is not None:
+            self.lag.labels(tp.topic, str(tp.partition)).set(lag)

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from services.scoring import metrics, service
 from services.scoring.config import ScoringSettings
+from services.scoring.drift import ScoreDrift
 from services.scoring.model import Predictor
 from shared.clock import Clock
 from shared.db import session_scope
@@ -36,6 +37,7 @@ class ScoringConsumer:
         self.clock = clock
         self.bands = service.Bands(high=settings.high_threshold, medium=settings.medium_threshold)
         self.predictor: Predictor | None = None
+        self.drift = ScoreDrift(())
         self.loop: ConsumeLoop[EventRecord] | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -78,7 +80,8 @@ class ScoringConsumer:
             if predictor is not None:
                 previous = self.predictor.version if self.predictor else None
                 self.predictor = predictor
-                metrics.set_active_model(predictor.version, predictor.roc_auc)
+                metrics.set_active_model(predictor.version, predictor.roc_auc, predictor.trained_at)
+                self.drift = ScoreDrift(predictor.reference_scores)
                 log.info("scoring with model %s (was %s)", predictor.version, previous)
         elif version is None and self.predictor is not None:
             log.warning("no active model in the registry; keeping %s", self.predictor.version)
@@ -108,6 +111,7 @@ class ScoringConsumer:
             settings=self.settings.kafka, topic=CUSTOMER_EVENTS, group_id=self.settings.group_id,
             client_id=self.settings.client_id, decode=decode, handle=self.handle,
             publisher=self.publisher, on_dead_letter=metrics.dead_lettered,
+            on_batch=metrics.CONSUMER.on_batch,
         )
         self.loop.start()
         log.info("consuming %s as group %s", CUSTOMER_EVENTS, self.settings.group_id)
@@ -130,6 +134,8 @@ class ScoringConsumer:
         for score in outcome.scores:
             metrics.SCORE.observe(score.probability)
             metrics.SCORES_PUBLISHED.labels(score.band).inc()
+        self.drift.observe(score.probability for score in outcome.scores)
+        metrics.SCORE_DRIFT.set(self.drift.value())
 
     def _process(self, records: list[EventRecord], predictor: Predictor) -> tuple[service.BatchOutcome, list[str]]:
         """Events, features, scores and the flags of unusable data: one transaction."""

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import ConsumerMetrics
+
+CONSUMER = ConsumerMetrics("scoring")
 
 EVENTS_PROCESSED = Counter(
     "churnguard_scoring_events_processed_total",
@@ -42,6 +49,15 @@ ACTIVE_MODEL_ROC_AUC = Gauge(
     "churnguard_scoring_active_model_roc_auc",
     "Holdout ROC AUC of the active model, as recorded when it was trained.",
 )
+ACTIVE_MODEL_TRAINED = Gauge(
+    "churnguard_scoring_active_model_trained_timestamp_seconds",
+    "When the active model was trained (Unix time): alert when it gets old.",
+)
+SCORE_DRIFT = Gauge(
+    "churnguard_scoring_score_drift",
+    "Population stability index of this process's latest event scores against the active model's "
+    "validation scores (NaN until 200 scores; > 0.2: significant shift).",
+)
 DEAD_LETTERS = Counter(
     "churnguard_scoring_dead_letters_total",
     "Records sent to customer-events.dlq, by reason (undecodable, unprocessable).",
@@ -68,10 +84,12 @@ SWEEP_ROUNDS = Counter(
 )
 
 
-def set_active_model(version: str, roc_auc: float) -> None:
+def set_active_model(version: str, roc_auc: float, trained_at: datetime | None) -> None:
     ACTIVE_MODEL_INFO.clear()
     ACTIVE_MODEL_INFO.labels(version).set(1)
     ACTIVE_MODEL_ROC_AUC.set(roc_auc)
+    ACTIVE_MODEL_TRAINED.set(trained_at.timestamp() if trained_at else math.nan)
+    SCORE_DRIFT.set(math.nan)
 
 
 def dead_lettered(_topic: str, reason: str) -> None:

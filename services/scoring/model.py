@@ -200,6 +200,8 @@ class Predictor:
     feature_names: tuple[str, ...]
     estimator: Any
     roc_auc: float
+    trained_at: datetime | None = None
+    reference_scores: tuple[float, ...] = ()  # the validation period's probabilities (drift)
 
     def predict(self, rows: Sequence[Mapping[str, float]]) -> list[float]:
         if not rows:
@@ -489,7 +491,10 @@ def load_artifact(blob: bytes) -> Any:
         raise ModelLoadError(f"model artifact cannot be loaded ({type(exc).__name__}: {exc})") from exc
 
 
-def load_predictor(version: str, feature_names: Sequence[str], blob: bytes, roc_auc: float) -> Predictor:
+def load_predictor(
+    version: str, feature_names: Sequence[str], blob: bytes, roc_auc: float,
+    trained_at: datetime | None = None, reference_scores: Sequence[float] = (),
+) -> Predictor:
     """A registered model, checked before it may score: the artifact loads safely, is a binary
     classifier with probabilities, and its inputs are features this code computes, as many as
     the registry says. Every refusal is a ModelLoadError naming the version."""
@@ -514,4 +519,5 @@ def load_predictor(version: str, feature_names: Sequence[str], blob: bytes, roc_
         raise ModelLoadError(
             f"model {version}: the artifact expects {width} features but its feature list names {len(feature_names)}"
         )
-    return Predictor(version=version, feature_names=tuple(feature_names), estimator=estimator, roc_auc=roc_auc)
+    return Predictor(version=version, feature_names=tuple(feature_names), estimator=estimator, roc_auc=roc_auc,
+                     trained_at=trained_at, reference_scores=tuple(reference_scores))

@@ -29,6 +29,7 @@ from services.scoring.model import (
     Predictor,
     TrainedModel,
     TrainReport,
+    ValidationData,
     dump_artifact,
     load_predictor,
     train,
@@ -243,7 +244,10 @@ def active_version(session: Session) -> str | None:
 
 def _predictor(row: ScoringModel) -> Predictor:
     """Raises model.ModelLoadError (a ValueError with the version and the cause)."""
-    return load_predictor(row.version, list(row.feature_names), row.artifact, row.roc_auc)
+    validation = ValidationData.from_json(row.validation)
+    return load_predictor(row.version, list(row.feature_names), row.artifact, row.roc_auc,
+                          trained_at=as_utc(row.trained_at) if row.trained_at else None,
+                          reference_scores=validation.probabilities if validation else ())
 
 
 def load_active_predictor(session: Session) -> Predictor | None:

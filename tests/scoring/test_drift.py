@@ -1,0 +1,37 @@
+"""Score drift (PSI) against the model's validation scores: pure logic."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from services.scoring.drift import ScoreDrift, psi
+
+
+def test_psi_of_identical_distributions_is_zero_and_grows_with_the_shift() -> None:
+    assert psi([10, 20, 30], [1, 2, 3]) == 0.0  # same shares, different counts
+    small = psi([50, 30, 20], [45, 32, 23])
+    large = psi([50, 30, 20], [10, 30, 60])
+    assert 0 < small < 0.1 < 0.2 < large
+    # by hand: sum((a - e) * ln(a / e)) over the shares
+    e, a = np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.3, 0.6])
+    assert math.isclose(large, float(np.sum((a - e) * np.log(a / e))))
+
+
+def test_live_window_is_unknown_until_full_enough_then_tracks_the_latest_scores() -> None:
+    rng = np.random.default_rng(3)
+    reference = rng.beta(1, 12, 5_000)  # mostly low risk, as validation scores are
+    drift = ScoreDrift(reference, min_live=200, window=1_000)
+    drift.observe(rng.beta(1, 12, 199))
+    assert math.isnan(drift.value())
+    drift.observe(rng.beta(1, 12, 801))
+    assert drift.value() < 0.05  # the same population
+    drift.observe(rng.beta(6, 4, 1_000))  # a full window of high scores replaces it
+    assert drift.value() > 1.0
+
+
+def test_no_reference_scores_means_no_drift_figure() -> None:
+    drift = ScoreDrift([], min_live=1)
+    drift.observe([0.5, 0.7])
+    assert math.isnan(drift.value())
