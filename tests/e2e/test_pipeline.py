@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.e2e
 
 SERVICES = ("ingest", "scoring", "actions", "gateway")
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "churnguard-rules.yml"
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
@@ -121,6 +123,51 @@ def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
                 pytest.fail(f"{name} did not stop within 20 s of SIGTERM")
 
 
+@dataclass
+class Prometheus:
+    url: str
+
+    def query(self, expression: str) -> list[dict]:
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expression}, timeout=5)
+        response.raise_for_status()
+        return response.json()["data"]["result"]
+
+    def value(self, expression: str) -> float | None:
+        result = self.query(expression)
+        return float(result[0]["value"][1]) if result else None
+
+
+@pytest.fixture
+def prometheus(stack: Stack, tmp_path: Path) -> Iterator[Prometheus]:
+    """A real Prometheus server (Debian's package), loopback only, scraping the four services
+    every second with the alert rules of deploy/prometheus loaded."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed (Debian: apt-get install -y prometheus; `make install` does it as root)")
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": f"churnguard-{name}", "static_configs": [{"targets": [f"127.0.0.1:{stack.ports[name]}"]}]}
+            for name in SERVICES
+        ],
+    }))
+    process = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=open(stack.logs / "prometheus.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    try:
+        server = Prometheus(f"http://127.0.0.1:{port}")
+        wait_until(lambda: _ready(f"{server.url}/-/ready", process), timeout_s=30)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
 def _ready(url: str, process: subprocess.Popen[bytes]) -> bool:
     if process.poll() is not None:
         raise AssertionError(f"{url}: process exited with {process.returncode}")
@@ -173,7 +220,9 @@ def loyal_history(customer: str) -> list[dict]:
     return events
 
 
-def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(stack: Stack, receiver: Receiver) -> None:
+def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(
+    stack: Stack, receiver: Receiver, prometheus: Prometheus
+) -> None:
     client = httpx.Client(base_url=stack.gateway, headers=stack.headers(), timeout=15)
     created = client.post("/v1/webhooks", json={"url": receiver.url, "secret": SECRET})
     assert created.status_code == 201, created.text
@@ -217,6 +266,29 @@ def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(stack:
     assert published >= events_sent
     assert 'churnguard_actions_offers_created_total{policy="high-risk-discount"} 1.0' in stack.metrics("actions")
     assert 'route="/v1/events/batch",status="202"' in stack.metrics("gateway")
+
+    # A real Prometheus scraping the four services sees the same journey.
+    wait_until(lambda: prometheus.value("sum(churnguard_actions_offers_created_total)") == 1.0, timeout_s=30)
+    wait_until(lambda: len(prometheus.query('up{job=~"churnguard-.*"}')) == len(SERVICES), timeout_s=15,
+               what="every service scraped")
+    assert {r["metric"]["job"]: r["value"][1] for r in prometheus.query('up{job=~"churnguard-.*"}')} == {
+        f"churnguard-{name}": "1" for name in SERVICES}
+    assert prometheus.value("sum(churnguard_ingest_events_accepted_total)") == events_sent
+    assert prometheus.value("sum(churnguard_ingest_events_duplicate_total)") == len(histories[churner])
+    assert prometheus.value("sum(churnguard_scoring_scores_published_total)") >= events_sent
+    assert prometheus.value('sum(churnguard_scoring_scores_published_total{band="high"})') >= 1
+    assert prometheus.value("max(churnguard_scoring_consumer_lag)") == 0.0  # drained
+    assert prometheus.value("churnguard_scoring_active_model_roc_auc") > 0.6
+    assert prometheus.value("time() - churnguard_scoring_active_model_trained_timestamp_seconds") < 3600
+    assert prometheus.value('sum(churnguard_actions_decisions_total{outcome="offer_created"})') == 1.0
+    assert prometheus.value(
+        'sum(churnguard_gateway_http_requests_total{route="/v1/events/batch",status="202"})') == len(histories) + 1
+    assert prometheus.value("sum(churnguard_gateway_http_requests_total)") > 0
+    rules = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+    assert rules and all(rule["health"] == "ok" for group in rules for rule in group["rules"]), rules
+    firing = [a["labels"]["alertname"] for a in httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=5)
+              .json()["data"]["alerts"] if a["state"] == "firing"]
+    assert not {"ChurnguardServiceDown", "ChurnguardIngestErrorRateHigh", "ChurnguardConsumerLagGrowing"} & set(firing), firing
 
 
 def test_the_gateway_refuses_bad_keys_and_bad_events_before_anything_is_published(stack: Stack) -> None:
