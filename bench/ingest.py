@@ -104,12 +104,21 @@ def serialized_records(tenant_id: str, count: int) -> list[tuple[bytes, bytes]]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process (Linux /proc); 0 where unavailable."""
+    """User + system CPU time of a live process and its live children (uvicorn's workers)
+    (Linux /proc); 0 where unavailable."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        own = (int(fields[11]) + int(fields[12])) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return 0.0
+    return own + sum(cpu_seconds(child) for child in children(pid))
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def client_cpu_seconds() -> float:
@@ -635,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-messages", type=int, default=50_000)
     parser.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto",
                         help="throughput load client (auto: wrk when installed)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="uvicorn workers for ingest and the gateway (default 2: one per core of the reference machine)")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="extra argument for `churnguard serve` (repeatable), e.g. --serve-arg=--log-level=warning (no access log)")
     parser.add_argument("--only", choices=["raw", "throughput", "latency"], action="append",
@@ -647,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs (printed path)")
     args = parser.parse_args(argv)
+    serve_args = [f"--workers={args.workers}", *args.serve_arg]
 
     client = args.client
     if client == "auto":
@@ -667,13 +679,13 @@ def main(argv: list[str] | None = None) -> int:
                       + "; latency: open-loop asyncio+aiohttp generator",
             "throughput_seconds": args.duration, "connections": args.connections,
             "batch_events": BATCH_EVENTS, "latency_rates": args.rates,
-            "latency_seconds": args.latency_duration, "serve_args": args.serve_arg,
+            "latency_seconds": args.latency_duration, "serve_args": serve_args,
         },
         "raw_producer": [], "throughput": [], "latency": [],
     }
 
     workdir = Path(tempfile.mkdtemp(prefix="churnguard-bench-"))
-    stack = Stack(workdir, args.serve_arg)
+    stack = Stack(workdir, serve_args)
     try:
         print(f"starting broker, ingest and gateway (logs in {workdir}) ...", flush=True)
         stack.start()
