@@ -136,7 +136,7 @@ PolicyName = Annotated[str, Path(min_length=1, max_length=64)]
 def _invalid(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> HTTPException:
     """A document that fails validation after a per-policy change: 422 naming the field."""
     return HTTPException(
-        status.HTTP_422_UNPROCESSABLE_ENTITY,
+        422,
         [
             {"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
             for e in exc.errors(include_url=False, include_context=False, include_input=False)
@@ -194,7 +194,7 @@ def put_policy(
     """Add or replace one policy in the tenant's document (a copy of the default on first use)."""
     if body.name != name:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            422,
             [{"loc": ["body", "name"], "msg": f"must equal the path's policy name '{name}'",
               "type": "value_error"}],
         )
