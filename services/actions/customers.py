@@ -139,7 +139,8 @@ def _apply_contract_event(
         if effective is not None:
             contract.end_date = effective
         elif contract.end_date is None:
-            contract.end_date = (at + timedelta(days=int(data.get("notice_period_days") or 0))).date()
+            notice_days = int(data.get("notice_period_days") or 0)
+            contract.end_date = (at + timedelta(days=notice_days)).date()
     elif kind == "subscription.ended":
         contract.status = "ended"
         contract.ended_at = at

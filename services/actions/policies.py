@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -149,12 +149,10 @@ class Conditions(_Strict):
 
     @model_validator(mode="after")
     def _score_in_unit_interval(self) -> Conditions:
-        for name in ("score",):
-            bounds = getattr(self, name)
-            if bounds is not None:
-                for edge in (bounds.min, bounds.max):
-                    if edge is not None and not 0.0 <= edge <= 1.0:
-                        raise ValueError(f"{name} bounds must lie within 0..1")
+        if self.score is not None:
+            for edge in (self.score.min, self.score.max):
+                if edge is not None and not 0.0 <= edge <= 1.0:
+                    raise ValueError("score bounds must lie within 0..1")
         return self
 
 
@@ -197,7 +195,9 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _contract_end_needs_days(self) -> Policy:
         if ("contract_end" in self.triggers) != (self.days_before_end is not None):
-            raise ValueError("days_before_end is required with, and only with, trigger contract_end")
+            raise ValueError(
+                "days_before_end is required with, and only with, trigger contract_end"
+            )
         return self
 
 
@@ -304,7 +304,10 @@ def _attribute_matches(actual: Any, expected: AttributeValue | list[AttributeVal
         # 3 and 3.0 are the same number; True is not the number 1
         not isinstance(actual, bool)
         and isinstance(actual, (int, float))
-        and any(not isinstance(o, bool) and isinstance(o, (int, float)) and actual == o for o in options)
+        and any(
+            not isinstance(o, bool) and isinstance(o, (int, float)) and actual == o
+            for o in options
+        )
     )
 
 
@@ -330,11 +333,12 @@ def conditions_hold(when: Conditions, facts: Facts) -> bool:
         return False
     if when.auto_renew is not None and facts.auto_renew is not when.auto_renew:
         return False
-    if when.cancellation_notice is not None and facts.cancellation_notice is not when.cancellation_notice:
+    notice = when.cancellation_notice
+    if notice is not None and facts.cancellation_notice is not notice:
         return False
     if when.complaint_within_days is not None and (
         facts.last_complaint_at is None
-        or (facts.now - facts.last_complaint_at).total_seconds() > when.complaint_within_days * 86_400
+        or facts.now - facts.last_complaint_at > timedelta(days=when.complaint_within_days)
     ):
         return False
     if when.max_nps is not None and (facts.last_nps is None or facts.last_nps > when.max_nps):

@@ -297,7 +297,9 @@ def contracts_ending_between(
             tuple_(col(ActionsContract.tenant_id), col(ActionsContract.contract_id)) > after
         )
     return session.exec(
-        query.order_by(col(ActionsContract.tenant_id), col(ActionsContract.contract_id)).limit(limit)
+        query.order_by(col(ActionsContract.tenant_id), col(ActionsContract.contract_id)).limit(
+            limit
+        )
     ).all()
 
 

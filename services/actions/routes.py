@@ -222,7 +222,9 @@ def delete_policy(
 
 
 @router.get("/customers/{customer_id}/state", response_model=CustomerStateOut, tags=["customers"])
-def customer_state(customer_id: CustomerId, tenant: TenantId, engine: EngineDep) -> CustomerStateOut:
+def customer_state(
+    customer_id: CustomerId, tenant: TenantId, engine: EngineDep
+) -> CustomerStateOut:
     """What actions knows of this customer from their events (`known: false` when nothing)."""
     with session_scope(engine) as session:
         state, contracts = customers.profile(session, tenant, customer_id)

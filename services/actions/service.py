@@ -172,7 +172,9 @@ def decide(
         decision.offer_kind = offer_spec.kind
         decision.service = offer_spec.service
         decision.offer_cost = offer_spec.cost
-        decision.reason = _guardrail(session, trigger, state, facts, policy, offer_spec, document, rules, now)
+        decision.reason = _guardrail(
+            session, trigger, state, facts, policy, offer_spec, document, rules, now
+        )
         if decision.reason == MATCHED:
             offer = _create_offer(session, trigger, decision, policy, offer_spec, now)
             decision.outcome = OFFER_CREATED

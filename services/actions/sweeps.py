@@ -98,11 +98,8 @@ class ContractSweeper:
         outcome = ContractSweepOutcome()
         try:
             documents = await asyncio.to_thread(self._documents)
-            horizon = max(
-                (max(d.contract_end_offsets(), default=-1) for d in documents.values()),
-                default=-1,
-            )
-            horizon = max(horizon, max(self.rules.default_document.contract_end_offsets(), default=-1))
+            in_use = [self.rules.default_document, *documents.values()]
+            horizon = max(max(d.contract_end_offsets(), default=-1) for d in in_use)
             if horizon < 0:
                 metrics.CONTRACT_SWEEP_ROUNDS.labels("done").inc()
                 return outcome  # no policy listens to contract ends
@@ -162,7 +159,8 @@ class ContractSweeper:
             if step is None:
                 continue
             with session_scope(self.engine) as session:
-                result = service.decide(session, contract_end_trigger(contract, step), self.rules, now)
+                trigger = contract_end_trigger(contract, step)
+                result = service.decide(session, trigger, self.rules, now)
             if result.created:
                 results.append(result)
         count_decisions(results)

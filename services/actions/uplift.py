@@ -30,7 +30,9 @@ def wilson(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def newcombe_difference(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tuple[float, float, float]:
+def newcombe_difference(
+    x1: int, n1: int, x2: int, n2: int, z: float = Z_95
+) -> tuple[float, float, float]:
     """p1 - p2 with Newcombe's hybrid score interval (Newcombe 1998, method 10): better coverage
     than the Wald interval for small groups and rates near 0 or 1. Returns (diff, low, high)."""
     p1, p2 = x1 / n1, x2 / n2
@@ -163,7 +165,10 @@ def units_from(
                 customer_id=d.customer_id,
                 treated=d.treated,
                 churned=churned(
-                    d.decided_at, horizon, activity.get(d.customer_id, ()), ends.get(d.customer_id, ())
+                    d.decided_at,
+                    horizon,
+                    activity.get(d.customer_id, ()),
+                    ends.get(d.customer_id, ()),
                 ),
                 redeemed=d.treated and d.offer_id in redeemed,
                 offer_cost=d.offer_cost if d.treated else 0.0,
