@@ -16,7 +16,7 @@ from services.actions.consumer import EventConsumer, ScoreConsumer
 from services.actions.delivery import USER_AGENT, DeliveryWorker
 from services.actions.policies import load_policy_file
 from services.actions.routes import router
-from services.actions.service import Rules
+from services.actions.service import PolicyCache, Rules
 from services.actions.sweeps import ContractSweeper
 from services.actions.tables import TABLES
 from shared.app import create_service_app
@@ -39,6 +39,7 @@ def rules_from(settings: ActionsSettings) -> Rules:
         consent_required=settings.consent_required,
         holdout_percent=settings.holdout_percent,
         holdout_salt=settings.holdout_salt,
+        cache=PolicyCache(settings.policy_cache_s),
     )
 
 

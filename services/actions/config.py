@@ -31,6 +31,9 @@ class ActionsSettings(BaseSettings):
         DEFAULT_POLICIES_FILE,
         description="YAML policy document (offer catalog + policies); a bad file stops start-up.",
     )
+    policy_cache_s: float = Field(
+        5.0, ge=0, description="How long an instance reuses a tenant's policy document (0: never)."
+    )
     consent_required: bool = Field(
         True,
         description="A customer with no consent event gets no marketing offer (EU opt-in); "

@@ -56,11 +56,11 @@ def apply_event(
     must not send a service-recovery message today)."""
     event = record.event
     tenant, customer = record.tenant_id, event.customer_id
-    if repository.is_erased(session, tenant, customer):
+    state = repository.lock_customer(session, tenant, customer)
+    if state.erased_at is not None:
         return None
     at: datetime = event.occurred_at
     data = event.data.model_dump(mode="json")
-    state = repository.lock_customer(session, tenant, customer)
     kind = event.type
 
     if kind not in _NOT_ACTIVITY:

@@ -13,14 +13,17 @@ from sqlmodel import Session
 
 from services.actions import repository
 from services.actions.policies import Policy, PolicyDocument
-from services.actions.service import NotFound, Rules, policy_document
+from services.actions.service import NotFound, Rules
 from services.actions.tables import ActionsPolicyDocument
 
 
 def effective(session: Session, tenant_id: str, rules: Rules) -> tuple[str, PolicyDocument]:
-    """("tenant" or "default", the document that decides for this tenant)."""
-    own = repository.get_policy_document(session, tenant_id) is not None
-    return ("tenant" if own else "default"), policy_document(session, tenant_id, rules)
+    """("tenant" or "default", the document that decides for this tenant), read from the
+    database (never from the decision cache: the API shows what is stored)."""
+    row = repository.get_policy_document(session, tenant_id)
+    if row is None:
+        return "default", rules.default_document
+    return "tenant", PolicyDocument.model_validate(row.document)
 
 
 def replace(session: Session, tenant_id: str, document: PolicyDocument, now: datetime) -> None:

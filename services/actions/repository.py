@@ -7,9 +7,9 @@ deliveries, counting the outbox) are system-wide by nature and say so in their n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 
-from sqlalchemy import delete, func, tuple_
+from sqlalchemy import case, delete, func, tuple_
 from sqlmodel import Session, col, select
 
 from services.actions.tables import (
@@ -18,7 +18,6 @@ from services.actions.tables import (
     ActionsCustomer,
     ActionsDecision,
     ActionsDelivery,
-    ActionsErasedCustomer,
     ActionsOffer,
     ActionsOfferResponse,
     ActionsPolicyDocument,
@@ -177,21 +176,26 @@ def get_policy_document(session: Session, tenant_id: str) -> ActionsPolicyDocume
     return session.get(ActionsPolicyDocument, tenant_id)
 
 
-def last_offer_of(
-    session: Session,
-    tenant_id: str,
-    customer_id: str,
-    policy: str | None = None,
-    marketing_only: bool = False,
-) -> datetime | None:
-    query = select(func.max(ActionsOffer.created_at)).where(
-        ActionsOffer.tenant_id == tenant_id, ActionsOffer.customer_id == customer_id
-    )
-    if policy is not None:
-        query = query.where(ActionsOffer.policy == policy)
-    if marketing_only:
-        query = query.where(col(ActionsOffer.service).is_(False))
-    return session.exec(query).first()
+def last_offers(
+    session: Session, tenant_id: str, customer_id: str, policy: str
+) -> tuple[datetime | None, datetime | None]:
+    """When this customer last got an offer of `policy`, and any marketing offer (one query)."""
+    of_policy, marketing = session.execute(
+        select(
+            func.max(case((ActionsOffer.policy == policy, ActionsOffer.created_at))),
+            func.max(case((col(ActionsOffer.service).is_(False), ActionsOffer.created_at))),
+        ).where(ActionsOffer.tenant_id == tenant_id, ActionsOffer.customer_id == customer_id)
+    ).one()
+    return _aware(of_policy), _aware(marketing)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """Aggregates bypass the UtcDateTime column type: SQLite hands back naive UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite returns text for an aggregate over a CASE
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
 def budget_used(
@@ -208,26 +212,26 @@ def budget_used(
     return int(count), float(cost)
 
 
-def is_erased(session: Session, tenant_id: str, customer_id: str) -> bool:
-    return session.get(ActionsErasedCustomer, (tenant_id, customer_id)) is not None
-
-
 # --- customer state ----------------------------------------------------------------
 
 
 def lock_customer(session: Session, tenant_id: str, customer_id: str) -> ActionsCustomer:
     """The customer's state row, created empty if new, locked for this transaction (the score
-    consumer and the event consumer may both write it)."""
+    consumer and the event consumer may both write it). One query for a known customer."""
+    query = (
+        select(ActionsCustomer)
+        .where(ActionsCustomer.tenant_id == tenant_id, ActionsCustomer.customer_id == customer_id)
+        .with_for_update()
+    )
+    existing = session.exec(query).first()
+    if existing is not None:
+        return existing
     session.execute(
         dialect_insert(session, ActionsCustomer.__table__)  # type: ignore[attr-defined]
         .on_conflict_do_nothing(index_elements=["tenant_id", "customer_id"]),
         [{"tenant_id": tenant_id, "customer_id": customer_id, "attributes": {}}],
     )
-    return session.exec(
-        select(ActionsCustomer)
-        .where(ActionsCustomer.tenant_id == tenant_id, ActionsCustomer.customer_id == customer_id)
-        .with_for_update()
-    ).one()
+    return session.exec(query).one()
 
 
 def get_customer(session: Session, tenant_id: str, customer_id: str) -> ActionsCustomer | None:
@@ -265,12 +269,13 @@ def add_offer_response(session: Session, row: dict[str, object]) -> None:
 
 
 def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetime) -> None:
-    session.execute(
-        dialect_insert(session, ActionsErasedCustomer.__table__)  # type: ignore[attr-defined]
-        .on_conflict_do_nothing(),
-        [{"tenant_id": tenant_id, "customer_id": customer_id, "erased_at": now}],
-    )
-    for table in (ActionsCustomer, ActionsContract, ActionsActivityDay, ActionsOfferResponse):
+    state = lock_customer(session, tenant_id, customer_id)
+    blank = ActionsCustomer(tenant_id=tenant_id, customer_id=customer_id, attributes={})
+    for name in ActionsCustomer.model_fields:
+        setattr(state, name, getattr(blank, name))
+    state.erased_at = now
+    session.add(state)
+    for table in (ActionsContract, ActionsActivityDay, ActionsOfferResponse):
         session.execute(
             delete(table).where(
                 table.tenant_id == tenant_id,  # type: ignore[attr-defined]

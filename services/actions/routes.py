@@ -144,6 +144,12 @@ def _invalid(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> HTTPE
     )
 
 
+def _forget(rules: service.Rules, tenant: str) -> None:
+    """After the commit: this instance's next decision reads the new document."""
+    if rules.cache is not None:
+        rules.cache.invalidate(tenant)
+
+
 @router.get("/policies", response_model=PoliciesOut, tags=["policies"])
 def get_policies(tenant: TenantId, engine: EngineDep, rules: RulesDep) -> PoliciesOut:
     """The policy document that decides for this tenant: its own, or the default file."""
@@ -154,21 +160,23 @@ def get_policies(tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Polici
 
 @router.put("/policies", response_model=PoliciesOut, tags=["policies"])
 def put_policies(
-    body: PolicyDocument, tenant: TenantId, engine: EngineDep, clock: ClockDep
+    body: PolicyDocument, tenant: TenantId, engine: EngineDep, rules: RulesDep, clock: ClockDep
 ) -> PoliciesOut:
     """Replace the tenant's whole document (offer catalog and policies); from now on it, not the
     default file, decides for this tenant."""
     with session_scope(engine) as session:
         policy_store.replace(session, tenant, body, clock.now())
+    _forget(rules, tenant)
     return PoliciesOut(source="tenant", document=body)
 
 
 @router.delete("/policies", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"])
-def reset_policies(tenant: TenantId, engine: EngineDep) -> Response:
+def reset_policies(tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Response:
     """Drop the tenant's own document: the default file applies again."""
     with session_scope(engine) as session:
         if not policy_store.reset(session, tenant):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "this tenant has no policy document")
+    _forget(rules, tenant)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -203,6 +211,7 @@ def put_policy(
             policy_store.upsert_policy(session, tenant, body, rules, clock.now())
     except ValidationError as exc:
         raise _invalid(exc, ("document",)) from None
+    _forget(rules, tenant)
     return body
 
 
@@ -215,6 +224,7 @@ def delete_policy(
             policy_store.delete_policy(session, tenant, name, rules, clock.now())
     except service.NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    _forget(rules, tenant)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -8,9 +8,10 @@ import binascii
 import json
 import re
 import secrets
+import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -80,6 +81,30 @@ class DecisionResult:
     deliveries: int  # outbox rows written by this decision
 
 
+class PolicyCache:
+    """Tenants' own documents (None: the tenant uses the default) kept for `ttl_s` seconds of
+    process time, saving a query per decision. A write through this instance's API invalidates
+    its entry at once; other instances see it within `ttl_s`. `ttl_s` 0 disables caching."""
+
+    def __init__(self, ttl_s: float, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._monotonic = monotonic
+        self._entries: dict[str, tuple[float, PolicyDocument | None]] = {}
+
+    def get(self, tenant_id: str) -> tuple[bool, PolicyDocument | None]:
+        entry = self._entries.get(tenant_id)
+        if entry is None or self._monotonic() - entry[0] >= self._ttl_s:
+            return False, None
+        return True, entry[1]
+
+    def put(self, tenant_id: str, document: PolicyDocument | None) -> None:
+        if self._ttl_s > 0:
+            self._entries[tenant_id] = (self._monotonic(), document)
+
+    def invalidate(self, tenant_id: str) -> None:
+        self._entries.pop(tenant_id, None)
+
+
 @dataclass(frozen=True)
 class Rules:
     """What decide() needs besides the facts: the default policy document (the YAML file) and
@@ -89,6 +114,7 @@ class Rules:
     consent_required: bool = True  # no consent event yet = no marketing offer (EU opt-in)
     holdout_percent: float = 10.0
     holdout_salt: str = "churnguard-holdout-v1"
+    cache: PolicyCache | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -119,10 +145,15 @@ def score_trigger(score: ScoreRecord) -> TriggerInput:
 
 def policy_document(session: Session, tenant_id: str, rules: Rules) -> PolicyDocument:
     """The tenant's own document when it defined one through the API, else the default file."""
+    if rules.cache is not None:
+        hit, cached = rules.cache.get(tenant_id)
+        if hit:
+            return cached or rules.default_document
     row = repository.get_policy_document(session, tenant_id)
-    if row is None:
-        return rules.default_document
-    return PolicyDocument.model_validate(row.document)
+    own = None if row is None else PolicyDocument.model_validate(row.document)
+    if rules.cache is not None:
+        rules.cache.put(tenant_id, own)
+    return own or rules.default_document
 
 
 def decide(
@@ -142,9 +173,11 @@ def decide(
     if existing is not None:
         return DecisionResult(action_record(existing), created=False, deliveries=0)
 
-    erased = repository.is_erased(session, tenant, customer)
-    state = None if erased else repository.lock_customer(session, tenant, customer)
-    facts = _facts(session, trigger, state, now)
+    document = policy_document(session, tenant, rules)
+    locked = repository.lock_customer(session, tenant, customer)
+    erased = locked.erased_at is not None
+    state = None if erased else locked
+    facts = _facts(session, trigger, state, now, _needs_contracts(document, trigger))
     decision = ActionsDecision(
         decision_id=new_id(),
         tenant_id=tenant,
@@ -163,7 +196,6 @@ def decide(
         decided_at=now,
     )
     deliveries = 0
-    document = policy_document(session, tenant, rules)
     policy = None if erased else first_match(document.ordered(), facts)
     if policy is not None:
         offer_spec = document.offers[policy.offer]
@@ -189,13 +221,31 @@ def decide(
     return DecisionResult(action_record(decision), created=True, deliveries=deliveries)
 
 
+def _needs_contracts(document: PolicyDocument, trigger: TriggerInput) -> bool:
+    """Whether any policy listening to this trigger looks at contracts (saves a query per score
+    when none does, as with the default file)."""
+    return any(
+        trigger.trigger in p.triggers
+        and (
+            p.when.days_to_contract_end is not None
+            or p.when.auto_renew is not None
+            or p.when.cancellation_notice is not None
+        )
+        for p in document.ordered()
+    )
+
+
 def _facts(
-    session: Session, trigger: TriggerInput, state: ActionsCustomer | None, now: datetime
+    session: Session,
+    trigger: TriggerInput,
+    state: ActionsCustomer | None,
+    now: datetime,
+    with_contracts: bool = True,
 ) -> Facts:
     score = trigger.score
     contracts = (
         list(repository.customer_contracts(session, trigger.tenant_id, trigger.customer_id))
-        if state is not None
+        if state is not None and with_contracts
         else []
     )
     days_to_end, auto_renew, notice = contract_facts(contracts, now.date())
@@ -243,13 +293,15 @@ def _guardrail(
         consent = state.marketing_consent if state else None
         if consent is False or (consent is None and rules.consent_required):
             return CONSENT
-    last_of_policy = repository.last_offer_of(session, tenant, customer, policy=policy.name)
+    last_of_policy, last_marketing = repository.last_offers(session, tenant, customer, policy.name)
     if in_cooldown(last_of_policy, now, timedelta(days=policy.cooldown_days)):
         return COOLDOWN
-    if not offer.service and policy.respect_customer_cooldown:
-        last_marketing = repository.last_offer_of(session, tenant, customer, marketing_only=True)
-        if in_cooldown(last_marketing, now, timedelta(days=document.customer_cooldown_days)):
-            return COOLDOWN
+    if (
+        not offer.service
+        and policy.respect_customer_cooldown
+        and in_cooldown(last_marketing, now, timedelta(days=document.customer_cooldown_days))
+    ):
+        return COOLDOWN
     if policy.budget is not None:
         used_count, used_cost = repository.budget_used(
             session, tenant, policy.name, period_start(now, policy.budget.period)

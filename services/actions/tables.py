@@ -146,6 +146,9 @@ class ActionsCustomer(SQLModel, table=True):
     last_model_version: str | None = Field(default=None, max_length=128)
     spend_365d: float | None = None
     last_scored_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # Set by mark_erased (GDPR Art. 17): every other field is cleared, the row stays as the
+    # marker that this customer is never targeted again and never rebuilt from later events.
+    erased_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class ActionsContract(SQLModel, table=True):
@@ -193,16 +196,6 @@ class ActionsOfferResponse(SQLModel, table=True):
     occurred_at: datetime = Field(sa_type=UtcDateTime)
 
 
-class ActionsErasedCustomer(SQLModel, table=True):
-    """Customers erased on request (GDPR Art. 17): never targeted again, nothing kept but this."""
-
-    __tablename__ = "actions_erased_customers"
-
-    tenant_id: str = Field(primary_key=True, max_length=128)
-    customer_id: str = Field(primary_key=True, max_length=128)
-    erased_at: datetime = Field(sa_type=UtcDateTime)
-
-
 class ActionsPolicyDocument(SQLModel, table=True):
     """A tenant's own policy document (API); it replaces the default file for that tenant."""
 
@@ -232,7 +225,6 @@ TABLES: list[type[SQLModel]] = [
     ActionsContract,
     ActionsActivityDay,
     ActionsOfferResponse,
-    ActionsErasedCustomer,
     ActionsPolicyDocument,
     ActionsSweepLease,
 ]

@@ -316,6 +316,28 @@ def test_report_arithmetic_on_a_constructed_scenario() -> None:
     assert rows[0].treated_customers == 41 and rows[0].control_customers == 16
 
 
+def test_policy_cache_expires_and_forgets() -> None:
+    from services.actions.service import PolicyCache
+
+    now = [0.0]
+    cache = PolicyCache(5.0, monotonic=lambda: now[0])
+    document = PolicyDocument.model_validate(_document())
+    assert cache.get("t") == (False, None)
+    cache.put("t", document)
+    cache.put("u", None)  # "uses the default" is cached too
+    assert cache.get("t") == (True, document) and cache.get("u") == (True, None)
+    now[0] = 4.9
+    assert cache.get("t")[0] is True
+    now[0] = 5.0
+    assert cache.get("t") == (False, None)
+    cache.put("t", document)
+    cache.invalidate("t")
+    assert cache.get("t") == (False, None)
+    off = PolicyCache(0.0, monotonic=lambda: now[0])
+    off.put("t", document)
+    assert off.get("t") == (False, None)
+
+
 def test_document_model_rejects_an_unknown_top_level_field() -> None:
     with pytest.raises(ValidationError, match="customer_cooldown"):
         PolicyDocument.model_validate(_document(customer_cooldown=3))

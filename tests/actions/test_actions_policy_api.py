@@ -43,8 +43,8 @@ def _detail(response: Any) -> str:
     return json.dumps(response.json()["detail"])
 
 
-def test_policy_api_crud_validation_and_tenant_isolation(
-    make_settings: Callable[..., ActionsSettings], clock: ManualClock
+async def test_policy_api_crud_validation_and_tenant_isolation(
+    make_settings: Callable[..., ActionsSettings], clock: ManualClock, publish: Callable[..., Any]
 ) -> None:
     with TestClient(create_app(make_settings(), clock)) as client:
         assert client.get("/v1/policies", headers=headers(token=None)).status_code == 401
@@ -108,6 +108,27 @@ def test_policy_api_crud_validation_and_tenant_isolation(
         assert client.delete("/v1/policies", headers=headers()).status_code == 204
         assert client.get("/v1/policies", headers=headers()).json()["source"] == "default"
         assert client.delete("/v1/policies", headers=headers()).status_code == 404
+
+        # A tenant's document decides for it at once (the decision cache is invalidated), and
+        # only for it: the other tenant's equal score still goes by the default file.
+        await publish(make_score("s-warm", "c-warm", 0.2))  # caches "default" for the tenant
+        await wait_until(lambda: client.get("/v1/customers/c-warm/decisions",
+                                            headers=headers()).json(), what="warm-up decision")
+        everyone = {"offers": {"ship": {"kind": "free_shipping", "cost": 4.9}},
+                    "policies": [{"name": "everyone", "priority": 1, "offer": "ship",
+                                  "when": {"score": {"min": 0.1}}}]}
+        assert client.put("/v1/policies", json=everyone, headers=headers()).status_code == 200
+        await publish(make_score("s-a", "c-1", 0.2), make_score("s-b", "c-1", 0.2, OTHER_TENANT))
+        mine_decided = await wait_until(
+            lambda: client.get("/v1/customers/c-1/decisions", headers=headers()).json(),
+            what="tenant's decision")
+        theirs = await wait_until(
+            lambda: client.get("/v1/customers/c-1/decisions", headers=headers(OTHER_TENANT)).json(),
+            what="other tenant's decision")
+        assert [(d["policy"], d["reason"], d["offer_kind"]) for d in mine_decided] == [
+            ("everyone", "matched", "free_shipping")
+        ]
+        assert [(d["policy"], d["reason"]) for d in theirs] == [(None, "no_match")]
 
 
 def _event_record(tenant: str, customer: str, type_: str, data: dict[str, Any], at: Any,
