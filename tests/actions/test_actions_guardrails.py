@@ -295,3 +295,17 @@ async def test_contract_end_sweep_fires_at_30_and_7_days_once_each(
         ("auto", "contract_end", "no_match"), ("auto", "contract_end", "no_match"),
         ("renewing", "contract_end", "matched"), ("renewing", "contract_end", "matched"),
     ]
+
+
+def test_score_change_compares_with_the_previous_score_of_the_customer(engine: Engine) -> None:
+    clock = ManualClock(START)
+    jump = PolicyDocument.model_validate({
+        "offers": {"call": {"kind": "personal_call", "cost": 1.0}},
+        "policies": [{"name": "jump", "priority": 1, "offer": "call", "cooldown_days": 0,
+                      "respect_customer_cooldown": False, "when": {"score_change": {"min": 0.3}}}],
+    })
+    world = World(engine, clock, rules(default_document=jump, consent_required=False))
+    assert _why(world.score("j", 0.2)) == (None, "suppressed", "no_match")  # no previous score
+    assert _why(world.score("j", 0.4)) == (None, "suppressed", "no_match")  # +0.2
+    assert _why(world.score("j", 0.75)) == ("jump", "offer_created", "matched")  # +0.35
+    assert _why(world.score("j", 0.8)) == (None, "suppressed", "no_match")  # +0.05
