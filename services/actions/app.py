@@ -130,6 +130,13 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
                 "events_consumer": events_consumer_alive,
                 "delivery_worker": delivery_worker_alive,
             }
+            if settings.contract_sweep_enabled:
+                running_sweeper = sweeper
+
+                async def contract_sweep_alive() -> bool:
+                    return running_sweeper.alive
+
+                app.state.readiness["contract_sweep"] = contract_sweep_alive
             yield {
                 "engine": engine,
                 "clock": clock,

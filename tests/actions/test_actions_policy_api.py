@@ -308,3 +308,13 @@ def test_uplift_report_over_http_on_a_constructed_scenario(
         # A 5-day horizon counts the late decision too (its 10 days are over).
         short = client.get("/v1/reports/uplift?horizon_days=5", headers=headers()).json()
         assert {(g["band"], g["treated_customers"]) for g in short["groups"]} == {("all", 5), ("high", 5)}
+
+
+async def test_readiness_includes_the_contract_sweep_when_it_runs(
+    make_settings: Callable[..., ActionsSettings], clock: ManualClock
+) -> None:
+    with TestClient(create_app(make_settings(contract_sweep_enabled=True), clock)) as client:
+        ready = await wait_until(
+            lambda: (r := client.get("/readyz")).status_code == 200 and r, what="readyz 200"
+        )
+        assert ready.json()["checks"]["contract_sweep"] is True
