@@ -313,7 +313,11 @@ class ScoreRecord(BaseModel):
 
 
 class ActionRecord(BaseModel):
-    """A retention decision on `retention-actions`: what was decided for a score, and why."""
+    """A retention decision on `retention-actions`: what was decided, on which trigger, and why.
+
+    `reason` on a suppressed decision: no_match, cooldown, consent, holdout, budget, value_gate,
+    erased; on a created offer: matched. `score_id` is the score decided for trigger "score",
+    and a deterministic trigger id for the other triggers."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -326,6 +330,11 @@ class ActionRecord(BaseModel):
     policy: str | None = None
     offer_id: str | None = None
     decided_at: AwareDatetime
+    trigger: Literal["score", "contract_end", "cancellation", "complaint", "feedback"] = "score"
+    offer_kind: str | None = None
+    service: bool | None = None
+    churn_probability: float | None = None
+    band: RiskBand | None = None
 
     @property
     def key(self) -> bytes:

@@ -12,33 +12,41 @@ import httpx
 from fastapi import FastAPI
 
 from services.actions.config import ActionsSettings
-from services.actions.consumer import ScoreConsumer
+from services.actions.consumer import EventConsumer, ScoreConsumer
 from services.actions.delivery import USER_AGENT, DeliveryWorker
-from services.actions.policies import HighRiskDiscountPolicy
+from services.actions.policies import load_policy_file
 from services.actions.routes import router
+from services.actions.service import PolicyCache, Rules
+from services.actions.sweeps import ContractSweeper
 from services.actions.tables import TABLES
 from shared.app import create_service_app
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, ping
 from shared.kafka import Publisher
 
-DESCRIPTION = """Decides on each churn score whether to act (threshold policy with a cooldown),
-creates retention offers, and delivers them to subscribed marketing tools as signed
-webhooks (Standard Webhooks), retried with backoff for more than a day, then parked for replay."""
+DESCRIPTION = """Turns churn scores, contract ends and customer events into retention measures:
+declarative policies (first match wins) with guardrails (consent, cooldowns, budgets, value
+gate, holdout control group), every decision recorded with its reason, an uplift report
+against the control group, and signed webhooks (Standard Webhooks) to marketing tools,
+retried with backoff for more than a day, then parked for replay."""
 
 
-def policy_from(settings: ActionsSettings) -> HighRiskDiscountPolicy:
-    return HighRiskDiscountPolicy(
-        threshold=settings.offer_threshold,
-        cooldown=timedelta(days=settings.offer_cooldown_days),
-        discount_percent=settings.discount_percent,
-        validity=timedelta(days=settings.offer_validity_days),
+def rules_from(settings: ActionsSettings) -> Rules:
+    """Reads and validates the policy file: a bad file raises PolicyFileError naming the file,
+    the path inside it and the reason, so the service does not start."""
+    return Rules(
+        default_document=load_policy_file(settings.policies_file),
+        consent_required=settings.consent_required,
+        holdout_percent=settings.holdout_percent,
+        holdout_salt=settings.holdout_salt,
+        cache=PolicyCache(settings.policy_cache_s),
     )
 
 
 def create_app(settings: ActionsSettings | None = None, clock: Clock | None = None) -> FastAPI:
     settings = settings or ActionsSettings()
     clock = clock or SystemClock()
+    rules = rules_from(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -53,6 +61,8 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
         )
         worker: DeliveryWorker | None = None
         consumer: ScoreConsumer | None = None
+        events: EventConsumer | None = None
+        sweeper: ContractSweeper | None = None
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             worker = DeliveryWorker(
@@ -70,19 +80,45 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
                 client_id=settings.client_id,
                 engine=engine,
                 publisher=publisher,
-                policy=policy_from(settings),
+                rules=rules,
                 clock=clock,
+                on_deliveries=worker.wake,
+            )
+            events = EventConsumer(
+                settings=settings.kafka,
+                group_id=f"{settings.group_id}-events",
+                client_id=settings.client_id,
+                engine=engine,
+                publisher=publisher,
+                rules=rules,
+                clock=clock,
+                trigger_max_age=timedelta(hours=settings.event_trigger_max_age_hours),
+                on_deliveries=worker.wake,
+            )
+            sweeper = ContractSweeper(
+                engine=engine,
+                publisher=publisher,
+                rules=rules,
+                clock=clock,
+                interval_s=settings.contract_sweep_interval_s,
+                batch=settings.contract_sweep_batch,
                 on_deliveries=worker.wake,
             )
             worker.start()
             consumer.loop.start()
-            running_worker, loop = worker, consumer.loop
+            events.loop.start()
+            if settings.contract_sweep_enabled:
+                sweeper.start()
+            running_worker, loop, events_loop = worker, consumer.loop, events.loop
 
             async def database() -> bool:
                 return await asyncio.to_thread(ping, engine)
 
             async def consumer_alive() -> bool:
                 return loop.alive
+
+            async def events_consumer_alive() -> bool:
+                return events_loop.alive
 
             async def delivery_worker_alive() -> bool:
                 return running_worker.alive
@@ -91,16 +127,30 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
                 "database": database,
                 "broker": publisher.ping,
                 "consumer": consumer_alive,
+                "events_consumer": events_consumer_alive,
                 "delivery_worker": delivery_worker_alive,
             }
+            if settings.contract_sweep_enabled:
+                running_sweeper = sweeper
+
+                async def contract_sweep_alive() -> bool:
+                    return running_sweeper.alive
+
+                app.state.readiness["contract_sweep"] = contract_sweep_alive
             yield {
                 "engine": engine,
                 "clock": clock,
                 "delivery_worker": worker,
                 "settings": settings,
+                "rules": rules,
+                "contract_sweeper": sweeper,
             }
         finally:
             app.state.readiness = {}
+            if sweeper is not None:
+                await sweeper.stop()
+            if events is not None:
+                await events.loop.stop()
             if consumer is not None:
                 await consumer.loop.stop()
             if worker is not None:

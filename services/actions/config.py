@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, PositiveFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -9,6 +11,7 @@ from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSetting
 
 # Standard Webhooks / Svix-like schedule after the first attempt: 5 s, 5 min, 30 min, 2 h,
 # 5 h, 10 h, 10 h -- about 27.6 h in total, so a receiver may be down for more than a day.
+DEFAULT_POLICIES_FILE = Path(__file__).resolve().parents[2] / "config" / "policies.yaml"
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1_800.0, 7_200.0, 18_000.0, 36_000.0, 36_000.0]
 
 
@@ -23,17 +26,36 @@ class ActionsSettings(BaseSettings):
     client_id: str = "actions"
     port: int = 8003
 
-    # The high-risk discount policy.
-    # Scores are calibrated probabilities of churning within the horizon (90 days) while the
-    # base rate is well under 10%: 0.5 means "more likely to leave than to stay".
-    offer_threshold: float = Field(
-        0.5, ge=0.0, le=1.0, description="Offer at or above this churn probability."
+    # Policies: the default set (for tenants that defined none through the API).
+    policies_file: Path = Field(
+        DEFAULT_POLICIES_FILE,
+        description="YAML policy document (offer catalog + policies); a bad file stops start-up.",
     )
-    offer_cooldown_days: int = Field(
-        30, ge=0, description="No second offer to a customer within this many days."
+    policy_cache_s: float = Field(
+        5.0, ge=0, description="How long an instance reuses a tenant's policy document (0: never)."
     )
-    discount_percent: int = Field(15, gt=0, le=100)
-    offer_validity_days: int = Field(14, gt=0)
+    consent_required: bool = Field(
+        True,
+        description="A customer with no consent event gets no marketing offer (EU opt-in); "
+        "service messages are always allowed.",
+    )
+    holdout_percent: float = Field(
+        10.0, ge=0.0, le=100.0, description="Share of customers in the control group."
+    )
+    holdout_salt: str = Field(
+        "churnguard-holdout-v1", min_length=1, description="A new salt draws a new control group."
+    )
+    event_trigger_max_age_hours: float = Field(
+        48.0, gt=0, description="Only events this recent trigger policies at once (not backfills)."
+    )
+    contract_sweep_enabled: bool = True
+    contract_sweep_interval_s: float = Field(
+        3_600.0, gt=0, description="How often the contract-end sweep runs (one instance at a time)."
+    )
+    contract_sweep_batch: int = Field(500, gt=0, le=10_000)
+    uplift_horizon_days: int = Field(
+        90, gt=0, le=3650, description="Churned = no renewal or no activity within this horizon."
+    )
 
     # Webhook delivery (the outbox worker).
     delivery_poll_s: float = Field(

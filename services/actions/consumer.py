@@ -1,26 +1,63 @@
-"""Kafka transport of the actions service: churn-scores -> decide (one transaction per score)
--> wake the webhook worker -> publish ActionRecords on retention-actions -> commit."""
+"""Kafka transport of the actions service.
+
+churn-scores -> decide (one transaction per score) -> wake the webhook worker -> publish
+ActionRecords on retention-actions -> commit.
+customer-events (its own consumer group) -> fold each event into the customer state, and for a
+recent cancellation notice, complaint or feedback answer decide at once, in the same
+transaction -> wake the worker -> publish -> commit.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 from sqlalchemy import Engine
 
-from services.actions import metrics, service
-from services.actions.policies import OFFER_CREATED, Policy
-from services.actions.service import DecisionResult
+from services.actions import customers, metrics, service
+from services.actions.policies import OFFER_CREATED
+from services.actions.service import DecisionResult, Rules, TriggerInput
 from shared.clock import Clock
 from shared.db import session_scope
-from shared.events import ScoreRecord
+from shared.events import EventRecord, ScoreRecord
 from shared.kafka import ConsumeLoop, Decoded, Publisher
 from shared.settings import KafkaSettings
-from shared.topics import CHURN_SCORES, RETENTION_ACTIONS
+from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, RETENTION_ACTIONS
 
 
 def decode_score(raw: bytes) -> ScoreRecord:
     return ScoreRecord.model_validate_json(raw)
+
+
+def decode_event(raw: bytes) -> EventRecord:
+    return EventRecord.model_validate_json(raw)
+
+
+def count_decisions(results: Sequence[DecisionResult]) -> None:
+    """Count committed facts only, once (a redelivered trigger is not counted again)."""
+    for result in results:
+        if not result.created:
+            continue
+        record = result.record
+        metrics.DECISIONS.labels(record.policy or "none", record.outcome, record.reason).inc()
+        metrics.TRIGGERS.labels(record.trigger).inc()
+        if record.outcome == OFFER_CREATED:
+            metrics.OFFERS_CREATED.labels(record.policy or "none").inc()
+
+
+async def publish_decisions(
+    publisher: Publisher, results: Sequence[DecisionResult], on_deliveries: Callable[[], None]
+) -> None:
+    if any(r.deliveries for r in results):
+        on_deliveries()
+    if results:
+        # After the commit. A crash before this line re-decides nothing on redelivery but
+        # re-publishes the stored decisions, so retention-actions is at-least-once too.
+        await publisher.publish_many(
+            RETENTION_ACTIONS,
+            [(r.record.key, r.record.model_dump_json().encode()) for r in results],
+        )
 
 
 class ScoreConsumer:
@@ -32,13 +69,13 @@ class ScoreConsumer:
         client_id: str,
         engine: Engine,
         publisher: Publisher,
-        policy: Policy,
+        rules: Rules,
         clock: Clock,
         on_deliveries: Callable[[], None],
     ) -> None:
         self._engine = engine
         self._publisher = publisher
-        self._policy = policy
+        self._rules = rules
         self._clock = clock
         self._on_deliveries = on_deliveries
         self.loop: ConsumeLoop[ScoreRecord] = ConsumeLoop(
@@ -49,31 +86,73 @@ class ScoreConsumer:
             decode=decode_score,
             handle=self.handle,
             publisher=publisher,
-            on_dead_letter=lambda _topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
+            on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
         )
 
     async def handle(self, batch: list[Decoded[ScoreRecord]]) -> None:
         results = await asyncio.to_thread(self._decide_all, [item.value for item in batch])
-        if any(r.deliveries for r in results):
-            self._on_deliveries()
-        # After the commit. A crash before this line re-decides nothing on redelivery but
-        # re-publishes the stored decisions, so retention-actions is at-least-once too.
-        await self._publisher.publish_many(
-            RETENTION_ACTIONS,
-            [(r.record.key, r.record.model_dump_json().encode()) for r in results],
-        )
+        await publish_decisions(self._publisher, results, self._on_deliveries)
 
     def _decide_all(self, scores: list[ScoreRecord]) -> list[DecisionResult]:
         results = []
         for score in scores:
             with session_scope(self._engine) as session:
-                result = service.decide(session, score, self._policy, self._clock.now())
-            results.append(result)
-            if result.created:  # count committed facts only, once
-                record = result.record
-                metrics.DECISIONS.labels(
-                    record.policy or "none", record.outcome, record.reason
-                ).inc()
-                if record.outcome == OFFER_CREATED:
-                    metrics.OFFERS_CREATED.labels(record.policy or "none").inc()
+                results.append(service.decide(session, score, self._rules, self._clock.now()))
+        count_decisions(results)
+        return results
+
+
+class EventConsumer:
+    """customer-events -> customer state (+ decisions on event triggers)."""
+
+    def __init__(
+        self,
+        *,
+        settings: KafkaSettings,
+        group_id: str,
+        client_id: str,
+        engine: Engine,
+        publisher: Publisher,
+        rules: Rules,
+        clock: Clock,
+        trigger_max_age: timedelta,
+        on_deliveries: Callable[[], None],
+    ) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._rules = rules
+        self._clock = clock
+        self._trigger_max_age = trigger_max_age
+        self._on_deliveries = on_deliveries
+        self.loop: ConsumeLoop[EventRecord] = ConsumeLoop(
+            settings=settings,
+            topic=CUSTOMER_EVENTS,
+            group_id=group_id,
+            client_id=client_id,
+            decode=decode_event,
+            handle=self.handle,
+            publisher=publisher,
+            on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
+        )
+
+    async def handle(self, batch: list[Decoded[EventRecord]]) -> None:
+        results = await asyncio.to_thread(self._apply_all, [item.value for item in batch])
+        await publish_decisions(self._publisher, results, self._on_deliveries)
+
+    def _apply_all(self, records: list[EventRecord]) -> list[DecisionResult]:
+        results = []
+        for record in records:
+            now = self._clock.now()
+            with session_scope(self._engine) as session:
+                raised = customers.apply_event(session, record, now, self._trigger_max_age)
+                if raised is not None:
+                    trigger = TriggerInput(
+                        raised.trigger,
+                        raised.tenant_id,
+                        raised.customer_id,
+                        service.trigger_id(raised.trigger, raised.tenant_id, raised.event_id),
+                    )
+                    results.append(service.decide(session, trigger, self._rules, now))
+            metrics.CUSTOMER_EVENTS.labels(record.event.type).inc()
+        count_decisions(results)
         return results

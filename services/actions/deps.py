@@ -7,7 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 
+from services.actions.config import ActionsSettings
 from services.actions.delivery import DeliveryWorker
+from services.actions.service import Rules
 from shared.clock import Clock
 
 
@@ -26,3 +28,15 @@ def get_worker(request: Request) -> DeliveryWorker:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ClockDep = Annotated[Clock, Depends(get_clock)]
 WorkerDep = Annotated[DeliveryWorker, Depends(get_worker)]
+
+
+def get_rules(request: Request) -> Rules:
+    return request.state.rules
+
+
+def get_settings(request: Request) -> ActionsSettings:
+    return request.state.settings
+
+
+RulesDep = Annotated[Rules, Depends(get_rules)]
+SettingsDep = Annotated[ActionsSettings, Depends(get_settings)]

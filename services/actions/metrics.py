@@ -6,7 +6,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter(
     "churnguard_actions_decisions_total",
-    "Decisions taken on churn scores, by policy, outcome and reason.",
+    "Decisions taken (every trigger), by policy (none when no policy matched), outcome and "
+    "reason (matched, no_match, cooldown, consent, holdout, budget, value_gate, erased).",
     ["policy", "outcome", "reason"],
 )
 OFFERS_CREATED = Counter(
@@ -38,4 +39,20 @@ DEAD_LETTERS = Counter(
     "churnguard_actions_dead_letters_total",
     "Records the actions consumer sent to a dead-letter topic, by reason.",
     ["reason"],
+)
+TRIGGERS = Counter(
+    "churnguard_actions_triggers_total",
+    "Decisions taken, by what triggered them (score, contract_end, cancellation, complaint, "
+    "feedback).",
+    ["trigger"],
+)
+CUSTOMER_EVENTS = Counter(
+    "churnguard_actions_customer_events_total",
+    "Customer events folded into the actions customer state, by event type.",
+    ["type"],
+)
+CONTRACT_SWEEP_ROUNDS = Counter(
+    "churnguard_actions_contract_sweep_rounds_total",
+    "Contract-end sweep rounds, by outcome (done, skipped: lease held elsewhere, failed).",
+    ["outcome"],
 )

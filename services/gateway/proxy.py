@@ -63,6 +63,9 @@ ROUTE_TABLE: tuple[ProxyRoute, ...] = (
     ProxyRoute("/v1/customers/{customer_id}/offers", "actions", ("GET",)),
     ProxyRoute("/v1/customers/{customer_id}/decisions", "actions", ("GET",)),
     ProxyRoute("/v1/deliveries", "actions", ANY_METHOD, prefix=True),
+    ProxyRoute("/v1/customers/{customer_id}/state", "actions", ("GET",)),
+    ProxyRoute("/v1/policies", "actions", ("GET", "PUT", "DELETE"), prefix=True),
+    ProxyRoute("/v1/reports/uplift", "actions", ("GET",)),
 )
 
 

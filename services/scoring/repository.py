@@ -22,6 +22,7 @@ from services.scoring.tables import (
     ScoringScore,
     ScoringSweepLease,
 )
+from shared import leases
 from shared.db import dialect_insert
 
 _CHUNK = 1000
@@ -343,27 +344,9 @@ def recent_scores(
 
 
 def acquire_lease(session: Session, name: str, holder: str, now: datetime, expires_at: datetime) -> bool:
-    """Take (or renew) the lease `name` for `holder` until `expires_at`, if it is free, expired
-    or already ours. One conditional UPDATE: atomic on PostgreSQL and SQLite alike."""
-    table = ScoringSweepLease.__table__  # type: ignore[attr-defined]
-    session.execute(
-        dialect_insert(session, table).on_conflict_do_nothing(index_elements=["name"]),
-        [{"name": name, "holder": "", "expires_at": as_utc(now)}],
-    )
-    result = session.execute(
-        update(ScoringSweepLease)
-        .where(
-            ScoringSweepLease.name == name,
-            (ScoringSweepLease.holder == holder) | (ScoringSweepLease.expires_at <= as_utc(now)),
-        )
-        .values(holder=holder, expires_at=as_utc(expires_at))
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    """Take (or renew) the sweep lease `name` for `holder` (shared.leases does the work)."""
+    return leases.acquire_lease(session, ScoringSweepLease, name, holder, now, expires_at)
 
 
 def release_lease(session: Session, name: str, holder: str, now: datetime) -> None:
-    session.execute(
-        update(ScoringSweepLease)
-        .where(ScoringSweepLease.name == name, ScoringSweepLease.holder == holder)
-        .values(expires_at=as_utc(now))
-    )
+    leases.release_lease(session, ScoringSweepLease, name, holder, now)

@@ -45,6 +45,11 @@ def make_settings(
             "group_id": f"actions-{uuid.uuid4().hex[:8]}",
             "delivery_poll_s": 0.05,
             "webhook_timeout_s": 2.0,
+            # Off unless a test is about them: plumbing tests need every high score to be sent.
+            # tests/actions/test_actions_guardrails.py runs with the production defaults.
+            "holdout_percent": 0.0,
+            "consent_required": False,
+            "contract_sweep_enabled": False,  # tests call run_once() with a moved clock
         }
         options.update(overrides)
         return ActionsSettings(**options)

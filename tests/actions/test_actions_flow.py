@@ -90,6 +90,15 @@ async def test_high_score_gets_one_signed_offer_low_none_redelivery_and_cooldown
                 "model_version": "m-test-1",
                 # copied from the ScoreRecord, so the marketing tool can personalise the offer
                 "reasons": ["no order for 74 days", "last NPS 2 of 10"],
+                "trigger": "score",
+                "service": False,
+                "offer": {
+                    "kind": "discount",
+                    "currency": "EUR",
+                    "service": False,
+                    "validity_days": 14,
+                    "discount_percent": 15,
+                },
             },
         }
         assert request.headers["webhook-id"] == delivery["delivery_id"]
@@ -108,7 +117,7 @@ async def test_high_score_gets_one_signed_offer_low_none_redelivery_and_cooldown
         [low] = _decisions(client, "c-2")
         assert (low["outcome"], low["reason"], low["offer_id"]) == (
             "suppressed",
-            "below_threshold",
+            "no_match",
             None,
         )
         assert _offers(client, "c-2") == []
@@ -116,7 +125,7 @@ async def test_high_score_gets_one_signed_offer_low_none_redelivery_and_cooldown
         by_score = {d["score_id"]: d for d in _decisions(client, "c-1")}
         assert (by_score["s-1"]["outcome"], by_score["s-1"]["reason"]) == (
             "offer_created",
-            "above_threshold",
+            "matched",
         )
         assert by_score["s-1"]["offer_id"] == offer["offer_id"]
         assert (
@@ -155,10 +164,10 @@ async def test_high_score_gets_one_signed_offer_low_none_redelivery_and_cooldown
     ]
     by_score = {r.score_id: r for r in records}
     assert {s: (r.outcome, r.reason) for s, r in by_score.items()} == {
-        "s-1": ("offer_created", "above_threshold"),
-        "s-2": ("suppressed", "below_threshold"),
+        "s-1": ("offer_created", "matched"),
+        "s-2": ("suppressed", "no_match"),
         "s-3": ("suppressed", "cooldown"),
-        "s-4": ("offer_created", "above_threshold"),
+        "s-4": ("offer_created", "matched"),
     }
     assert len({r.decision_id for r in records}) == 4
     assert by_score["s-1"].offer_id == offer["offer_id"]

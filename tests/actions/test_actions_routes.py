@@ -32,6 +32,7 @@ async def test_webhook_subscriptions_bad_input_isolation_and_readiness(
             "database": True,
             "broker": True,
             "consumer": True,
+            "events_consumer": True,
             "delivery_worker": True,
         }
 

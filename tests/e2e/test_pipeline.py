@@ -92,6 +92,8 @@ def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
         "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{ports['ingest']}",
         "CHURNGUARD_GATEWAY_SCORING_URL": f"http://127.0.0.1:{ports['scoring']}",
         "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
+        # The control group is random per tenant id; this test is about the path, not uplift.
+        "CHURNGUARD_ACTIONS_HOLDOUT_PERCENT": "0",
     }
     # A model trained on simulated history, registered in scoring's registry before it starts.
     scoring_ops.simulate(database_url, "sim", 1500, 11, None, None)
@@ -228,6 +230,11 @@ def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(
     assert created.status_code == 201, created.text
 
     churner, loyal = "c-churner", "c-loyal"
+    # Marketing offers need consent (opt-in); actions must know it before the churner's scores.
+    consent = _event(churner, 99, "customer.consent_changed", 360, {"marketing": True})
+    assert client.post("/v1/events", json=consent).status_code == 202
+    wait_until(lambda: client.get(f"/v1/customers/{churner}/state").json().get("marketing_consent"),
+               timeout_s=30)
     histories = {loyal: loyal_history(loyal), churner: churner_history(churner)}
     for history in histories.values():
         response = client.post("/v1/events/batch", json={"events": history})
