@@ -87,6 +87,7 @@ class ScoreConsumer:
             handle=self.handle,
             publisher=publisher,
             on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
+            on_batch=metrics.CONSUMER.on_batch,
         )
 
     async def handle(self, batch: list[Decoded[ScoreRecord]]) -> None:
@@ -133,6 +134,7 @@ class EventConsumer:
             handle=self.handle,
             publisher=publisher,
             on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
+            on_batch=metrics.CONSUMER.on_batch,
         )
 
     async def handle(self, batch: list[Decoded[EventRecord]]) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.metrics import ConsumerMetrics
+
+CONSUMER = ConsumerMetrics("actions")
+
 DECISIONS = Counter(
     "churnguard_actions_decisions_total",
     "Decisions taken (every trigger), by policy (none when no policy matched), outcome and "

@@ -23,6 +23,7 @@ from standardwebhooks import Webhook
 from services.gateway import manage as gateway_ops
 from services.scoring import cli_ops as scoring_ops
 from shared.broker import free_port
+from tools import metrics_doc
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -274,13 +275,18 @@ def test_an_event_becomes_a_score_and_a_signed_offer_only_for_the_churner(
     assert 'churnguard_actions_offers_created_total{policy="high-risk-discount"} 1.0' in stack.metrics("actions")
     assert 'route="/v1/events/batch",status="202"' in stack.metrics("gateway")
 
+    # Every metric of the catalog (docs/operations.md) is exposed by its service.
+    scraped = {name: stack.metrics(name) for name in SERVICES}
+    missing = [m.name for m in metrics_doc.catalog() if f"# HELP {m.name} " not in scraped[m.service]]
+    assert not missing, missing
+
     # A real Prometheus scraping the four services sees the same journey.
     wait_until(lambda: prometheus.value("sum(churnguard_actions_offers_created_total)") == 1.0, timeout_s=30)
     wait_until(lambda: len(prometheus.query('up{job=~"churnguard-.*"}')) == len(SERVICES), timeout_s=15,
                what="every service scraped")
     assert {r["metric"]["job"]: r["value"][1] for r in prometheus.query('up{job=~"churnguard-.*"}')} == {
         f"churnguard-{name}": "1" for name in SERVICES}
-    assert prometheus.value("sum(churnguard_ingest_events_accepted_total)") == events_sent
+    assert prometheus.value("sum(churnguard_ingest_events_accepted_total)") == events_sent + 1  # + consent
     assert prometheus.value("sum(churnguard_ingest_events_duplicate_total)") == len(histories[churner])
     assert prometheus.value("sum(churnguard_scoring_scores_published_total)") >= events_sent
     assert prometheus.value('sum(churnguard_scoring_scores_published_total{band="high"})') >= 1
