@@ -103,6 +103,7 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
                 interval_s=settings.contract_sweep_interval_s,
                 batch=settings.contract_sweep_batch,
                 on_deliveries=worker.wake,
+                uplift_horizon=timedelta(days=settings.uplift_horizon_days),
             )
             worker.start()
             consumer.loop.start()

@@ -60,3 +60,24 @@ CONTRACT_SWEEP_ROUNDS = Counter(
     "Contract-end sweep rounds, by outcome (done, skipped: lease held elsewhere, failed).",
     ["outcome"],
 )
+
+UPLIFT_CUSTOMERS = Gauge(
+    "churnguard_actions_uplift_customers",
+    "Customers whose decision's horizon is over, by policy and group (treated: got the offer; "
+    "control: the holdout), all tenants; refreshed by the contract sweep.",
+    ["policy", "group"],
+)
+UPLIFT_CHURNED = Gauge(
+    "churnguard_actions_uplift_churned_customers",
+    "Of those, the customers who churned within the horizon, by policy and group. Uplift = "
+    "control churned / control customers - treated churned / treated customers.",
+    ["policy", "group"],
+)
+
+
+def set_uplift(totals: dict[tuple[str, str], tuple[int, int]]) -> None:
+    UPLIFT_CUSTOMERS.clear()
+    UPLIFT_CHURNED.clear()
+    for (policy, group), (customers, churned) in totals.items():
+        UPLIFT_CUSTOMERS.labels(policy, group).set(customers)
+        UPLIFT_CHURNED.labels(policy, group).set(churned)

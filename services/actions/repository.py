@@ -311,6 +311,10 @@ def contracts_ending_between(
 # --- the uplift report ----------------------------------------------------------------
 
 
+def tenants_with_decisions(session: Session) -> list[str]:
+    return list(session.exec(select(ActionsDecision.tenant_id).distinct()).all())
+
+
 def report_decisions(
     session: Session, tenant_id: str, matured_before: datetime
 ) -> Sequence[ActionsDecision]:

@@ -21,7 +21,7 @@ from datetime import date, datetime, timedelta
 from sqlalchemy import Engine
 from sqlmodel import select
 
-from services.actions import metrics, repository, service
+from services.actions import metrics, repository, service, uplift
 from services.actions.consumer import count_decisions, publish_decisions
 from services.actions.policies import PolicyDocument
 from services.actions.service import DecisionResult, Rules, TriggerInput
@@ -78,6 +78,7 @@ class ContractSweeper:
         batch: int,
         on_deliveries: Callable[[], None],
         holder: str | None = None,
+        uplift_horizon: timedelta = timedelta(days=90),
     ) -> None:
         self.engine = engine
         self.publisher = publisher
@@ -87,6 +88,7 @@ class ContractSweeper:
         self.batch = batch
         self.on_deliveries = on_deliveries
         self.holder = holder or f"actions-{uuid.uuid4().hex[:12]}"
+        self.uplift_horizon = uplift_horizon
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -100,12 +102,9 @@ class ContractSweeper:
             documents = await asyncio.to_thread(self._documents)
             in_use = [self.rules.default_document, *documents.values()]
             horizon = max(max(d.contract_end_offsets(), default=-1) for d in in_use)
-            if horizon < 0:
-                metrics.CONTRACT_SWEEP_ROUNDS.labels("done").inc()
-                return outcome  # no policy listens to contract ends
             today = now.date()
             after: tuple[str, str] | None = None
-            while not self._stopping.is_set():
+            while horizon >= 0 and not self._stopping.is_set():  # < 0: no policy listens to contract ends
                 page, results = await asyncio.to_thread(
                     self._page, today, today + timedelta(days=horizon), after, documents, now
                 )
@@ -115,11 +114,17 @@ class ContractSweeper:
                 if len(page) < self.batch:
                     break
                 after = page[-1]
+            # The lease holder also refreshes the fleet's uplift figures (one instance, hourly).
+            metrics.set_uplift(await asyncio.to_thread(self._uplift_totals, now))
         except Exception:
             metrics.CONTRACT_SWEEP_ROUNDS.labels("failed").inc()
             raise
         metrics.CONTRACT_SWEEP_ROUNDS.labels("done").inc()
         return outcome
+
+    def _uplift_totals(self, now: datetime) -> dict[tuple[str, str], tuple[int, int]]:
+        with session_scope(self.engine) as session:
+            return uplift.fleet_totals(session, now, self.uplift_horizon)
 
     def _acquire(self, now: datetime) -> bool:
         expires = now + timedelta(seconds=1.5 * self.interval_s)

@@ -205,3 +205,24 @@ def uplift_report(
         session, tenant_id, [d.offer_id for d in decisions if d.offer_id]
     )
     return build_report(units_from(decisions, horizon, activity, ends, redeemed))
+
+
+def fleet_totals(session: Any, now: datetime, horizon: timedelta) -> dict[tuple[str, str], tuple[int, int]]:
+    """(policy, "treated" | "control") -> (customers, churned) over every tenant, all bands:
+    what the uplift metrics export (Prometheus then divides: uplift = control churn rate -
+    treated churn rate). Tenants are summed per policy name."""
+    from services.actions import repository
+
+    totals: dict[tuple[str, str], list[int]] = {}
+    for tenant_id in repository.tenants_with_decisions(session):
+        for group in uplift_report(session, tenant_id, now, horizon):
+            if group.band != "all":
+                continue
+            for name, customers, churned in (
+                ("treated", group.treated_customers, group.treated_churned),
+                ("control", group.control_customers, group.control_churned),
+            ):
+                total = totals.setdefault((group.policy, name), [0, 0])
+                total[0] += customers
+                total[1] += churned
+    return {key: (customers, churned) for key, (customers, churned) in totals.items()}

@@ -309,6 +309,15 @@ def test_uplift_report_over_http_on_a_constructed_scenario(
         short = client.get("/v1/reports/uplift?horizon_days=5", headers=headers()).json()
         assert {(g["band"], g["treated_customers"]) for g in short["groups"]} == {("all", 5), ("high", 5)}
 
+        # The contract sweep exports the same figures, summed over tenants, for dashboards.
+        client.portal.call(client.app_state["contract_sweeper"].run_once)
+        scraped = client.get("/metrics").text
+        for line in ('churnguard_actions_uplift_customers{group="treated",policy="p"} 5.0',  # + x of the other tenant
+                     'churnguard_actions_uplift_customers{group="control",policy="p"} 3.0',
+                     'churnguard_actions_uplift_churned_customers{group="treated",policy="p"} 3.0',
+                     'churnguard_actions_uplift_churned_customers{group="control",policy="p"} 2.0'):
+            assert line in scraped, line
+
 
 async def test_readiness_includes_the_contract_sweep_when_it_runs(
     make_settings: Callable[..., ActionsSettings], clock: ManualClock

@@ -35,6 +35,6 @@ def test_every_variable_appears_with_its_default() -> None:
     for env, default in (("CHURNGUARD_KAFKA_ENABLE_IDEMPOTENCE", "`false`"),
                          ("CHURNGUARD_KAFKA_ISOLATION_LEVEL", "`read_uncommitted`"),
                          ("CHURNGUARD_LOG_FORMAT", "`text`"),
-                         ("CHURNGUARD_ACTIONS_OFFER_COOLDOWN_DAYS", "`30`")):
+                         ("CHURNGUARD_ACTIONS_HOLDOUT_PERCENT", "`10")):
         row = next(line for line in text.splitlines() if line.startswith(f"| `{env}`"))
         assert default in row, row

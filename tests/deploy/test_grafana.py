@@ -55,6 +55,9 @@ def test_the_pipeline_is_on_the_board() -> None:
     assert titles == {"Events in", "Scoring", "Offers", "Webhook health", "Uplift", "Services"}
 
 
-def test_uplift_is_an_honest_placeholder() -> None:
-    (uplift,) = [p for p in _panels() if p["title"].startswith("Uplift")]
-    assert uplift["type"] == "text" and "No uplift metric exists yet" in uplift["options"]["content"]
+def test_uplift_is_computed_from_the_holdout_figures_actions_exports() -> None:
+    (uplift,) = [p for p in _panels() if p["title"].startswith("Uplift by policy")]
+    (expr,) = [target["expr"] for target in uplift["targets"]]
+    for needed in ('churnguard_actions_uplift_churned_customers{group="control"}',
+                   'churnguard_actions_uplift_customers{group="treated"}'):
+        assert needed in expr
