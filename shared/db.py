@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 from sqlalchemy import DateTime, Engine, event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.engine import make_url
@@ -46,6 +48,20 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# JSON columns (features, payloads, reasons) are encoded and decoded with orjson: several times
+# faster than the standard library on the scoring path, same JSON.
+JSON_CODEC: dict[str, Any] = {
+    "json_serializer": lambda value: orjson.dumps(value, default=_json_default).decode(),
+    "json_deserializer": orjson.loads,
+}
+
+
 def make_engine(url: str, echo: bool = False) -> Engine:
     url = normalize_url(url)
     parsed = make_url(url)
@@ -53,7 +69,7 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+            url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}, **JSON_CODEC
         )
 
         @event.listens_for(engine, "connect")
@@ -70,7 +86,7 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         # No server-side prepared statements: after five runs PostgreSQL switches to a generic
         # plan, and for our `id IN (...500 ids...)` lookups that plan stops using the index
         # (measured: 7 ms growing to 170 ms per lookup over a 20k-event backfill; 5 ms flat without).
-        connect_args={"connect_timeout": 5, "prepare_threshold": None},
+        connect_args={"connect_timeout": 5, "prepare_threshold": None}, **JSON_CODEC,
     )
 
 

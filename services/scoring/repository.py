@@ -10,7 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import String, any_, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import Session
 
 from services.scoring.features import HistoryEvent, as_utc
@@ -90,10 +91,13 @@ def load_histories(session: Session, tenant_id: str, customer_ids: Iterable[str]
     """The stored history of some customers of one tenant, customer id -> events."""
     wanted = sorted(set(customer_ids))
     histories: dict[str, list[HistoryEvent]] = {}
+    on_postgresql = session.get_bind().dialect.name == "postgresql"
     for chunk in _chunks(wanted, 500):
-        statement = _history_columns().where(
-            ScoringEvent.tenant_id == tenant_id, ScoringEvent.customer_id.in_(chunk)  # type: ignore[attr-defined]
-        )
+        # PostgreSQL: one array parameter, so the statement text is the same for every batch
+        # (a 500-item IN list is a new text each time, which the driver re-parses).
+        matches = (ScoringEvent.customer_id == any_(bindparam("customers", chunk, type_=ARRAY(String)))
+                   if on_postgresql else ScoringEvent.customer_id.in_(chunk))  # type: ignore[attr-defined]
+        statement = _history_columns().where(ScoringEvent.tenant_id == tenant_id, matches)
         histories.update(_history_rows(session.execute(statement)))
     return histories
 
