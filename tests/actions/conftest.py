@@ -45,6 +45,10 @@ def make_settings(
             "group_id": f"actions-{uuid.uuid4().hex[:8]}",
             "delivery_poll_s": 0.05,
             "webhook_timeout_s": 2.0,
+            # The receivers here are on 127.0.0.1 over http (tests of the SSRF guard turn it off),
+            # and exact retry times are asserted (jitter has its own tests).
+            "webhook_allow_local_urls": True,
+            "retry_jitter": 0.0,
         }
         options.update(overrides)
         return ActionsSettings(**options)
