@@ -65,12 +65,17 @@ class EndpointGuard:
     def started(self, endpoint: str) -> None:
         self._endpoints.setdefault(endpoint, _Endpoint()).in_flight += 1
 
-    def finished(self, endpoint: str, success: bool | None) -> None:
-        """`success` None: the attempt says nothing about the endpoint's health (not booked)."""
+    def finished(self, endpoint: str, success: bool | None, gone: bool = False) -> None:
+        """`success` None: the attempt says nothing about the endpoint's health (not booked).
+        `gone` (410): open the circuit at once, so nothing more is sent before the booking
+        has disabled the subscription."""
         entry = self._endpoints.setdefault(endpoint, _Endpoint())
         entry.in_flight = max(0, entry.in_flight - 1)
         if success is None:
             pass
+        elif gone:
+            entry.consecutive_failures = max(entry.consecutive_failures + 1, self._threshold)
+            entry.opened_at = self._clock.now()
         elif success:
             entry.consecutive_failures = 0
             entry.opened_at = None

@@ -338,14 +338,17 @@ class DeliveryWorker:
     # --- attempting ------------------------------------------------------------------
 
     async def _attempt_and_queue(self, claimed: ClaimedDelivery) -> None:
+        # The slot is freed when the answer is in, before the booking: booking is batched and
+        # must not cap an endpoint's throughput.
         success: bool | None = None
+        gone = False
         try:
             result = await self.attempt(claimed)
-            success = result.ok
+            success, gone = result.ok, result.status_code == 410
             self._results.append((claimed, result))
             self._results_ready.set()
         finally:
-            self.guard.finished(claimed.subscription_id, success)
+            self.guard.finished(claimed.subscription_id, success, gone=gone)
 
     async def attempt(self, claimed: ClaimedDelivery) -> AttemptResult:
         started = time.perf_counter()
