@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -98,7 +99,9 @@ class GuardedResolver(AbstractResolver):
         for result in results:
             problem = address_problem(ipaddress.ip_address(result["host"]), self._allow_local)
             if problem is not None:
-                raise RefusedAddress(f"refused at connect time: {host!r} -> {problem}")
+                raise RefusedAddress(
+                    errno.EACCES, f"refused at connect time: {host!r} -> {problem}"
+                )
         return results
 
     async def close(self) -> None:
@@ -176,6 +179,12 @@ class AiohttpSender:
                 )
         except asyncio.TimeoutError:
             return AttemptResult(error=f"timeout after {timeout_s:g} s", latency_ms=elapsed_ms())
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, RefusedAddress):  # the SSRF guard, said plainly
+                return AttemptResult(error=exc.os_error.strerror, latency_ms=elapsed_ms())
+            return AttemptResult(
+                error=f"{type(exc).__name__}: {exc}".rstrip(": "), latency_ms=elapsed_ms()
+            )
         except aiohttp.ClientError as exc:
             return AttemptResult(
                 error=f"{type(exc).__name__}: {exc}".rstrip(": "), latency_ms=elapsed_ms()

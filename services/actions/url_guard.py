@@ -38,15 +38,15 @@ def address_problem(ip: IPAddress, allow_local: bool) -> str | None:
     if allow_local:
         return None
     for kind, flag in (
-        ("loopback", ip.is_loopback),
-        ("unspecified", ip.is_unspecified),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
+        ("a loopback", ip.is_loopback),
+        ("an unspecified", ip.is_unspecified),
+        ("a link-local", ip.is_link_local),
+        ("a multicast", ip.is_multicast),
+        ("a reserved", ip.is_reserved),  # before private: Python counts 240/4 as both
+        ("a private", ip.is_private),
     ):
         if flag:
-            return f"{ip} is a {kind} address"
+            return f"{ip} is {kind} address"
     if not ip.is_global:  # shared address space (100.64/10) and other special-purpose ranges
         return f"{ip} is not a public address"
     return None
