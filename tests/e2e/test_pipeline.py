@@ -90,6 +90,8 @@ def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
         "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{ports['ingest']}",
         "CHURNGUARD_GATEWAY_SCORING_URL": f"http://127.0.0.1:{ports['scoring']}",
         "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
+        # the test's webhook receiver is http on 127.0.0.1, which the SSRF guard refuses by default
+        "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",
     }
     # A model trained on simulated history, registered in scoring's registry before it starts.
     scoring_ops.simulate(database_url, "sim", 1500, 11, None, None)
