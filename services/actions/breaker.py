@@ -51,12 +51,19 @@ class EndpointGuard:
 
     def capacity(self, endpoint: str) -> int:
         """How many more attempts this endpoint may start now."""
-        entry = self._endpoints.get(endpoint) or _Endpoint()
+        return max(0, self.limit(endpoint) - self.in_flight(endpoint))
+
+    def limit(self, endpoint: str) -> int:
+        """Attempts this endpoint may have in flight in its current state."""
         state = self.state(endpoint)
-        if state == "open":
-            return 0
-        limit = 1 if state == "half_open" else self._concurrency
-        return max(0, limit - entry.in_flight)
+        return 0 if state == "open" else 1 if state == "half_open" else self._concurrency
+
+    def in_flight(self, endpoint: str) -> int:
+        entry = self._endpoints.get(endpoint)
+        return entry.in_flight if entry else 0
+
+    def known(self) -> list[str]:
+        return list(self._endpoints)
 
     def blocked(self) -> list[str]:
         """Endpoints (among the known ones) that may not start an attempt now."""

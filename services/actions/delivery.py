@@ -14,11 +14,13 @@ reject replays.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
 import ipaddress
 import logging
+import math
 import random
 import socket
 import time
@@ -200,6 +202,13 @@ class AiohttpSender:
 
 
 class DeliveryWorker:
+    """Claims due deliveries in batches into a local queue per endpoint (subscription); up to
+    `endpoint_concurrency` sender tasks per endpoint drain it; one booking task records the
+    results in batches. Claiming ahead (up to `queue_per_endpoint` rows) is what lets one
+    database round trip feed many HTTP requests; the claim's lease covers the whole queue, so a
+    live worker's rows are never claimed twice. When an endpoint's circuit opens, what is still
+    queued for it is handed back to the outbox at once."""
+
     def __init__(
         self,
         engine: Engine,
@@ -239,12 +248,19 @@ class DeliveryWorker:
             failure_threshold=breaker_failure_threshold,
             cooldown=timedelta(seconds=breaker_cooldown_s),
         )
-        # A claim outlives the longest attempt, so a live worker's rows are never re-claimed.
-        self._lease = timedelta(seconds=attempt_timeout_s + LEASE_MARGIN_S)
+        self.queue_per_endpoint = max(batch_size, 2 * endpoint_concurrency)
+        self._max_queued = max(4 * batch_size, 2 * max_in_flight)
+        # A claim outlives the time its endpoint needs to work through a full queue of attempts
+        # that all time out, so a live worker's rows are never re-claimed. After a crash, what
+        # it had claimed is due again once the lease has run out.
+        rounds = math.ceil(self.queue_per_endpoint / endpoint_concurrency)
+        self.lease = timedelta(seconds=rounds * attempt_timeout_s + LEASE_MARGIN_S)
         self._wakeup = asyncio.Event()
+        self._queues: dict[str, collections.deque[ClaimedDelivery]] = {}
+        self._senders: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._results: list[tuple[ClaimedDelivery, AttemptResult]] = []
         self._results_ready = asyncio.Event()
-        self._in_flight: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._booker: asyncio.Task[None] | None = None
@@ -275,24 +291,28 @@ class DeliveryWorker:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def stop(self) -> None:
-        """Stop claiming, let attempts in flight finish (up to their timeout), book them."""
+        """Stop claiming, let attempts in flight finish (up to their timeout), book them, and
+        hand back what was claimed but not attempted."""
         self._running = False
         if self._task is None:
             return
         self._wakeup.set()
         await stop_gracefully(self._task, timeout_s=5)
-        if self._in_flight:
-            _, pending = await asyncio.wait(
-                set(self._in_flight), timeout=self._attempt_timeout_s + 5
-            )
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._attempt_timeout_s + 5)
             for task in pending:
                 task.cancel()
+        unsent = [item for queue in self._queues.values() for item in queue]
+        self._queues.clear()
         if self._booker is not None:
             self._booker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._booker
-        if self._results:
-            await self._book_pending()
+        with contextlib.suppress(Exception):  # best effort: otherwise they wait for the lease
+            if self._results:
+                await self._book_pending()
+            if unsent:
+                await asyncio.to_thread(self._release, unsent)
         await self._sender.close()
 
     # --- claiming --------------------------------------------------------------------
@@ -301,54 +321,108 @@ class DeliveryWorker:
         while self._running:
             self._wakeup.clear()
             try:
-                started = await self.dispatch()
+                claimed = await self.dispatch()
                 await self._refresh_gauges()
             except Exception:  # database down and the like: keep the worker alive, try again
                 log.exception("webhook delivery cycle failed; retrying")
-                started = 0
-            if started >= self._batch_size and len(self._in_flight) < self._max_in_flight:
+                claimed = 0
+            if claimed >= self._batch_size:
                 continue  # more may be due right now
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
 
-    async def dispatch(self) -> int:
-        """Claim what is due (within free slots) and start one attempt task per delivery.
-        Returns how many rows were claimed or parked."""
-        free = self._max_in_flight - len(self._in_flight)
-        if free <= 0:
+    def _room(self, endpoint: str) -> int:
+        """How many more rows of this endpoint may be claimed into its queue now."""
+        state = self.guard.state(endpoint)
+        if state == "open":
             return 0
-        claimed, parked = await asyncio.to_thread(self._claim, min(self._batch_size, free))
+        cap = 1 if state == "half_open" else self.queue_per_endpoint
+        queued = len(self._queues.get(endpoint, ()))
+        return max(0, cap - queued - self.guard.in_flight(endpoint))
+
+    async def dispatch(self) -> int:
+        """Claim what is due into the endpoints' queues (within their room) and start senders.
+        Returns how many rows were claimed or parked."""
+        self._spawn_senders()
+        if sum(len(q) for q in self._queues.values()) >= self._max_queued:
+            return 0
+        known = set(self._queues) | set(self.guard.known())
+        rooms = {endpoint: self._room(endpoint) for endpoint in known}
+        blocked = sorted(e for e, room in rooms.items() if room == 0)
+        claimed, parked = await asyncio.to_thread(
+            self._claim, blocked, lambda e: rooms.get(e, self.queue_per_endpoint)
+        )
         if parked:
             metrics.WEBHOOK_ATTEMPTS.labels("parked").inc(parked)
         for delivery in claimed:
-            self.guard.started(delivery.subscription_id)
-            task = asyncio.create_task(self._attempt_and_queue(delivery))
-            self._in_flight.add(task)
-            task.add_done_callback(self._attempt_done)
+            self._queues.setdefault(delivery.subscription_id, collections.deque()).append(delivery)
+        self._spawn_senders()
         return len(claimed) + parked
 
-    def _claim(self, limit: int) -> tuple[list[ClaimedDelivery], int]:
+    def _claim(
+        self, blocked: list[str], room: Callable[[str], int]
+    ) -> tuple[list[ClaimedDelivery], int]:
         with session_scope(self._engine) as session:
             return webhooks.claim_due_deliveries(
                 session,
                 self._clock.now(),
-                limit,
-                self._lease,
-                exclude_subscriptions=self.guard.blocked(),
-                capacity=self.guard.capacity,
+                self._batch_size,
+                self.lease,
+                exclude_subscriptions=blocked,
+                capacity=room,
             )
 
-    def _attempt_done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("webhook attempt task failed", exc_info=task.exception())
-        self._wakeup.set()  # a slot is free
+    # --- sending ---------------------------------------------------------------------
 
-    # --- attempting ------------------------------------------------------------------
+    def _spawn_senders(self) -> None:
+        for endpoint, queue in list(self._queues.items()):
+            while (
+                queue
+                and self._running
+                and len(self._tasks) < self._max_in_flight
+                and self._senders.get(endpoint, 0) < self.guard.limit(endpoint)
+            ):
+                self._senders[endpoint] = self._senders.get(endpoint, 0) + 1
+                task = asyncio.create_task(self._send_queue(endpoint))
+                self._tasks.add(task)
+                task.add_done_callback(self._sender_done)
+            if not queue and not self._senders.get(endpoint):
+                del self._queues[endpoint]
+
+    async def _send_queue(self, endpoint: str) -> None:
+        try:
+            while self._running:
+                queue = self._queues.get(endpoint)
+                if not queue:
+                    return
+                state = self.guard.state(endpoint)
+                if state == "open":
+                    unsent = list(queue)
+                    queue.clear()
+                    await asyncio.to_thread(self._release, unsent)
+                    return
+                if state == "half_open" and self.guard.in_flight(endpoint) > 0:
+                    return  # one probe at a time
+                await self._attempt_and_queue(queue.popleft())
+        finally:
+            self._senders[endpoint] -= 1
+            if not self._senders[endpoint]:
+                del self._senders[endpoint]
+
+    def _sender_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook sender task failed", exc_info=task.exception())
+        self._wakeup.set()
+
+    def _release(self, unsent: list[ClaimedDelivery]) -> None:
+        with session_scope(self._engine) as session:
+            webhooks.release_claims(session, unsent, self._clock.now())
 
     async def _attempt_and_queue(self, claimed: ClaimedDelivery) -> None:
         # The slot is freed when the answer is in, before the booking: booking is batched and
         # must not cap an endpoint's throughput.
+        self.guard.started(claimed.subscription_id)
         success: bool | None = None
         gone = False
         try:
@@ -404,10 +478,7 @@ class DeliveryWorker:
     def _book(self, batch: list[tuple[ClaimedDelivery, AttemptResult]]) -> list[AttemptOutcome]:
         now = self._clock.now()
         with session_scope(self._engine) as session:
-            return [
-                webhooks.record_attempt(session, claimed, result, now, self._retry)
-                for claimed, result in batch
-            ]
+            return webhooks.record_attempts(session, batch, now, self._retry)
 
     def _observe(
         self, claimed: ClaimedDelivery, result: AttemptResult, outcome: AttemptOutcome

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import Row, func, update
 from sqlmodel import Session, col, select
 
 from services.actions.tables import (
@@ -168,10 +169,76 @@ def lock_due_deliveries(
     ).all()
 
 
+def lock_due_delivery_rows(
+    session: Session, now: datetime, limit: int, exclude_subscriptions: Sequence[str] = ()
+) -> Sequence[Row[Any]]:
+    """`lock_due_deliveries` as plain rows (no ORM objects: the worker's hot path)."""
+    d = ActionsDelivery
+    query = select(
+        d.delivery_id, d.subscription_id, d.tenant_id, d.payload, d.attempts, d.created_at
+    ).where(d.status == "pending", col(d.next_attempt_at) <= now)
+    if exclude_subscriptions:
+        query = query.where(col(d.subscription_id).not_in(list(exclude_subscriptions)))
+    return session.exec(
+        query.order_by(col(d.next_attempt_at), col(d.delivery_id))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+
+
+def set_deliveries(session: Session, delivery_ids: Sequence[str], **values: Any) -> None:
+    if delivery_ids:
+        session.execute(
+            update(ActionsDelivery)
+            .where(col(ActionsDelivery.delivery_id).in_(list(delivery_ids)))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def mark_delivered(
+    session: Session, delivery_ids: Sequence[str], attempts_before: int, status_code: int,
+    now: datetime,
+) -> list[tuple[str, str]]:
+    """Book successful attempts in one statement; only rows still pending with the attempt
+    count the worker claimed them at are changed. Returns (delivery_id, tenant_id) of those."""
+    result = session.execute(
+        update(ActionsDelivery)
+        .where(
+            col(ActionsDelivery.delivery_id).in_(list(delivery_ids)),
+            ActionsDelivery.status == "pending",
+            ActionsDelivery.attempts == attempts_before,
+        )
+        .values(
+            status="delivered",
+            attempts=attempts_before + 1,
+            delivered_at=now,
+            last_status_code=status_code,
+            last_error=None,
+        )
+        .returning(ActionsDelivery.delivery_id, ActionsDelivery.tenant_id)
+        .execution_options(synchronize_session=False)
+    )
+    return [(row[0], row[1]) for row in result]
+
+
 def lock_delivery(session: Session, delivery_id: str) -> ActionsDelivery | None:
     return session.exec(
         select(ActionsDelivery).where(ActionsDelivery.delivery_id == delivery_id).with_for_update()
     ).first()
+
+
+def lock_deliveries(session: Session, delivery_ids: Sequence[str]) -> dict[str, ActionsDelivery]:
+    """Row-lock several deliveries in one round trip (booking a batch of attempts)."""
+    if not delivery_ids:
+        return {}
+    rows = session.exec(
+        select(ActionsDelivery)
+        .where(col(ActionsDelivery.delivery_id).in_(sorted(delivery_ids)))
+        .order_by(col(ActionsDelivery.delivery_id))  # one lock order: no deadlocks between workers
+        .with_for_update()
+    ).all()
+    return {row.delivery_id: row for row in rows}
 
 
 def lock_subscription(session: Session, subscription_id: str) -> ActionsWebhookSubscription | None:

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
+from sqlalchemy import insert
 from sqlmodel import Session
 
 from services.actions import webhook_repository as repo
@@ -422,27 +423,24 @@ def claim_due_deliveries(
     concurrency slots); rows beyond it stay due and untouched. Deliveries of inactive
     subscriptions are parked instead. Returns (claimed, parked).
     """
-    rows = repo.lock_due_deliveries(session, now, limit, exclude_subscriptions)
+    rows = repo.lock_due_delivery_rows(session, now, limit, exclude_subscriptions)
     subscription_ids = sorted({r.subscription_id for r in rows})
     subscriptions = repo.subscriptions_by_id(session, subscription_ids)
     previous = repo.live_previous_secrets(session, subscription_ids, now)
     free: dict[str, int] = {}
     claimed: list[ClaimedDelivery] = []
-    parked = 0
+    to_park: dict[str, list[str]] = {}
     for row in rows:
         subscription = subscriptions.get(row.subscription_id)
         if subscription is None or not subscription.active:
-            _park(row, (subscription.disabled_reason if subscription else None) or DELETED_REASON)
-            session.add(row)
-            parked += 1
+            reason = (subscription.disabled_reason if subscription else None) or DELETED_REASON
+            to_park.setdefault(reason, []).append(row.delivery_id)
             continue
         if capacity is not None:
             free.setdefault(row.subscription_id, capacity(row.subscription_id))
             if free[row.subscription_id] <= 0:
                 continue
             free[row.subscription_id] -= 1
-        row.next_attempt_at = now + lease
-        session.add(row)
         claimed.append(
             ClaimedDelivery(
                 row.delivery_id,
@@ -456,7 +454,10 @@ def claim_due_deliveries(
                 created_at=row.created_at,
             )
         )
-    return claimed, parked
+    repo.set_deliveries(session, [c.delivery_id for c in claimed], next_attempt_at=now + lease)
+    for reason, ids in to_park.items():
+        repo.set_deliveries(session, ids, status="parked", last_error=reason[:MAX_ERROR_CHARS])
+    return claimed, sum(len(ids) for ids in to_park.values())
 
 
 @dataclass(frozen=True)
@@ -474,13 +475,75 @@ def record_attempt(
     now: datetime,
     policy: RetryPolicy | Sequence[float],
 ) -> AttemptOutcome:
-    """Book one attempt in the attempt log and on the delivery: delivered on 2xx; 410 disables
+    """Book one attempt (see `record_attempts`)."""
+    return record_attempts(session, [(claimed, result)], now, policy)[0]
+
+
+def record_attempts(
+    session: Session,
+    attempts: Sequence[tuple[ClaimedDelivery, AttemptResult]],
+    now: datetime,
+    policy: RetryPolicy | Sequence[float],
+) -> list[AttemptOutcome]:
+    """Book attempts in the attempt log and on their deliveries: delivered on 2xx; 410 disables
     the subscription and parks its pending deliveries; otherwise schedule the next retry (not
     before a 429/503's Retry-After), or park the delivery (replayable) once the schedule is
-    spent."""
+    spent. A delivery replayed, parked or booked elsewhere meanwhile is left alone ("stale")."""
     if not isinstance(policy, RetryPolicy):
         policy = RetryPolicy(schedule=policy)
-    row = repo.lock_delivery(session, claimed.delivery_id)
+    outcomes: dict[int, AttemptOutcome] = {}
+    # Successes (nearly all of them) in one UPDATE per (attempt count, status) and one INSERT.
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, (claimed, result) in enumerate(attempts):
+        if result.ok and result.status_code is not None:
+            groups.setdefault((claimed.attempts, result.status_code), []).append(index)
+    log_rows = []
+    for (attempts_before, status_code), indexes in groups.items():
+        booked = dict(
+            repo.mark_delivered(
+                session,
+                [attempts[i][0].delivery_id for i in indexes],
+                attempts_before,
+                status_code,
+                now,
+            )
+        )
+        for i in indexes:
+            claimed, result = attempts[i]
+            if claimed.delivery_id not in booked:
+                outcomes[i] = "stale"
+                continue
+            outcomes[i] = "delivered"
+            log_rows.append(
+                {
+                    "delivery_id": claimed.delivery_id,
+                    "tenant_id": booked[claimed.delivery_id],
+                    "outcome": "delivered",
+                    "status_code": status_code,
+                    "error": None,
+                    "latency_ms": round(result.latency_ms, 3),
+                    "attempted_at": now,
+                }
+            )
+    if log_rows:
+        session.execute(insert(ActionsDeliveryAttempt), log_rows)
+    # Failures row by row: each may schedule, park, or disable its subscription.
+    rest = [i for i in range(len(attempts)) if i not in outcomes]
+    rows = repo.lock_deliveries(session, [attempts[i][0].delivery_id for i in rest])
+    for i in rest:
+        claimed, result = attempts[i]
+        outcomes[i] = _book(session, rows.get(claimed.delivery_id), claimed, result, now, policy)
+    return [outcomes[i] for i in range(len(attempts))]
+
+
+def _book(
+    session: Session,
+    row: ActionsDelivery | None,
+    claimed: ClaimedDelivery,
+    result: AttemptResult,
+    now: datetime,
+    policy: RetryPolicy,
+) -> AttemptOutcome:
     if row is None or row.status != "pending" or row.attempts != claimed.attempts:
         return "stale"  # replayed, parked or handled elsewhere meanwhile
     row.attempts += 1
@@ -531,6 +594,20 @@ def record_attempt(
         )
     )
     return outcome
+
+
+def release_claims(session: Session, claimed: Sequence[ClaimedDelivery], now: datetime) -> int:
+    """Hand back claimed deliveries that were not attempted (the endpoint's circuit opened, or
+    the worker stops): due again now instead of after their lease. Returns how many."""
+    rows = repo.lock_deliveries(session, [c.delivery_id for c in claimed])
+    released = 0
+    for item in claimed:
+        row = rows.get(item.delivery_id)
+        if row is not None and row.status == "pending" and row.attempts == item.attempts:
+            row.next_attempt_at = now
+            session.add(row)
+            released += 1
+    return released
 
 
 def _park(delivery: ActionsDelivery, reason: str) -> None:
