@@ -74,14 +74,15 @@ async def test_a_receiver_failing_three_times_then_succeeding_gets_it_once_with_
     scripted: ScriptedReceiver,
     publish: Callable[..., Any],
 ) -> None:
-    scripted.script = [Answer(500), Answer(502), Answer(400)]
+    # A redirect is a failure and is not followed (it points at a path that would say 200).
+    scripted.script = [Answer(500), Answer(302, {"Location": scripted.url("/elsewhere")}), Answer(400)]
     settings = make_settings(retry_schedule_s=[1, 2, 3, 4])
     with TestClient(create_app(settings, clock)) as client:
         before = scrape(client)
         subscription = subscribe(client, scripted.url())
         await publish(make_score("s-1", "c-1", 0.9))
 
-        for attempt, (status, backoff) in enumerate(((500, 1), (502, 2), (400, 3)), start=1):
+        for attempt, (status, backoff) in enumerate(((500, 1), (302, 2), (400, 3)), start=1):
             pending = await _attempted(client, subscription["id"], attempt)
             assert pending["status"] == "pending"
             assert pending["attempt_log"][-1]["status_code"] == status
@@ -93,7 +94,7 @@ async def test_a_receiver_failing_three_times_then_succeeding_gets_it_once_with_
             what="delivered",
         )
         log = done["attempt_log"]
-        assert [a["status_code"] for a in log] == [500, 502, 400, 200]
+        assert [a["status_code"] for a in log] == [500, 302, 400, 200]
         assert [a["outcome"] for a in log] == ["failed", "failed", "failed", "delivered"]
         assert all(a["latency_ms"] > 0 for a in log)
         assert "HTTP 500" in log[0]["error"] and log[-1]["error"] is None
@@ -101,6 +102,7 @@ async def test_a_receiver_failing_three_times_then_succeeding_gets_it_once_with_
 
         requests = scripted.requests()
         assert len(requests) == 4 and {r.webhook_id for r in requests} == {done["delivery_id"]}
+        assert scripted.requests_to("/elsewhere") == []
         assert scripted.effects == 1 and scripted.duplicates == 0
 
         after = await wait_until(

@@ -25,6 +25,7 @@ class Answer:
 
 @dataclass(frozen=True)
 class Request:
+    path: str
     webhook_id: str
     headers: dict[str, str]
     body: bytes
@@ -63,7 +64,9 @@ class ScriptedReceiver:
                         receiver.hanging -= 1
                 with receiver._lock:
                     webhook_id = seen.get("webhook-id", "")
-                    receiver._requests.append(Request(webhook_id, seen, body, answer.status))
+                    receiver._requests.append(
+                        Request(self.path, webhook_id, seen, body, answer.status)
+                    )
                     if 200 <= answer.status < 300:
                         if webhook_id in receiver._effects:
                             receiver.duplicates += 1
@@ -96,6 +99,9 @@ class ScriptedReceiver:
     def requests(self) -> list[Request]:
         with self._lock:
             return list(self._requests)
+
+    def requests_to(self, path: str) -> list[Request]:
+        return [r for r in self.requests() if r.path == path]
 
     @property
     def effects(self) -> int:
