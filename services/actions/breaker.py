@@ -53,6 +53,13 @@ class EndpointGuard:
         """How many more attempts this endpoint may start now."""
         return max(0, self.limit(endpoint) - self.in_flight(endpoint))
 
+    def reopens_at(self, endpoint: str) -> datetime | None:
+        """When an open circuit lets its next probe through (None when not open)."""
+        entry = self._endpoints.get(endpoint)
+        if entry is None or entry.opened_at is None:
+            return None
+        return entry.opened_at + self._cooldown
+
     def limit(self, endpoint: str) -> int:
         """Attempts this endpoint may have in flight in its current state."""
         state = self.state(endpoint)

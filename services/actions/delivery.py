@@ -25,7 +25,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -396,10 +396,10 @@ class DeliveryWorker:
                 if not queue:
                     return
                 state = self.guard.state(endpoint)
-                if state == "open":
+                if state == "open":  # due again when the circuit lets a probe through
                     unsent = list(queue)
                     queue.clear()
-                    await asyncio.to_thread(self._release, unsent)
+                    await asyncio.to_thread(self._release, unsent, self.guard.reopens_at(endpoint))
                     return
                 if state == "half_open" and self.guard.in_flight(endpoint) > 0:
                     return  # one probe at a time
@@ -415,9 +415,9 @@ class DeliveryWorker:
             log.error("webhook sender task failed", exc_info=task.exception())
         self._wakeup.set()
 
-    def _release(self, unsent: list[ClaimedDelivery]) -> None:
+    def _release(self, unsent: list[ClaimedDelivery], at: datetime | None = None) -> None:
         with session_scope(self._engine) as session:
-            webhooks.release_claims(session, unsent, self._clock.now())
+            webhooks.release_claims(session, unsent, at or self._clock.now())
 
     async def _attempt_and_queue(self, claimed: ClaimedDelivery) -> None:
         # The slot is freed when the answer is in, before the booking: booking is batched and

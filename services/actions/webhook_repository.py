@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, update
+from sqlalchemy import Row, func, text, update
 from sqlmodel import Session, col, select
 
 from services.actions.tables import (
@@ -79,6 +79,14 @@ def live_previous_secrets(
 
 
 # --- deliveries (tenant-facing) --------------------------------------------------------
+
+
+def read_one_snapshot(session: Session) -> None:
+    """Make the rest of this (read) transaction see one snapshot, so a delivery and its attempt
+    log read by two queries agree. PostgreSQL reads each statement's own snapshot by default;
+    SQLite already reads one snapshot per transaction. Must come first in the transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
 
 
 def get_delivery(session: Session, tenant_id: str, delivery_id: str) -> ActionsDelivery | None:

@@ -239,6 +239,7 @@ def list_deliveries(
     created_from: datetime | None = None,
     created_to: datetime | None = None,
 ) -> list[DeliveryWithAttempts]:
+    repo.read_one_snapshot(session)
     rows = repo.list_deliveries(
         session,
         tenant_id,
@@ -253,6 +254,7 @@ def list_deliveries(
 
 
 def get_delivery(session: Session, tenant_id: str, delivery_id: str) -> DeliveryWithAttempts:
+    repo.read_one_snapshot(session)
     row = repo.get_delivery(session, tenant_id, delivery_id)
     if row is None:
         raise NotFound(f"delivery {delivery_id} not found")
@@ -597,8 +599,9 @@ def _book(
 
 
 def release_claims(session: Session, claimed: Sequence[ClaimedDelivery], now: datetime) -> int:
-    """Hand back claimed deliveries that were not attempted (the endpoint's circuit opened, or
-    the worker stops): due again now instead of after their lease. Returns how many."""
+    """Hand back claimed deliveries that were not attempted: due again at `now` (the worker
+    stops; or the endpoint's circuit opened, then `now` is when it lets a probe through)
+    instead of after their lease. Returns how many."""
     rows = repo.lock_deliveries(session, [c.delivery_id for c in claimed])
     released = 0
     for item in claimed:
