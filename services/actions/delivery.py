@@ -1,10 +1,11 @@
 """The webhook outbox worker: claims due deliveries, POSTs them signed (Standard Webhooks),
 and books the outcome (delivered / retry later / parked / subscription disabled).
 
-Each attempt runs as its own task, so a slow or hanging receiver only holds its own
-endpoint's concurrency slots (`EndpointGuard`), never the claim loop or other endpoints;
-results are booked in batches by one booking task. An endpoint whose circuit is open keeps its
-deliveries in the outbox (not claimed) until a half-open probe succeeds.
+Claimed deliveries wait in a queue per endpoint drained by that endpoint's own sender tasks,
+so a slow or hanging receiver only holds its own concurrency slots (`EndpointGuard`), never the
+claim loop or other endpoints; results are booked in batches by one booking task. An endpoint
+whose circuit is open keeps its deliveries in the outbox (not claimed) until a half-open probe
+succeeds.
 
 Retry timing and the circuit breaker use the injected clock. The `webhook-timestamp` header
 uses the wall clock (`signing_clock`), because receivers compare it with their own clock to
