@@ -55,6 +55,7 @@ USER_AGENT = "churnguard-webhooks/0.2"
 LEASE_MARGIN_S = 30.0
 MAX_RESPONSE_BYTES = 64 * 1024  # read (and drop) at most this much of a receiver's answer
 GAUGE_REFRESH_S = 0.5
+DEFER_EVERY_S = 0.5
 
 
 @functools.lru_cache(maxsize=4096)
@@ -267,6 +268,7 @@ class DeliveryWorker:
         self._booker: asyncio.Task[None] | None = None
         self._running = False
         self._gauges_at = 0.0
+        self._deferred_at: dict[str, float] = {}
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -350,8 +352,9 @@ class DeliveryWorker:
         known = set(self._queues) | set(self.guard.known())
         rooms = {endpoint: self._room(endpoint) for endpoint in known}
         blocked = sorted(e for e, room in rooms.items() if room == 0)
+        defer = self._due_deferrals(known)
         claimed, parked = await asyncio.to_thread(
-            self._claim, blocked, lambda e: rooms.get(e, self.queue_per_endpoint)
+            self._claim, blocked, lambda e: rooms.get(e, self.queue_per_endpoint), defer
         )
         if parked:
             metrics.WEBHOOK_ATTEMPTS.labels("parked").inc(parked)
@@ -360,8 +363,24 @@ class DeliveryWorker:
         self._spawn_senders()
         return len(claimed) + parked
 
+    def _due_deferrals(self, endpoints: set[str]) -> dict[str, datetime]:
+        """Open circuits whose new deliveries have not been deferred for a while (each UPDATE
+        is cheap, but not on every wake-up)."""
+        now = time.monotonic()
+        result = {}
+        for endpoint in endpoints:
+            until = self.guard.reopens_at(endpoint)
+            if until is None or self.guard.state(endpoint) != "open":
+                continue
+            if now - self._deferred_at.get(endpoint, 0.0) >= DEFER_EVERY_S:
+                self._deferred_at[endpoint] = now
+                result[endpoint] = until
+        for endpoint in [e for e in self._deferred_at if e not in endpoints]:
+            del self._deferred_at[endpoint]
+        return result
+
     def _claim(
-        self, blocked: list[str], room: Callable[[str], int]
+        self, blocked: list[str], room: Callable[[str], int], defer: dict[str, datetime]
     ) -> tuple[list[ClaimedDelivery], int]:
         with session_scope(self._engine) as session:
             return webhooks.claim_due_deliveries(
@@ -371,6 +390,7 @@ class DeliveryWorker:
                 self.lease,
                 exclude_subscriptions=blocked,
                 capacity=room,
+                defer=defer,
             )
 
     # --- sending ---------------------------------------------------------------------

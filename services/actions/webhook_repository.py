@@ -204,6 +204,24 @@ def set_deliveries(session: Session, delivery_ids: Sequence[str], **values: Any)
         )
 
 
+def defer_due_deliveries(
+    session: Session, subscription_id: str, until: datetime, now: datetime
+) -> None:
+    """Move a subscription's due pending deliveries to `until` (its circuit is open), so the
+    claim query does not wade through them on every round. Uses the (subscription_id, offer_id)
+    unique index."""
+    session.execute(
+        update(ActionsDelivery)
+        .where(
+            ActionsDelivery.subscription_id == subscription_id,
+            ActionsDelivery.status == "pending",
+            col(ActionsDelivery.next_attempt_at) <= now,
+        )
+        .values(next_attempt_at=until)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def mark_delivered(
     session: Session, delivery_ids: Sequence[str], attempts_before: int, status_code: int,
     now: datetime,

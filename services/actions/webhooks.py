@@ -416,6 +416,7 @@ def claim_due_deliveries(
     lease: timedelta,
     exclude_subscriptions: Sequence[str] = (),
     capacity: Callable[[str], int] | None = None,
+    defer: dict[str, datetime] | None = None,
 ) -> tuple[list[ClaimedDelivery], int]:
     """Claim due deliveries for one attempt (system-wide, the worker's job).
 
@@ -423,8 +424,12 @@ def claim_due_deliveries(
     delivery becomes due again after the lease and is retried with the same webhook-id.
     `capacity(subscription_id)` caps how many of one endpoint's rows are claimed (its free
     concurrency slots); rows beyond it stay due and untouched. Deliveries of inactive
-    subscriptions are parked instead. Returns (claimed, parked).
+    subscriptions are parked instead. `defer` {subscription_id: until} first moves the due
+    deliveries of endpoints whose circuit is open to when it lets a probe through. Returns
+    (claimed, parked).
     """
+    for subscription_id, until in sorted((defer or {}).items()):
+        repo.defer_due_deliveries(session, subscription_id, until, now)
     rows = repo.lock_due_delivery_rows(session, now, limit, exclude_subscriptions)
     subscription_ids = sorted({r.subscription_id for r in rows})
     subscriptions = repo.subscriptions_by_id(session, subscription_ids)

@@ -364,6 +364,12 @@ async def test_the_circuit_opens_after_consecutive_failures_and_a_probe_closes_i
         )
         assert len(scripted.requests()) == 2
         assert len(_only_first(client, failing["id"])["attempt_log"]) == 2
+        # While open, its due deliveries are moved to the probe time (opened at START + 1 s).
+        await wait_until(
+            lambda: when(_only_first(client, failing["id"])["next_attempt_at"])
+            == START + timedelta(seconds=61),
+            what="due delivery deferred to the probe time",
+        )
 
         # After the cooldown one probe goes out; it succeeds and the circuit closes.
         scripted.default = Answer(200)
