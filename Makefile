@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-tools run test k8s-validate bench bench-scoring clean
+.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,15 +37,22 @@ k8s-validate: $(STAMP)
 
 # Ingest throughput and latency on a real broker and real service processes (~2.5 min; uses wrk
 # when installed: apt-get install -y wrk). Writes bench/results/ingest.json, docs/benchmarks.md.
-# Then scoring (bench-scoring).
+# Then scoring (bench-scoring) and actions (bench-actions).
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(MAKE) bench-scoring
+	$(MAKE) bench-actions
 
 # Scoring events/s per instance on SQLite and PostgreSQL (127.0.0.1:5432), next to a bare
 # consumer; publish-to-score latency at fixed rates (~3 min). Writes bench/results/scoring.json.
 bench-scoring: $(STAMP)
 	$(BIN)/python -m bench.scoring
+
+# Webhook deliveries/s through the outbox at concurrency 1/16/64 next to bare httpx and aiohttp
+# clients, and outbox-to-receiver latency at 200/s with and without a hanging receiver, on
+# PostgreSQL (127.0.0.1:5432) (~1.5 min). Writes bench/results/actions.json, docs/benchmarks.md.
+bench-actions: $(STAMP)
+	$(BIN)/python -m bench.actions
 
 clean:
 	rm -rf var/ .pytest_cache

@@ -156,7 +156,7 @@ class Stack:
             "CHURNGUARD_KAFKA_TOPIC_PREFIX": self.kafka.topic_prefix,
             "CHURNGUARD_INTERNAL_TOKEN": INTERNAL_TOKEN,
             "CHURNGUARD_ACTIONS_HOLDOUT_PERCENT": "0",
-            "CHURNGUARD_ACTIONS_ALLOW_PRIVATE_WEBHOOK_URLS": "true",
+            "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",
             "CHURNGUARD_SCORING_SWEEP_ENABLED": "false",
             "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{self.ports['ingest']}",
             "CHURNGUARD_GATEWAY_SCORING_URL": f"http://127.0.0.1:{self.ports['scoring']}",

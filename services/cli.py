@@ -347,7 +347,8 @@ def dev() -> None:
     from honcho.printer import Printer
 
     VAR.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The demo webhook receiver is http on 127.0.0.1, which the SSRF guard refuses by default.
+    env = {"CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true", **os.environ, "PYTHONUNBUFFERED": "1"}
     manager = Manager(Printer(sys.stdout))
     for line in (REPO_ROOT / "Procfile").read_text().splitlines():
         if not line.strip() or line.startswith("#"):

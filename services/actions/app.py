@@ -8,17 +8,18 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
+from sqlalchemy import Engine
 
 from services.actions.config import ActionsSettings
 from services.actions.consumer import EventConsumer, ScoreConsumer
-from services.actions.delivery import USER_AGENT, DeliveryWorker
+from services.actions.delivery import AiohttpSender, DeliveryWorker, WebhookSender
 from services.actions.policies import load_policy_file
 from services.actions.routes import router
 from services.actions.service import PolicyCache, Rules
 from services.actions.sweeps import ContractSweeper
 from services.actions.tables import TABLES
+from services.actions.webhook_routes import router as webhook_router
 from shared.app import create_service_app
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, ping
@@ -43,7 +44,36 @@ def rules_from(settings: ActionsSettings) -> Rules:
     )
 
 
-def create_app(settings: ActionsSettings | None = None, clock: Clock | None = None) -> FastAPI:
+def delivery_worker_from(
+    settings: ActionsSettings, engine: Engine, clock: Clock, sender: WebhookSender | None = None
+) -> DeliveryWorker:
+    return DeliveryWorker(
+        engine,
+        sender
+        or AiohttpSender(
+            allow_local=settings.webhook_allow_local_urls,
+            max_connections=settings.delivery_max_in_flight,
+        ),
+        clock,
+        retry_schedule_s=settings.retry_schedule_s,
+        poll_s=settings.delivery_poll_s,
+        batch_size=settings.delivery_batch_size,
+        max_in_flight=settings.delivery_max_in_flight,
+        attempt_timeout_s=settings.webhook_timeout_s,
+        jitter=settings.retry_jitter,
+        retry_after_cap_s=settings.retry_after_cap_s,
+        endpoint_concurrency=settings.endpoint_concurrency,
+        breaker_failure_threshold=settings.breaker_failure_threshold,
+        breaker_cooldown_s=settings.breaker_cooldown_s,
+    )
+
+
+def create_app(
+    settings: ActionsSettings | None = None,
+    clock: Clock | None = None,
+    webhook_sender: WebhookSender | None = None,
+) -> FastAPI:
+    """`webhook_sender` replaces the aiohttp sender (tests wrap the real one to crash on cue)."""
     settings = settings or ActionsSettings()
     clock = clock or SystemClock()
     rules = rules_from(settings)
@@ -54,26 +84,13 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
             settings.database.url_for("actions"), echo=settings.database.database_echo
         )
         publisher = Publisher(settings.kafka, settings.client_id)
-        http = httpx.AsyncClient(
-            timeout=settings.webhook_timeout_s,
-            follow_redirects=False,
-            headers={"user-agent": USER_AGENT},
-        )
         worker: DeliveryWorker | None = None
         consumer: ScoreConsumer | None = None
         events: EventConsumer | None = None
         sweeper: ContractSweeper | None = None
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
-            worker = DeliveryWorker(
-                engine,
-                http,
-                clock,
-                retry_schedule_s=settings.retry_schedule_s,
-                poll_s=settings.delivery_poll_s,
-                batch_size=settings.delivery_batch_size,
-                attempt_timeout_s=settings.webhook_timeout_s,
-            )
+            worker = delivery_worker_from(settings, engine, clock, webhook_sender)
             consumer = ScoreConsumer(
                 settings=settings.kafka,
                 group_id=settings.group_id,
@@ -156,7 +173,6 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
                 await consumer.loop.stop()
             if worker is not None:
                 await worker.stop()
-            await http.aclose()
             await publisher.close()
             engine.dispose()
 
@@ -168,4 +184,5 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
         internal_token=settings.internal.internal_token.get_secret_value(),
     )
     app.include_router(router)
+    app.include_router(webhook_router)
     return app

@@ -61,10 +61,44 @@ class ActionsSettings(BaseSettings):
     delivery_poll_s: float = Field(
         1.0, gt=0, description="Poll interval when nothing wakes the worker."
     )
-    delivery_batch_size: int = Field(50, gt=0, le=1_000)
-    webhook_timeout_s: float = Field(10.0, gt=0)
+    delivery_batch_size: int = Field(
+        50, gt=0, le=1_000, description="Most deliveries claimed per database round trip."
+    )
+    delivery_max_in_flight: int = Field(
+        256, gt=0, le=10_000, description="Most webhook attempts in flight at once, all endpoints."
+    )
+    webhook_timeout_s: float = Field(15.0, gt=0, le=120, description="Timeout of one attempt.")
     retry_schedule_s: list[PositiveFloat] = Field(
         default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE_S),
         min_length=1,
         description="Wait before each retry after a failed attempt; then the delivery is parked.",
+    )
+    retry_jitter: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Each retry waits its schedule step times 1 + U(0, jitter): upward only, so "
+        "the schedule still spans at least its nominal length (about 27.6 h by default).",
+    )
+    retry_after_cap_s: float = Field(
+        3_600.0, gt=0, description="Longest Retry-After (of a 429/503) that is honoured."
+    )
+    endpoint_concurrency: int = Field(
+        8, gt=0, le=1_000, description="Most attempts in flight to one subscription's URL."
+    )
+    breaker_failure_threshold: int = Field(
+        5, gt=0, description="Consecutive failed attempts that open an endpoint's circuit."
+    )
+    breaker_cooldown_s: float = Field(
+        60.0, gt=0, description="How long an open circuit waits before one probe attempt."
+    )
+    secret_rotation_overlap_s: float = Field(
+        86_400.0,
+        ge=0,
+        description="After a secret rotation, requests carry the old signature too for this long.",
+    )
+    webhook_allow_local_urls: bool = Field(
+        False,
+        description="Local development and tests only: allow http:// and loopback/private "
+        "addresses as webhook URLs. Off: https only, public addresses only (SSRF guard).",
     )

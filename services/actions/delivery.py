@@ -1,37 +1,77 @@
 """The webhook outbox worker: claims due deliveries, POSTs them signed (Standard Webhooks),
-and books the outcome (delivered / retry later / parked).
+and books the outcome (delivered / retry later / parked / subscription disabled).
 
-Retry timing uses the injected clock. The `webhook-timestamp` header uses the wall clock
-(`signing_clock`), because receivers compare it with their own clock to reject replays.
+Claimed deliveries wait in a queue per endpoint drained by that endpoint's own sender tasks,
+so a slow or hanging receiver only holds its own concurrency slots (`EndpointGuard`), never the
+claim loop or other endpoints; results are booked in batches by one booking task. An endpoint
+whose circuit is open keeps its deliveries in the outbox (not claimed) until a half-open probe
+succeeds.
+
+Retry timing and the circuit breaker use the injected clock. The `webhook-timestamp` header
+uses the wall clock (`signing_clock`), because receivers compare it with their own clock to
+reject replays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import errno
+import functools
+import ipaddress
 import logging
+import math
+import random
+import socket
 import time
-from collections.abc import Sequence
-from datetime import timedelta, timezone
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from sqlalchemy import Engine
 from standardwebhooks import Webhook
 
-from services.actions import metrics, service
-from services.actions.service import AttemptResult, ClaimedDelivery
+from services.actions import metrics, webhooks
+from services.actions.breaker import EndpointGuard
+from services.actions.url_guard import address_problem, ip_literal
+from services.actions.webhooks import (
+    AttemptOutcome,
+    AttemptResult,
+    ClaimedDelivery,
+    RetryPolicy,
+)
 from shared.clock import Clock, SystemClock
 from shared.db import session_scope
 from shared.tasks import stop_gracefully
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = "churnguard-webhooks/0.1"
+USER_AGENT = "churnguard-webhooks/0.2"
 LEASE_MARGIN_S = 30.0
+MAX_RESPONSE_BYTES = 64 * 1024  # read (and drop) at most this much of a receiver's answer
+GAUGE_REFRESH_S = 0.5
+DEFER_EVERY_S = 0.5
+
+
+@functools.lru_cache(maxsize=4096)
+def _signer(secret: str) -> Webhook:
+    return Webhook(secret)
 
 
 def signed_headers(claimed: ClaimedDelivery, signing_clock: Clock) -> dict[str, str]:
+    """Standard Webhooks headers. Inside a secret rotation's overlap `webhook-signature` holds
+    one `v1,<sig>` per live secret, space-separated (current first), as the spec allows, so a
+    receiver verifying with either the old or the new secret accepts the request."""
     sent_at = signing_clock.now().astimezone(timezone.utc)
-    signature = Webhook(claimed.secret).sign(claimed.delivery_id, sent_at, claimed.payload)
+    signature = " ".join(
+        _signer(secret).sign(claimed.delivery_id, sent_at, claimed.payload)
+        for secret in claimed.signing_secrets
+    )
     return {
         "webhook-id": claimed.delivery_id,
         "webhook-timestamp": str(int(sent_at.timestamp())),
@@ -41,45 +81,212 @@ def signed_headers(claimed: ClaimedDelivery, signing_clock: Clock) -> dict[str, 
     }
 
 
+# --- the HTTP side ----------------------------------------------------------------------
+
+
+class RefusedAddress(OSError):
+    """Connect-time SSRF guard: the host resolved to an address webhooks may not reach."""
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp resolver that checks every resolved address before aiohttp connects to it, so a
+    host name re-pointed to an internal address after creation (DNS rebinding) is refused."""
+
+    def __init__(self, allow_local: bool, inner: AbstractResolver | None = None) -> None:
+        self._allow_local = allow_local
+        self._inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            problem = address_problem(ipaddress.ip_address(result["host"]), self._allow_local)
+            if problem is not None:
+                raise RefusedAddress(
+                    errno.EACCES, f"refused at connect time: {host!r} -> {problem}"
+                )
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def refusal_before_connect(url: str, allow_local: bool) -> str | None:
+    """What the resolver cannot see: the scheme, and hosts given as IP literals (aiohttp does
+    not resolve those)."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not (allow_local and parts.scheme == "http"):
+        return f"refused: {parts.scheme}:// webhook URLs are not allowed (https only)"
+    literal = ip_literal(parts.hostname or "")
+    if literal is not None:
+        problem = address_problem(literal, allow_local)
+        if problem is not None:
+            return f"refused at connect time: {problem}"
+    return None
+
+
+class WebhookSender(Protocol):
+    async def send(
+        self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> AttemptResult: ...
+
+    async def close(self) -> None: ...
+
+
+class AiohttpSender:
+    """POSTs with aiohttp (measured faster than httpx here, see docs/benchmarks.md): no
+    redirects followed, no proxies from the environment, the SSRF guard at connect time."""
+
+    def __init__(self, *, allow_local: bool, max_connections: int = 256) -> None:
+        self._allow_local = allow_local
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:  # created on the running loop, on first use
+            connector = aiohttp.TCPConnector(
+                resolver=GuardedResolver(self._allow_local),
+                limit=self._max_connections,
+                limit_per_host=0,  # per-endpoint limits are the worker's (EndpointGuard)
+                ttl_dns_cache=10,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, auto_decompress=False
+            )
+        return self._session
+
+    async def send(
+        self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> AttemptResult:
+        started = time.perf_counter()
+
+        def elapsed_ms() -> float:
+            return (time.perf_counter() - started) * 1000
+
+        refusal = refusal_before_connect(url, self._allow_local)
+        if refusal is not None:
+            return AttemptResult(error=refusal, latency_ms=elapsed_ms())
+        try:
+            async with self._client().post(
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,  # a 3xx is a failed attempt, never followed
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                await response.content.read(MAX_RESPONSE_BYTES)
+                return AttemptResult(
+                    status_code=response.status,
+                    retry_after=response.headers.get("Retry-After"),
+                    latency_ms=elapsed_ms(),
+                )
+        except asyncio.TimeoutError:
+            return AttemptResult(error=f"timeout after {timeout_s:g} s", latency_ms=elapsed_ms())
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, RefusedAddress):  # the SSRF guard, said plainly
+                return AttemptResult(error=exc.os_error.strerror, latency_ms=elapsed_ms())
+            return AttemptResult(
+                error=f"{type(exc).__name__}: {exc}".rstrip(": "), latency_ms=elapsed_ms()
+            )
+        except aiohttp.ClientError as exc:
+            return AttemptResult(
+                error=f"{type(exc).__name__}: {exc}".rstrip(": "), latency_ms=elapsed_ms()
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# --- the worker -------------------------------------------------------------------------
+
+
 class DeliveryWorker:
+    """Claims due deliveries in batches into a local queue per endpoint (subscription); up to
+    `endpoint_concurrency` sender tasks per endpoint drain it; one booking task records the
+    results in batches. Claiming ahead (up to `queue_per_endpoint` rows) is what lets one
+    database round trip feed many HTTP requests; the claim's lease covers the whole queue, so a
+    live worker's rows are never claimed twice. When an endpoint's circuit opens, what is still
+    queued for it is handed back to the outbox at once."""
+
     def __init__(
         self,
         engine: Engine,
-        client: httpx.AsyncClient,
+        sender: WebhookSender,
         clock: Clock,
         *,
         retry_schedule_s: Sequence[float],
         poll_s: float = 1.0,
         batch_size: int = 50,
-        attempt_timeout_s: float = 10.0,
+        max_in_flight: int = 256,
+        attempt_timeout_s: float = 15.0,
+        jitter: float = 0.0,
+        retry_after_cap_s: float = 3_600.0,
+        endpoint_concurrency: int = 8,
+        breaker_failure_threshold: int = 5,
+        breaker_cooldown_s: float = 60.0,
         signing_clock: Clock | None = None,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self._engine = engine
-        self._client = client
+        self._sender = sender
         self._clock = clock
         self._signing_clock = signing_clock or SystemClock()
-        self._schedule = list(retry_schedule_s)
+        self._retry = RetryPolicy(
+            schedule=list(retry_schedule_s),
+            jitter=jitter,
+            retry_after_cap_s=retry_after_cap_s,
+            rng=rng,
+        )
         self._poll_s = poll_s
         self._batch_size = batch_size
+        self._max_in_flight = max_in_flight
         self._attempt_timeout_s = attempt_timeout_s
-        # A claim outlives the longest attempt, so a live worker's rows are never re-claimed.
-        self._lease = timedelta(seconds=attempt_timeout_s + LEASE_MARGIN_S)
+        self.guard = EndpointGuard(
+            clock,
+            concurrency=endpoint_concurrency,
+            failure_threshold=breaker_failure_threshold,
+            cooldown=timedelta(seconds=breaker_cooldown_s),
+        )
+        self.queue_per_endpoint = max(batch_size, 2 * endpoint_concurrency)
+        self._max_queued = max(4 * batch_size, 2 * max_in_flight)
+        # A claim outlives the time its endpoint needs to work through a full queue of attempts
+        # that all time out, so a live worker's rows are never re-claimed. After a crash, what
+        # it had claimed is due again once the lease has run out.
+        rounds = math.ceil(self.queue_per_endpoint / endpoint_concurrency)
+        self.lease = timedelta(seconds=rounds * attempt_timeout_s + LEASE_MARGIN_S)
         self._wakeup = asyncio.Event()
+        self._queues: dict[str, collections.deque[ClaimedDelivery]] = {}
+        self._senders: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._results: list[tuple[ClaimedDelivery, AttemptResult]] = []
+        self._results_ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._booker: asyncio.Task[None] | None = None
         self._running = False
+        self._gauges_at = 0.0
+        self._deferred_at: dict[str, float] = {}
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> asyncio.Task[None]:
         self._loop = asyncio.get_running_loop()
         self._running = True
+        self._booker = asyncio.create_task(self._book_loop(), name="webhook-booking")
         self._task = asyncio.create_task(self._run(), name="webhook-delivery")
         return self._task
 
     @property
     def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return (
+            self._task is not None
+            and not self._task.done()
+            and self._booker is not None
+            and not self._booker.done()
+        )
 
     def wake(self) -> None:
         """New or replayed deliveries: look now instead of at the next poll. Thread-safe."""
@@ -87,96 +294,243 @@ class DeliveryWorker:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def stop(self) -> None:
+        """Stop claiming, let attempts in flight finish (up to their timeout), book them, and
+        hand back what was claimed but not attempted."""
         self._running = False
         if self._task is None:
             return
         self._wakeup.set()
-        # let attempts in flight finish and be booked
-        await stop_gracefully(self._task, timeout_s=self._attempt_timeout_s + 5)
+        await stop_gracefully(self._task, timeout_s=5)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._attempt_timeout_s + 5)
+            for task in pending:
+                task.cancel()
+        unsent = [item for queue in self._queues.values() for item in queue]
+        self._queues.clear()
+        if self._booker is not None:
+            self._booker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._booker
+        with contextlib.suppress(Exception):  # best effort: otherwise they wait for the lease
+            if self._results:
+                await self._book_pending()
+            if unsent:
+                await asyncio.to_thread(self._release, unsent)
+        await self._sender.close()
 
-    # --- the loop --------------------------------------------------------------------
+    # --- claiming --------------------------------------------------------------------
 
     async def _run(self) -> None:
         while self._running:
             self._wakeup.clear()
             try:
-                handled = await self.run_once()
+                claimed = await self.dispatch()
                 await self._refresh_gauges()
             except Exception:  # database down and the like: keep the worker alive, try again
                 log.exception("webhook delivery cycle failed; retrying")
-                handled = 0
-            if handled >= self._batch_size:
+                claimed = 0
+            if claimed >= self._batch_size:
                 continue  # more may be due right now
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
-            except asyncio.TimeoutError:
-                pass
 
-    async def run_once(self) -> int:
-        """Claim what is due, attempt each once (concurrently), book the results."""
-        claimed, parked = await asyncio.to_thread(self._claim)
+    def _room(self, endpoint: str) -> int:
+        """How many more rows of this endpoint may be claimed into its queue now."""
+        state = self.guard.state(endpoint)
+        if state == "open":
+            return 0
+        cap = 1 if state == "half_open" else self.queue_per_endpoint
+        queued = len(self._queues.get(endpoint, ()))
+        return max(0, cap - queued - self.guard.in_flight(endpoint))
+
+    async def dispatch(self) -> int:
+        """Claim what is due into the endpoints' queues (within their room) and start senders.
+        Returns how many rows were claimed or parked."""
+        self._spawn_senders()
+        if sum(len(q) for q in self._queues.values()) >= self._max_queued:
+            return 0
+        known = set(self._queues) | set(self.guard.known())
+        rooms = {endpoint: self._room(endpoint) for endpoint in known}
+        blocked = sorted(e for e, room in rooms.items() if room == 0)
+        defer = self._due_deferrals(known)
+        claimed, parked = await asyncio.to_thread(
+            self._claim, blocked, lambda e: rooms.get(e, self.queue_per_endpoint), defer
+        )
         if parked:
             metrics.WEBHOOK_ATTEMPTS.labels("parked").inc(parked)
-        if not claimed:
-            return parked
-        results = await asyncio.gather(*(self._attempt(c) for c in claimed))
-        outcomes = await asyncio.to_thread(self._book, list(zip(claimed, results, strict=True)))
-        for outcome in outcomes:
-            if outcome != "stale":
-                metrics.WEBHOOK_ATTEMPTS.labels(outcome).inc()
+        for delivery in claimed:
+            self._queues.setdefault(delivery.subscription_id, collections.deque()).append(delivery)
+        self._spawn_senders()
         return len(claimed) + parked
 
-    def _claim(self) -> tuple[list[ClaimedDelivery], int]:
+    def _due_deferrals(self, endpoints: set[str]) -> dict[str, datetime]:
+        """Open circuits whose new deliveries have not been deferred for a while (each UPDATE
+        is cheap, but not on every wake-up)."""
+        now = time.monotonic()
+        result = {}
+        for endpoint in endpoints:
+            until = self.guard.reopens_at(endpoint)
+            if until is None or self.guard.state(endpoint) != "open":
+                continue
+            if now - self._deferred_at.get(endpoint, 0.0) >= DEFER_EVERY_S:
+                self._deferred_at[endpoint] = now
+                result[endpoint] = until
+        for endpoint in [e for e in self._deferred_at if e not in endpoints]:
+            del self._deferred_at[endpoint]
+        return result
+
+    def _claim(
+        self, blocked: list[str], room: Callable[[str], int], defer: dict[str, datetime]
+    ) -> tuple[list[ClaimedDelivery], int]:
         with session_scope(self._engine) as session:
-            return service.claim_due_deliveries(
-                session, self._clock.now(), self._batch_size, self._lease
+            return webhooks.claim_due_deliveries(
+                session,
+                self._clock.now(),
+                self._batch_size,
+                self.lease,
+                exclude_subscriptions=blocked,
+                capacity=room,
+                defer=defer,
             )
 
-    def _book(self, attempts: list[tuple[ClaimedDelivery, AttemptResult]]) -> list[str]:
-        outcomes = []
-        for claimed, result in attempts:
-            with session_scope(self._engine) as session:
-                outcome = service.record_attempt(
-                    session, claimed, result, self._clock.now(), self._schedule
-                )
-            outcomes.append(outcome)
-            if outcome == "stale":
-                log.info(
-                    "delivery %s changed during its attempt; result not booked", claimed.delivery_id
-                )
-            elif outcome != "delivered":
-                log.warning(
-                    "webhook %s: %s (%s)",
-                    claimed.delivery_id,
-                    outcome,
-                    result.error or f"HTTP {result.status_code}",
-                )
-        return outcomes
+    # --- sending ---------------------------------------------------------------------
 
-    async def _attempt(self, claimed: ClaimedDelivery) -> AttemptResult:
+    def _spawn_senders(self) -> None:
+        for endpoint, queue in list(self._queues.items()):
+            while (
+                queue
+                and self._running
+                and len(self._tasks) < self._max_in_flight
+                and self._senders.get(endpoint, 0) < self.guard.limit(endpoint)
+            ):
+                self._senders[endpoint] = self._senders.get(endpoint, 0) + 1
+                task = asyncio.create_task(self._send_queue(endpoint))
+                self._tasks.add(task)
+                task.add_done_callback(self._sender_done)
+            if not queue and not self._senders.get(endpoint):
+                del self._queues[endpoint]
+
+    async def _send_queue(self, endpoint: str) -> None:
+        try:
+            while self._running:
+                queue = self._queues.get(endpoint)
+                if not queue:
+                    return
+                state = self.guard.state(endpoint)
+                if state == "open":  # due again when the circuit lets a probe through
+                    unsent = list(queue)
+                    queue.clear()
+                    await asyncio.to_thread(self._release, unsent, self.guard.reopens_at(endpoint))
+                    return
+                if state == "half_open" and self.guard.in_flight(endpoint) > 0:
+                    return  # one probe at a time
+                await self._attempt_and_queue(queue.popleft())
+        finally:
+            self._senders[endpoint] -= 1
+            if not self._senders[endpoint]:
+                del self._senders[endpoint]
+
+    def _sender_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook sender task failed", exc_info=task.exception())
+        self._wakeup.set()
+
+    def _release(self, unsent: list[ClaimedDelivery], at: datetime | None = None) -> None:
+        with session_scope(self._engine) as session:
+            webhooks.release_claims(session, unsent, at or self._clock.now())
+
+    async def _attempt_and_queue(self, claimed: ClaimedDelivery) -> None:
+        # The slot is freed when the answer is in, before the booking: booking is batched and
+        # must not cap an endpoint's throughput.
+        self.guard.started(claimed.subscription_id)
+        success: bool | None = None
+        gone = False
+        try:
+            result = await self.attempt(claimed)
+            success, gone = result.ok, result.status_code == 410
+            self._results.append((claimed, result))
+            self._results_ready.set()
+        finally:
+            self.guard.finished(claimed.subscription_id, success, gone=gone)
+
+    async def attempt(self, claimed: ClaimedDelivery) -> AttemptResult:
         started = time.perf_counter()
         try:
             headers = signed_headers(claimed, self._signing_clock)
-            response = await self._client.post(
-                claimed.url,
-                content=claimed.payload.encode(),
-                headers=headers,
-                timeout=self._attempt_timeout_s,
+            return await self._sender.send(
+                claimed.url, claimed.payload.encode(), headers, self._attempt_timeout_s
             )
-            return AttemptResult(status_code=response.status_code)
-        except httpx.HTTPError as exc:
-            return AttemptResult(error=f"{type(exc).__name__}: {exc}".rstrip(": "))
         except Exception as exc:  # a bad stored secret or URL must not kill the worker
             log.exception("webhook %s could not be sent", claimed.delivery_id)
-            return AttemptResult(error=f"{type(exc).__name__}: {exc}")
+            return AttemptResult(
+                error=f"{type(exc).__name__}: {exc}",
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
         finally:
             metrics.WEBHOOK_DELIVERY_SECONDS.observe(time.perf_counter() - started)
 
+    # --- booking ---------------------------------------------------------------------
+
+    async def _book_loop(self) -> None:
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            try:
+                await self._book_pending()
+            except Exception:  # keep the results: booked on the next round
+                log.exception("booking webhook attempts failed; retrying")
+                await asyncio.sleep(self._poll_s)
+                self._results_ready.set()
+
+    async def _book_pending(self) -> None:
+        batch, self._results = self._results, []
+        if not batch:
+            return
+        try:
+            outcomes = await asyncio.to_thread(self._book, batch)
+        except BaseException:
+            self._results[:0] = batch
+            raise
+        for (claimed, result), outcome in zip(batch, outcomes, strict=True):
+            self._observe(claimed, result, outcome)
+        self._wakeup.set()
+
+    def _book(self, batch: list[tuple[ClaimedDelivery, AttemptResult]]) -> list[AttemptOutcome]:
+        now = self._clock.now()
+        with session_scope(self._engine) as session:
+            return webhooks.record_attempts(session, batch, now, self._retry)
+
+    def _observe(
+        self, claimed: ClaimedDelivery, result: AttemptResult, outcome: AttemptOutcome
+    ) -> None:
+        if outcome == "stale":
+            log.info("delivery %s changed during its attempt; not booked", claimed.delivery_id)
+            return
+        metrics.WEBHOOK_ATTEMPTS.labels(outcome).inc()
+        if outcome == "delivered":
+            if claimed.created_at is not None:
+                waited = (self._clock.now() - claimed.created_at).total_seconds()
+                metrics.WEBHOOK_END_TO_END_SECONDS.observe(max(0.0, waited))
+        else:
+            log.warning(
+                "webhook %s: %s (%s)",
+                claimed.delivery_id,
+                outcome,
+                result.error or f"HTTP {result.status_code}",
+            )
+
+    # --- gauges ----------------------------------------------------------------------
+
     async def _refresh_gauges(self) -> None:
+        if time.monotonic() - self._gauges_at < GAUGE_REFRESH_S:
+            return
+        self._gauges_at = time.monotonic()
         counts = await asyncio.to_thread(self._counts)
         metrics.OUTBOX_DEPTH.set(counts.get("pending", 0))
         metrics.PARKED_DELIVERIES.set(counts.get("parked", 0))
+        metrics.OPEN_CIRCUITS.set(self.guard.open_count())
 
-    def _counts(self) -> dict[str, int]:
+    def _counts(self) -> dict[str, Any]:
         with session_scope(self._engine) as session:
-            return service.outbox_counts(session)
+            return webhooks.outbox_counts(session)

@@ -22,14 +22,24 @@ OFFERS_CREATED = Counter(
 WEBHOOK_ATTEMPTS = Counter(
     "churnguard_actions_webhook_attempts_total",
     "Webhook delivery attempts: delivered (2xx), failed (other status, retry scheduled), "
-    "error (network error or timeout, retry scheduled), parked (retry schedule exhausted "
-    "or subscription deleted).",
+    "error (network error, timeout or SSRF refusal, retry scheduled), rate_limited (429/503, "
+    "retry not before Retry-After), gone (410: subscription disabled), parked (retry schedule "
+    "exhausted, or the subscription deleted or disabled).",
     ["outcome"],
 )
 WEBHOOK_DELIVERY_SECONDS = Histogram(
     "churnguard_actions_webhook_delivery_seconds",
     "Duration of one webhook HTTP attempt.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+WEBHOOK_END_TO_END_SECONDS = Histogram(
+    "churnguard_actions_webhook_end_to_end_seconds",
+    "From the outbox row's creation (the decision) to its successful delivery, retries included.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3_600.0, 21_600.0, 86_400.0, 172_800.0),
+)
+OPEN_CIRCUITS = Gauge(
+    "churnguard_actions_webhook_open_circuits",
+    "Webhook endpoints whose circuit breaker is open or half-open (this worker's view).",
 )
 OUTBOX_DEPTH = Gauge(
     "churnguard_actions_outbox_depth",

@@ -1,24 +1,23 @@
 """Business logic of the actions service. Imports neither fastapi nor aiokafka; the caller owns
-the transaction (it passes a session from `shared.db.session_scope`) and the clock (`now`)."""
+the transaction (it passes a session from `shared.db.session_scope`) and the clock (`now`).
+
+Webhook subscriptions, the outbox and deliveries live in `services.actions.webhooks`; the names
+re-exported below keep older imports working."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
 from sqlmodel import Session
 
-from services.actions import repository
+from services.actions import repository, webhooks
 from services.actions.customers import contract_facts, customer_value
+from services.actions.errors import Conflict, NotFound
 from services.actions.guardrails import (
     in_cooldown,
     in_holdout,
@@ -47,28 +46,24 @@ from services.actions.tables import (
     ActionsContract,
     ActionsCustomer,
     ActionsDecision,
-    ActionsDelivery,
     ActionsOffer,
-    ActionsWebhookSubscription,
+)
+from services.actions.webhooks import (  # noqa: F401  (re-exported)
+    OFFER_CREATED_EVENT,
+    WEBHOOK_EVENT_TYPES,
+    AttemptOutcome,
+    AttemptResult,
+    ClaimedDelivery,
+    check_secret,
+    claim_due_deliveries,
+    generate_secret,
+    outbox_counts,
+    record_attempt,
+    retry_delay,
 )
 from shared.events import ActionRecord, ScoreRecord, new_id
 
-OFFER_CREATED_EVENT = "offer.created"
-WEBHOOK_EVENT_TYPES = (OFFER_CREATED_EVENT,)
-
-SECRET_PREFIX = "whsec_"
-SECRET_MIN_BYTES, SECRET_MAX_BYTES = 24, 64  # Standard Webhooks: 24..64 bytes of key
-GENERATED_SECRET_BYTES = 32
-_BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
-MAX_ERROR_CHARS = 1000
-
-
-class NotFound(Exception):
-    """The thing does not exist for this tenant (another tenant's id included)."""
-
-
-class Conflict(Exception):
-    """The request is valid but the thing is in a state that does not allow it."""
+__all__ = ["Conflict", "NotFound"]
 
 
 # --- scores -> decisions, offers and the webhook outbox ------------------------------
@@ -371,27 +366,15 @@ def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetim
 def _enqueue_webhooks(
     session: Session, offer: ActionsOffer, now: datetime, reasons: Sequence[str] = ()
 ) -> int:
-    payload = offer_payload(offer, reasons)
-    count = 0
-    for subscription in repository.active_subscriptions(session, offer.tenant_id):
-        if OFFER_CREATED_EVENT not in subscription.event_types:
-            continue
-        session.add(
-            ActionsDelivery(
-                delivery_id=f"msg_{new_id()}",
-                tenant_id=offer.tenant_id,
-                subscription_id=subscription.id,
-                offer_id=offer.offer_id,
-                event_type=OFFER_CREATED_EVENT,
-                payload=payload,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
-        count += 1
-    return count
+    """The offer's outbox rows (one per subscribed endpoint), in the decision's transaction."""
+    return webhooks.enqueue(
+        session,
+        tenant_id=offer.tenant_id,
+        offer_id=offer.offer_id,
+        payload=offer_payload(offer, reasons),
+        now=now,
+        event_type=OFFER_CREATED_EVENT,
+    )
 
 
 def offer_payload(offer: ActionsOffer, reasons: Sequence[str] = ()) -> str:
@@ -450,213 +433,3 @@ def list_decisions(
     session: Session, tenant_id: str, customer_id: str, limit: int = 100
 ) -> Sequence[ActionsDecision]:
     return repository.list_decisions(session, tenant_id, customer_id, limit)
-
-
-# --- webhook subscriptions -----------------------------------------------------------
-
-
-def generate_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(GENERATED_SECRET_BYTES)).decode()
-
-
-def check_secret(secret: str) -> str:
-    """Accept `whsec_` + standard base64 of 24..64 bytes; raise ValueError saying what is wrong."""
-    if not secret.startswith(SECRET_PREFIX):
-        raise ValueError(f"must start with '{SECRET_PREFIX}'")
-    encoded = secret[len(SECRET_PREFIX) :]
-    if not _BASE64.match(encoded) or len(encoded) % 4:
-        raise ValueError(f"must be '{SECRET_PREFIX}' followed by standard base64")
-    try:
-        key = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"must be '{SECRET_PREFIX}' followed by standard base64") from None
-    if not SECRET_MIN_BYTES <= len(key) <= SECRET_MAX_BYTES:
-        raise ValueError(
-            f"key must be {SECRET_MIN_BYTES} to {SECRET_MAX_BYTES} bytes, got {len(key)}"
-        )
-    return secret
-
-
-def create_subscription(
-    session: Session,
-    tenant_id: str,
-    url: str,
-    now: datetime,
-    secret: str | None = None,
-    event_types: Sequence[str] = (OFFER_CREATED_EVENT,),
-) -> ActionsWebhookSubscription:
-    subscription = ActionsWebhookSubscription(
-        id=new_id(),
-        tenant_id=tenant_id,
-        url=url,
-        secret=check_secret(secret) if secret is not None else generate_secret(),
-        event_types=list(dict.fromkeys(event_types)),
-        active=True,
-        created_at=now,
-    )
-    session.add(subscription)
-    session.flush()
-    return subscription
-
-
-def list_subscriptions(session: Session, tenant_id: str) -> Sequence[ActionsWebhookSubscription]:
-    return repository.active_subscriptions(session, tenant_id)
-
-
-def delete_subscription(
-    session: Session, tenant_id: str, subscription_id: str, now: datetime
-) -> int:
-    """Deactivate a subscription (the row stays for the delivery history) and park its pending
-    deliveries: nobody is listening any more. Returns how many deliveries were parked."""
-    subscription = repository.get_subscription(session, tenant_id, subscription_id)
-    if subscription is None or not subscription.active:
-        raise NotFound(f"webhook subscription {subscription_id} not found")
-    subscription.active = False
-    session.add(subscription)
-    pending = repository.pending_deliveries_of_subscription(session, tenant_id, subscription_id)
-    for delivery in pending:
-        _park(delivery, "subscription deleted")
-        session.add(delivery)
-    return len(pending)
-
-
-# --- deliveries ----------------------------------------------------------------------
-
-
-def list_deliveries(
-    session: Session, tenant_id: str, status: str | None = None, limit: int = 100
-) -> Sequence[ActionsDelivery]:
-    return repository.list_deliveries(session, tenant_id, status, limit)
-
-
-def replay_delivery(
-    session: Session, tenant_id: str, delivery_id: str, now: datetime
-) -> ActionsDelivery:
-    """Send a parked (or failing) delivery again now, with a fresh retry schedule."""
-    delivery = repository.get_delivery(session, tenant_id, delivery_id)
-    if delivery is None:
-        raise NotFound(f"delivery {delivery_id} not found")
-    if delivery.status == "delivered":
-        raise Conflict(f"delivery {delivery_id} was already delivered")
-    subscription = repository.get_subscription(session, tenant_id, delivery.subscription_id)
-    if subscription is None or not subscription.active:
-        raise Conflict(f"the webhook subscription of delivery {delivery_id} was deleted")
-    delivery.status = "pending"
-    delivery.attempts = 0
-    delivery.next_attempt_at = now
-    session.add(delivery)
-    session.flush()
-    return delivery
-
-
-def retry_delay(attempts: int, schedule: Sequence[float]) -> timedelta | None:
-    """How long to wait after the `attempts`-th failed attempt; None once the schedule is spent.
-
-    The first attempt is immediate; `schedule[i]` is the wait before attempt i + 2.
-    """
-    if attempts < 1:
-        raise ValueError("attempts counts failed attempts and starts at 1")
-    if attempts > len(schedule):
-        return None
-    return timedelta(seconds=schedule[attempts - 1])
-
-
-@dataclass(frozen=True)
-class ClaimedDelivery:
-    delivery_id: str
-    url: str
-    secret: str
-    payload: str
-    attempts: int  # attempts made before this one
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    status_code: int | None = None
-    error: str | None = None  # a network error or timeout; None when the receiver answered
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.status_code is not None and 200 <= self.status_code < 300
-
-
-AttemptOutcome = Literal["delivered", "failed", "error", "parked", "stale"]
-
-
-def claim_due_deliveries(
-    session: Session, now: datetime, limit: int, lease: timedelta
-) -> tuple[list[ClaimedDelivery], int]:
-    """Claim due deliveries for one attempt (system-wide, the worker's job).
-
-    A claim moves `next_attempt_at` to `now + lease`: if this process dies mid-attempt, the
-    delivery becomes due again after the lease and is retried with the same webhook-id.
-    Deliveries whose subscription was deleted are parked instead. Returns (claimed, parked).
-    """
-    rows = repository.lock_due_deliveries(session, now, limit)
-    subscriptions = repository.subscriptions_by_id(
-        session, sorted({r.subscription_id for r in rows})
-    )
-    claimed: list[ClaimedDelivery] = []
-    parked = 0
-    for row in rows:
-        subscription = subscriptions.get(row.subscription_id)
-        if subscription is None or not subscription.active:
-            _park(row, "subscription deleted")
-            parked += 1
-        else:
-            row.next_attempt_at = now + lease
-            claimed.append(
-                ClaimedDelivery(
-                    row.delivery_id,
-                    subscription.url,
-                    subscription.secret,
-                    row.payload,
-                    row.attempts,
-                )
-            )
-        session.add(row)
-    return claimed, parked
-
-
-def record_attempt(
-    session: Session,
-    claimed: ClaimedDelivery,
-    result: AttemptResult,
-    now: datetime,
-    schedule: Sequence[float],
-) -> AttemptOutcome:
-    """Book one attempt: delivered on 2xx; otherwise schedule the next retry, or park the
-    delivery (replayable) once the schedule is spent."""
-    row = repository.lock_delivery(session, claimed.delivery_id)
-    if row is None or row.status != "pending" or row.attempts != claimed.attempts:
-        return "stale"  # replayed, parked or handled elsewhere meanwhile
-    row.attempts += 1
-    row.last_status_code = result.status_code
-    if result.ok:
-        row.status = "delivered"
-        row.delivered_at = now
-        row.last_error = None
-        outcome: AttemptOutcome = "delivered"
-    else:
-        error = result.error or f"receiver answered HTTP {result.status_code}"
-        delay = retry_delay(row.attempts, schedule)
-        if delay is None:
-            _park(
-                row, f"retry schedule exhausted after {row.attempts} attempts; last error: {error}"
-            )
-            outcome = "parked"
-        else:
-            row.last_error = error[:MAX_ERROR_CHARS]
-            row.next_attempt_at = now + delay
-            outcome = "error" if result.error else "failed"
-    session.add(row)
-    return outcome
-
-
-def _park(delivery: ActionsDelivery, reason: str) -> None:
-    delivery.status = "parked"
-    delivery.last_error = reason[:MAX_ERROR_CHARS]
-
-
-def outbox_counts(session: Session) -> dict[str, int]:
-    return repository.count_open_deliveries(session)

@@ -84,6 +84,9 @@ class ActionsWebhookSubscription(SQLModel, table=True):
     event_types: list[str] = Field(sa_type=JSON)
     active: bool = True
     created_at: datetime = Field(sa_type=UtcDateTime)
+    # Why the subscription stopped (deleted by the tenant, or the receiver answered 410 Gone).
+    disabled_reason: str | None = Field(default=None, max_length=200)
+    disabled_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class ActionsDelivery(SQLModel, table=True):
@@ -228,3 +231,43 @@ TABLES: list[type[SQLModel]] = [
     ActionsPolicyDocument,
     ActionsSweepLease,
 ]
+
+
+# --- webhooks: secret rotation and the attempt log ------------------------------------
+
+
+class ActionsWebhookSecret(SQLModel, table=True):
+    """A previous signing secret of a subscription, still used (beside the current one) until
+    `expires_at`: the overlap of a rotation, so receivers can switch without losing webhooks."""
+
+    __tablename__ = "actions_webhook_secrets"
+    __table_args__ = (Index("ix_actions_webhook_secrets_subscription", "subscription_id"),)
+
+    id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=128)
+    subscription_id: str = Field(max_length=64, foreign_key="actions_webhook_subscriptions.id")
+    secret: str = Field(max_length=256)
+    created_at: datetime = Field(sa_type=UtcDateTime)
+    expires_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ActionsDeliveryAttempt(SQLModel, table=True):
+    """One HTTP attempt of a delivery: what the receiver answered (or the error), and how long
+    it took. `attempted_at` is the injected clock; `latency_ms` is measured wall time."""
+
+    __tablename__ = "actions_delivery_attempts"
+    __table_args__ = (
+        Index("ix_actions_delivery_attempts_delivery", "delivery_id", "attempted_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(max_length=64, foreign_key="actions_deliveries.delivery_id")
+    tenant_id: str = Field(max_length=128)
+    outcome: str = Field(max_length=16)
+    status_code: int | None = None
+    error: str | None = Field(default=None, max_length=1000)
+    latency_ms: float
+    attempted_at: datetime = Field(sa_type=UtcDateTime)
+
+
+TABLES += [ActionsWebhookSecret, ActionsDeliveryAttempt]

@@ -82,9 +82,10 @@ class Receiver:
                         )
                     )
                 self.send_response(status)
-                self.send_header("content-length", "2")
+                body = b"" if status in (204, 304) else b"ok"  # 204/304 carry no body (RFC 9110)
+                self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass

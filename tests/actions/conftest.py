@@ -50,6 +50,10 @@ def make_settings(
             "holdout_percent": 0.0,
             "consent_required": False,
             "contract_sweep_enabled": False,  # tests call run_once() with a moved clock
+            # The receivers here are on 127.0.0.1 over http (tests of the SSRF guard turn it off),
+            # and exact retry times are asserted (jitter has its own tests).
+            "webhook_allow_local_urls": True,
+            "retry_jitter": 0.0,
         }
         options.update(overrides)
         return ActionsSettings(**options)

@@ -12,15 +12,8 @@ from prometheus_client import REGISTRY
 SERVICES = ("gateway", "ingest", "scoring", "actions")
 METRIC_MODULES = (*(f"services.{s}.metrics" for s in SERVICES), "shared.kafka", "shared.metrics")
 
-# Planned in issue #7 point 1 (being added by other work; listed in docs/operations.md then).
-PLANNED_METRICS = frozenset({
-    "churnguard_actions_circuit_breakers_open",
-    "churnguard_actions_parked_deliveries",
-    "churnguard_actions_outbox_depth",
-    "churnguard_scoring_consumer_lag",
-    "churnguard_scoring_score_drift",
-    "churnguard_scoring_active_model_trained_timestamp_seconds",
-})
+# Every metric the alert rules and the dashboard use now exists; nothing is only planned.
+PLANNED_METRICS: frozenset[str] = frozenset()
 
 _NAME = re.compile(r"\b((?:churnguard_[A-Za-z0-9_]+)|up)\b(?!\s*\()")
 _NAME_REGEX = re.compile(r'__name__\s*=~\s*"([^"]+)"')

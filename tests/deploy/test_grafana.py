@@ -49,7 +49,7 @@ def test_the_pipeline_is_on_the_board() -> None:
                    "churnguard_scoring_consumer_lag", "churnguard_scoring_scores_published_total",
                    "churnguard_actions_decisions_total", "churnguard_actions_webhook_attempts_total",
                    "churnguard_actions_webhook_delivery_seconds_bucket", "churnguard_actions_parked_deliveries",
-                   "churnguard_actions_circuit_breakers_open"):
+                   "churnguard_actions_webhook_open_circuits"):
         assert metric in exprs, f"{metric} is not on the dashboard"
     titles = {p["title"] for p in _dashboard()["panels"] if p["type"] == "row"}
     assert titles == {"Events in", "Scoring", "Offers", "Webhook health", "Uplift", "Services"}

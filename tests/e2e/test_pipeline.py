@@ -95,6 +95,8 @@ def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
         "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
         # The control group is random per tenant id; this test is about the path, not uplift.
         "CHURNGUARD_ACTIONS_HOLDOUT_PERCENT": "0",
+        # the test's webhook receiver is http on 127.0.0.1, which the SSRF guard refuses by default
+        "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",
     }
     # A model trained on simulated history, registered in scoring's registry before it starts.
     scoring_ops.simulate(database_url, "sim", 1500, 11, None, None)
