@@ -84,6 +84,7 @@ def services(broker: str, database_url: str, tmp_path: Path) -> Iterator[tuple[s
         "CHURNGUARD_KAFKA_BOOTSTRAP_SERVERS": broker,
         "CHURNGUARD_KAFKA_TOPIC_PREFIX": f"logs{uuid.uuid4().hex[:8]}-",
         "CHURNGUARD_INTERNAL_TOKEN": INTERNAL_TOKEN,
+        "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",  # the subscription below is http on 127.0.0.1
         "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{ports['ingest']}",
         "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
         # scoring is not started: its routes answer 502/503 through the gateway, also logged.
