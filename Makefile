@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions clean
+.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions bench-pipeline soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,12 @@ k8s-validate: $(STAMP)
 
 # Ingest throughput and latency on a real broker and real service processes (~2.5 min; uses wrk
 # when installed: apt-get install -y wrk). Writes bench/results/ingest.json, docs/benchmarks.md.
-# Then scoring (bench-scoring) and actions (bench-actions).
+# Then scoring (bench-scoring), actions (bench-actions) and the whole pipeline (bench-pipeline).
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(MAKE) bench-scoring
 	$(MAKE) bench-actions
+	$(MAKE) bench-pipeline
 
 # Scoring events/s per instance on SQLite and PostgreSQL (127.0.0.1:5432), next to a bare
 # consumer; publish-to-score latency at fixed rates (~3 min). Writes bench/results/scoring.json.
@@ -53,6 +54,16 @@ bench-scoring: $(STAMP)
 # PostgreSQL (127.0.0.1:5432) (~1.5 min). Writes bench/results/actions.json, docs/benchmarks.md.
 bench-actions: $(STAMP)
 	$(BIN)/python -m bench.actions
+
+# Event-to-score and event-to-webhook latency through the gateway at fixed rates, and RSS per
+# service at rest and under load, on the whole stack with PostgreSQL (~2 min).
+# Writes bench/results/pipeline.json and docs/benchmarks.md.
+bench-pipeline: $(STAMP)
+	$(BIN)/python -m bench.pipeline
+
+# Memory over a long steady run: 10 minutes at 50 events/s, RSS sampled every 10 s (~12 min).
+soak: $(STAMP)
+	$(BIN)/python -m bench.pipeline --rates 50 --duration 10 --soak-seconds 600 --soak-rate 50 --no-doc --out bench/results/soak.json
 
 clean:
 	rm -rf var/ .pytest_cache
