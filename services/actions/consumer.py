@@ -1,6 +1,6 @@
 """Kafka transport of the actions service.
 
-churn-scores -> decide (one transaction per score) -> wake the webhook worker -> publish
+churn-scores -> decide (one transaction per batch) -> wake the webhook worker -> publish
 ActionRecords on retention-actions -> commit.
 customer-events (its own consumer group) -> fold each event into the customer state, and for a
 recent cancellation notice, complaint or feedback answer decide at once, in the same
@@ -95,10 +95,11 @@ class ScoreConsumer:
         await publish_decisions(self._publisher, results, self._on_deliveries)
 
     def _decide_all(self, scores: list[ScoreRecord]) -> list[DecisionResult]:
-        results = []
-        for score in scores:
-            with session_scope(self._engine) as session:
-                results.append(service.decide(session, score, self._rules, self._clock.now()))
+        # One transaction per batch: a commit per score was most of a decision's cost. If any
+        # score of the batch fails, nothing of it is committed and the consume loop retries
+        # the scores one by one (each then in its own transaction).
+        with session_scope(self._engine) as session:
+            results = [service.decide(session, score, self._rules, self._clock.now()) for score in scores]
         count_decisions(results)
         return results
 
@@ -143,9 +144,9 @@ class EventConsumer:
 
     def _apply_all(self, records: list[EventRecord]) -> list[DecisionResult]:
         results = []
-        for record in records:
-            now = self._clock.now()
-            with session_scope(self._engine) as session:
+        with session_scope(self._engine) as session:  # one transaction per batch, as above
+            for record in records:
+                now = self._clock.now()
                 raised = customers.apply_event(session, record, now, self._trigger_max_age)
                 if raised is not None:
                     trigger = TriggerInput(
@@ -155,6 +156,7 @@ class EventConsumer:
                         service.trigger_id(raised.trigger, raised.tenant_id, raised.event_id),
                     )
                     results.append(service.decide(session, trigger, self._rules, now))
+        for record in records:
             metrics.CUSTOMER_EVENTS.labels(record.event.type).inc()
         count_decisions(results)
         return results
