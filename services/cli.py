@@ -347,8 +347,11 @@ def dev() -> None:
     from honcho.printer import Printer
 
     VAR.mkdir(exist_ok=True)
-    # The demo webhook receiver is http on 127.0.0.1, which the SSRF guard refuses by default.
-    env = {"CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true", **os.environ, "PYTHONUNBUFFERED": "1"}
+    # The demo webhook receiver is http on 127.0.0.1, which the SSRF guard refuses by default; and
+    # the demo's at-risk customer must get its offer, so no control group unless asked for
+    # (e.g. CHURNGUARD_ACTIONS_HOLDOUT_PERCENT=10 make run).
+    env = {"CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true", "CHURNGUARD_ACTIONS_HOLDOUT_PERCENT": "0",
+           **os.environ, "PYTHONUNBUFFERED": "1"}
     manager = Manager(Printer(sys.stdout))
     for line in (REPO_ROOT / "Procfile").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
