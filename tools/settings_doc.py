@@ -25,6 +25,7 @@ from services.ingest.config import IngestSettings
 from services.scoring.config import ScoringSettings
 from shared.logs import LogSettings
 from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
+from tools.generated import write_or_check
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -150,15 +151,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if not DOC.exists() or DOC.read_text() != text:
-            print(f"{DOC} is out of date: run python -m tools.settings_doc", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
-    return 0
+    return write_or_check(DOC, render(), "python -m tools.settings_doc", argv)
 
 
 if __name__ == "__main__":

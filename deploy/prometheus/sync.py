@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from tools.generated import write_or_check
 
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "churnguard-rules.yml"
@@ -27,15 +28,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if not PROMETHEUS_RULE.exists() or PROMETHEUS_RULE.read_text() != text:
-            print(f"{PROMETHEUS_RULE} is out of date: run python -m deploy.prometheus.sync", file=sys.stderr)
-            return 1
-        return 0
-    PROMETHEUS_RULE.write_text(text)
-    print(f"wrote {PROMETHEUS_RULE}")
-    return 0
+    return write_or_check(PROMETHEUS_RULE, render(), "python -m deploy.prometheus.sync", argv)
 
 
 if __name__ == "__main__":

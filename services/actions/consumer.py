@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -60,7 +61,12 @@ async def publish_decisions(
         )
 
 
-class ScoreConsumer:
+class _Consumer:
+    """What both consumers share: the wiring, and a ConsumeLoop on their topic whose batches go
+    to `_handle_all` (in a thread: one database transaction) and then are published."""
+
+    topic = ""
+
     def __init__(
         self,
         *,
@@ -78,23 +84,35 @@ class ScoreConsumer:
         self._rules = rules
         self._clock = clock
         self._on_deliveries = on_deliveries
-        self.loop: ConsumeLoop[ScoreRecord] = ConsumeLoop(
+        self.loop: ConsumeLoop[Any] = ConsumeLoop(
             settings=settings,
-            topic=CHURN_SCORES,
+            topic=self.topic,
             group_id=group_id,
             client_id=client_id,
-            decode=decode_score,
+            decode=self.decode,
             handle=self.handle,
             publisher=publisher,
             on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
             on_batch=metrics.CONSUMER.on_batch,
         )
 
-    async def handle(self, batch: list[Decoded[ScoreRecord]]) -> None:
-        results = await asyncio.to_thread(self._decide_all, [item.value for item in batch])
+    @staticmethod
+    def decode(raw: bytes) -> Any:
+        raise NotImplementedError
+
+    async def handle(self, batch: list[Decoded[Any]]) -> None:
+        results = await asyncio.to_thread(self._handle_all, [item.value for item in batch])
         await publish_decisions(self._publisher, results, self._on_deliveries)
 
-    def _decide_all(self, scores: list[ScoreRecord]) -> list[DecisionResult]:
+    def _handle_all(self, values: list[Any]) -> list[DecisionResult]:
+        raise NotImplementedError
+
+
+class ScoreConsumer(_Consumer):
+    topic = CHURN_SCORES
+    decode = staticmethod(decode_score)
+
+    def _handle_all(self, scores: list[ScoreRecord]) -> list[DecisionResult]:
         # One transaction per batch: a commit per score was most of a decision's cost. If any
         # score of the batch fails, nothing of it is committed and the consume loop retries
         # the scores one by one (each then in its own transaction).
@@ -104,45 +122,17 @@ class ScoreConsumer:
         return results
 
 
-class EventConsumer:
+class EventConsumer(_Consumer):
     """customer-events -> customer state (+ decisions on event triggers)."""
 
-    def __init__(
-        self,
-        *,
-        settings: KafkaSettings,
-        group_id: str,
-        client_id: str,
-        engine: Engine,
-        publisher: Publisher,
-        rules: Rules,
-        clock: Clock,
-        trigger_max_age: timedelta,
-        on_deliveries: Callable[[], None],
-    ) -> None:
-        self._engine = engine
-        self._publisher = publisher
-        self._rules = rules
-        self._clock = clock
+    topic = CUSTOMER_EVENTS
+    decode = staticmethod(decode_event)
+
+    def __init__(self, *, trigger_max_age: timedelta, **wiring: Any) -> None:
+        super().__init__(**wiring)
         self._trigger_max_age = trigger_max_age
-        self._on_deliveries = on_deliveries
-        self.loop: ConsumeLoop[EventRecord] = ConsumeLoop(
-            settings=settings,
-            topic=CUSTOMER_EVENTS,
-            group_id=group_id,
-            client_id=client_id,
-            decode=decode_event,
-            handle=self.handle,
-            publisher=publisher,
-            on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
-            on_batch=metrics.CONSUMER.on_batch,
-        )
 
-    async def handle(self, batch: list[Decoded[EventRecord]]) -> None:
-        results = await asyncio.to_thread(self._apply_all, [item.value for item in batch])
-        await publish_decisions(self._publisher, results, self._on_deliveries)
-
-    def _apply_all(self, records: list[EventRecord]) -> list[DecisionResult]:
+    def _handle_all(self, records: list[EventRecord]) -> list[DecisionResult]:
         results = []
         with session_scope(self._engine) as session:  # one transaction per batch, as above
             for record in records:

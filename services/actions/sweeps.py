@@ -30,12 +30,10 @@ from shared import leases
 from shared.clock import Clock
 from shared.db import session_scope
 from shared.kafka import Publisher
-from shared.tasks import stop_gracefully
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "contract-end"
-_RETRY_S = 30.0
 
 
 def due_step(days_left: int, offsets: set[int]) -> int | None:
@@ -64,8 +62,10 @@ class ContractSweepOutcome:
     decisions: list[DecisionResult] = field(default_factory=list)
 
 
-class ContractSweeper:
+class ContractSweeper(leases.LeasedRounds):
     """Background rounds (`start`/`stop`); tests call `run_once()` and move a ManualClock."""
+
+    name = "actions:contract-sweep"
 
     def __init__(
         self,
@@ -80,17 +80,15 @@ class ContractSweeper:
         holder: str | None = None,
         uplift_horizon: timedelta = timedelta(days=90),
     ) -> None:
+        super().__init__(interval_s)
         self.engine = engine
         self.publisher = publisher
         self.rules = rules
         self.clock = clock
-        self.interval_s = interval_s
         self.batch = batch
         self.on_deliveries = on_deliveries
         self.holder = holder or f"actions-{uuid.uuid4().hex[:12]}"
         self.uplift_horizon = uplift_horizon
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> ContractSweepOutcome:
         now = self.clock.now()
@@ -104,7 +102,7 @@ class ContractSweeper:
             horizon = max(max(d.contract_end_offsets(), default=-1) for d in in_use)
             today = now.date()
             after: tuple[str, str] | None = None
-            while horizon >= 0 and not self._stopping.is_set():  # < 0: no policy listens to contract ends
+            while horizon >= 0 and not self.stopping:  # < 0: no policy listens to contract ends
                 page, results = await asyncio.to_thread(
                     self._page, today, today + timedelta(days=horizon), after, documents, now
                 )
@@ -133,7 +131,7 @@ class ContractSweeper:
                 session, ActionsSweepLease, LEASE_NAME, self.holder, now, expires
             )
 
-    def _release(self) -> None:
+    def release_lease(self) -> None:
         with session_scope(self.engine) as session:
             leases.release_lease(
                 session, ActionsSweepLease, LEASE_NAME, self.holder, self.clock.now()
@@ -171,37 +169,3 @@ class ContractSweeper:
         count_decisions(results)
         return [(c.tenant_id, c.contract_id) for c in contracts], results
 
-    # -- background --------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="actions:contract-sweep")
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            await stop_gracefully(self._task, timeout_s=10)
-            self._task = None
-            try:
-                await asyncio.to_thread(self._release)
-            except Exception:
-                log.warning("contract sweep: could not release the lease", exc_info=True)
-
-    async def _run(self) -> None:
-        delay = self.interval_s
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.run_once()
-                delay = self.interval_s
-            except Exception:
-                log.exception("contract sweep round failed; retrying soon")
-                delay = min(self.interval_s, _RETRY_S)

@@ -31,18 +31,17 @@ from services.scoring.config import ScoringSettings
 from services.scoring.features import compute_features
 from services.scoring.model import Predictor
 from services.scoring.service import Bands
+from shared import leases
 from shared.clock import Clock
 from shared.db import session_scope
 from shared.events import ScoreRecord
 from shared.kafka import Publisher
-from shared.tasks import stop_gracefully
 from shared.topics import CHURN_SCORES
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "sweep"
 _SWEEP_NAMESPACE = uuid.UUID("5d0c6a53-2f8e-4b7a-9a61-1c3e8f2b7d40")
-_RETRY_S = 30.0
 
 
 def time_bucket(now: datetime, interval_s: float) -> int:
@@ -109,9 +108,11 @@ class SweepOutcome:
     published: list[ScoreRecord] = field(default_factory=list)
 
 
-class Sweeper:
+class Sweeper(leases.LeasedRounds):
     """Runs sweep rounds every `settings.sweep_interval_s` in the background (`start`/`stop`);
     tests call `run_once()` directly and move a ManualClock."""
+
+    name = "scoring:sweep"
 
     def __init__(
         self, settings: ScoringSettings, engine: Engine, publisher: Publisher, clock: Clock,
@@ -124,8 +125,7 @@ class Sweeper:
         self.predictor = predictor
         self.holder = holder or f"{settings.client_id}-{uuid.uuid4().hex[:12]}"
         self.bands = Bands(high=settings.high_threshold, medium=settings.medium_threshold)
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(settings.sweep_interval_s)
 
     # -- one round ---------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ class Sweeper:
             for tenant_id in await asyncio.to_thread(self._tenants):
                 after: str | None = None
                 while True:
-                    if self._stopping.is_set():
+                    if self.stopping:
                         outcome.skipped = "stopping"
                         return outcome
                     customers, scores = await asyncio.to_thread(
@@ -175,7 +175,7 @@ class Sweeper:
         with session_scope(self.engine) as session:
             return repository.acquire_lease(session, LEASE_NAME, self.holder, now, expires)
 
-    def _release(self) -> None:
+    def release_lease(self) -> None:
         with session_scope(self.engine) as session:
             repository.release_lease(session, LEASE_NAME, self.holder, self.clock.now())
 
@@ -194,34 +194,3 @@ class Sweeper:
                 session, tenant_id, customers, predictor, self.bands, now, bucket, self.settings.sweep_delta
             )
 
-    # -- background --------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="scoring:sweep")
-
-    async def stop(self) -> None:
-        """The page in hand finishes and is published; then the lease is released."""
-        self._stopping.set()
-        if self._task is not None:
-            await stop_gracefully(self._task, timeout_s=10)
-            self._task = None
-            try:
-                await asyncio.to_thread(self._release)
-            except Exception:
-                log.warning("sweep: could not release the lease; it expires on its own", exc_info=True)
-
-    async def _run(self) -> None:
-        delay = self.settings.sweep_interval_s
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.run_once()
-                delay = self.settings.sweep_interval_s
-            except Exception:
-                log.exception("sweep round failed; retrying soon")
-                delay = min(self.settings.sweep_interval_s, _RETRY_S)
