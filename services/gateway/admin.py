@@ -138,7 +138,7 @@ def create_tenant(body: TenantIn, admin: AdminDep, gateway: StateDep) -> TenantO
                           target=tenant.id, tenant_id=tenant.id, detail={"name": tenant.name})
             return TenantOut.of(tenant)
     except ValueError as exc:  # a name of blanks only
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"name: {exc}") from None
+        raise HTTPException(422, f"name: {exc}") from None
     except (Conflict, IntegrityError) as exc:  # IntegrityError: created concurrently
         detail = str(exc) if isinstance(exc, Conflict) else "a tenant of that name exists already"
         raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
