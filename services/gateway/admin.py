@@ -22,6 +22,13 @@ from shared.db import session_scope
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
+_DETAIL = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {"type": "string"}}}}}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such tenant or key.", **_DETAIL}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "Contradicts what exists (named).", **_DETAIL}}
+
 ScopeName = Annotated[str, Field(description="One of: " + ", ".join(scopes.ALL_SCOPES))]
 
 
@@ -129,7 +136,8 @@ def _not_found(exc: NotFound) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
 
 
-@router.post("/tenants", status_code=status.HTTP_201_CREATED, response_model=TenantOut)
+@router.post("/tenants", status_code=status.HTTP_201_CREATED, response_model=TenantOut,
+             responses=CONFLICT)
 def create_tenant(body: TenantIn, admin: AdminDep, gateway: StateDep) -> TenantOut:
     try:
         with session_scope(gateway.engine) as session:
@@ -151,7 +159,7 @@ def list_tenants(admin: AdminDep, gateway: StateDep) -> list[TenantOut]:
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=status.HTTP_201_CREATED,
-             response_model=IssuedKeyOut)
+             response_model=IssuedKeyOut, responses=NOT_FOUND)
 def create_key(tenant_id: str, body: KeyIn, admin: AdminDep, gateway: StateDep) -> IssuedKeyOut:
     try:
         with session_scope(gateway.engine) as session:
@@ -164,7 +172,7 @@ def create_key(tenant_id: str, body: KeyIn, admin: AdminDep, gateway: StateDep) 
         raise _not_found(exc) from None
 
 
-@router.get("/tenants/{tenant_id}/keys", response_model=list[KeyOut])
+@router.get("/tenants/{tenant_id}/keys", response_model=list[KeyOut], responses=NOT_FOUND)
 def list_keys(tenant_id: str, admin: AdminDep, gateway: StateDep) -> list[KeyOut]:
     try:
         with session_scope(gateway.engine) as session:
@@ -173,7 +181,7 @@ def list_keys(tenant_id: str, admin: AdminDep, gateway: StateDep) -> list[KeyOut
         raise _not_found(exc) from None
 
 
-@router.post("/keys/{key_id}/revoke", response_model=KeyOut)
+@router.post("/keys/{key_id}/revoke", response_model=KeyOut, responses=NOT_FOUND)
 def revoke_key(key_id: str, admin: AdminDep, gateway: StateDep) -> KeyOut:
     """Refused from now on, by this gateway process at once (by others within their key cache
     time, CHURNGUARD_GATEWAY_AUTH_CACHE_S). Revoking a revoked key changes nothing."""
@@ -189,7 +197,7 @@ def revoke_key(key_id: str, admin: AdminDep, gateway: StateDep) -> KeyOut:
 
 
 @router.post("/keys/{key_id}/rotate", status_code=status.HTTP_201_CREATED,
-             response_model=RotatedOut)
+             response_model=RotatedOut, responses={**NOT_FOUND, **CONFLICT})
 def rotate_key(key_id: str, body: RotateIn, admin: AdminDep, gateway: StateDep) -> RotatedOut:
     try:
         with session_scope(gateway.engine) as session:
@@ -223,7 +231,7 @@ def _change_rate_limit(
     return TenantOut.of(tenant)
 
 
-@router.put("/tenants/{tenant_id}/rate-limit", response_model=TenantOut)
+@router.put("/tenants/{tenant_id}/rate-limit", response_model=TenantOut, responses=NOT_FOUND)
 def set_rate_limit(
     tenant_id: str, body: RateLimitBody, admin: AdminDep, gateway: StateDep
 ) -> TenantOut:
@@ -231,7 +239,7 @@ def set_rate_limit(
     return _change_rate_limit(tenant_id, RateLimit(body.requests_per_s, body.burst), admin, gateway)
 
 
-@router.delete("/tenants/{tenant_id}/rate-limit", response_model=TenantOut)
+@router.delete("/tenants/{tenant_id}/rate-limit", response_model=TenantOut, responses=NOT_FOUND)
 def reset_rate_limit(tenant_id: str, admin: AdminDep, gateway: StateDep) -> TenantOut:
     """Back to the gateway's default (CHURNGUARD_GATEWAY_RATE_LIMIT_PER_S / _BURST)."""
     return _change_rate_limit(tenant_id, None, admin, gateway)

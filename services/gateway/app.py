@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +54,8 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
                 openapi=MergedOpenApi(
                     client, settings.upstreams(), title=TITLE, version=app.version,
                     description=DESCRIPTION, ttl_s=settings.openapi_cache_s,
+                    own=get_openapi(title=TITLE, version=app.version, routes=admin_router.routes)
+                    if settings.admin_key is not None else None,
                     fetch_timeout_s=min(settings.upstream_timeout_s, 3.0),
                 ),
                 limiter=TokenBuckets(clock),

@@ -35,10 +35,15 @@ SECURITY_SCHEMES = {
     },
 }
 SECURITY = [{"HTTPBearer": []}, {"APIKeyHeader": []}]  # either one
-UNAUTHORIZED = {
-    "description": "Missing, invalid or revoked API key.",
-    "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"detail": {"type": "string"}}}}},
+_DETAIL = {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {"type": "string"}}}}}
+UNAUTHORIZED = {"description": "Missing, invalid or revoked API key.", "content": _DETAIL}
+FORBIDDEN = {"description": "The API key lacks the scope this operation needs (named).",
+             "content": _DETAIL}
+TOO_MANY_REQUESTS = {
+    "description": "The API key's rate limit is exceeded; retry after `Retry-After` seconds.",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    "content": _DETAIL,
 }
 
 
@@ -49,19 +54,24 @@ def merge_openapi(
     version: str,
     description: str,
     table: tuple[ProxyRoute, ...] = ROUTE_TABLE,
+    own: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`documents`: upstream name -> its OpenAPI document, or None if it could not be fetched."""
+    """`documents`: upstream name -> its OpenAPI document, or None if it could not be fetched.
+    `own`: the gateway's own operations (the admin API), taken whole."""
     paths: dict[str, dict[str, Any]] = {}
     schemas: dict[str, Any] = {}
     operation_ids: set[str] = set()
     missing = [name for name, doc in documents.items() if doc is None]
     openapi_version = "3.1.0"
 
-    for upstream, original in documents.items():
+    sources = [(name, doc, False) for name, doc in documents.items()]
+    if own is not None:
+        sources.append(("gateway", own, True))
+    for upstream, original, whole in sources:
         if original is None:
             continue
         openapi_version = original.get("openapi", openapi_version)
-        public = _public_paths(original, upstream, table)
+        public = original.get("paths", {}) if whole else _public_paths(original, upstream, table)
         own_schemas = original.get("components", {}).get("schemas", {})
         used = _referenced_schemas(public, own_schemas)  # the internal paths' schemas stay private
         doc = {"paths": public, "components": {"schemas": {n: own_schemas[n] for n in used}}}
@@ -137,6 +147,8 @@ def _secured(operation: dict[str, Any], upstream: str, operation_ids: set[str]) 
     operation["security"] = SECURITY
     responses = dict(operation.get("responses", {}))
     responses.setdefault("401", UNAUTHORIZED)
+    responses.setdefault("403", FORBIDDEN)
+    responses.setdefault("429", TOO_MANY_REQUESTS)
     operation["responses"] = responses
     op_id = operation.get("operationId")
     if op_id:
@@ -187,6 +199,7 @@ class MergedOpenApi:
         title: str,
         version: str,
         description: str,
+        own: dict[str, Any] | None = None,
         ttl_s: float = 30.0,
         fetch_timeout_s: float = 3.0,
         incomplete_ttl_s: float = 2.0,
@@ -194,6 +207,7 @@ class MergedOpenApi:
         self._client = client
         self._upstreams = dict(upstreams)
         self._info = {"title": title, "version": version, "description": description}
+        self._own = own
         self._ttl_s = ttl_s
         self._incomplete_ttl_s = min(incomplete_ttl_s, ttl_s)
         self._fetch_timeout_s = fetch_timeout_s
@@ -208,7 +222,7 @@ class MergedOpenApi:
                     *(self._fetch(name, url) for name, url in self._upstreams.items())
                 )
                 documents = dict(zip(self._upstreams, fetched, strict=True))
-                self._cached = merge_openapi(documents, **self._info)
+                self._cached = merge_openapi(documents, **self._info, own=self._own)
                 complete = all(d is not None for d in fetched)
                 ttl = self._ttl_s if complete else self._incomplete_ttl_s
                 self._expires = time.monotonic() + ttl

@@ -255,3 +255,16 @@ def test_a_refused_change_leaves_no_audit_entry(admin: TestClient) -> None:
     assert admin.post("/v1/admin/tenants/t_nobody/keys", json={}, headers=BOOTSTRAP).status_code == 404
     actions = [e["action"] for e in admin.get("/v1/admin/audit", headers=BOOTSTRAP).json()]
     assert actions == ["tenant.created"]
+
+
+def test_the_admin_api_is_described_in_the_merged_openapi_only_when_enabled(
+    admin: TestClient, client: TestClient
+) -> None:
+    described = admin.get("/openapi.json").json()
+    rotate = described["paths"]["/v1/admin/keys/{key_id}/rotate"]["post"]
+    assert {"401", "403", "404", "409", "429", "201"} <= set(rotate["responses"])
+    assert rotate["security"] == described["security"]
+    assert "RotatedOut" in described["components"]["schemas"]
+    events = described["paths"]["/v1/events"]["post"]["responses"]
+    assert {"401", "403", "429"} <= set(events)
+    assert not [p for p in client.get("/openapi.json").json()["paths"] if p.startswith("/v1/admin")]
