@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from pydantic import ValidationError
@@ -33,6 +33,9 @@ router = APIRouter(prefix="/v1")
 CustomerId = Annotated[str, Path(min_length=1, max_length=128)]
 ObjectId = Annotated[str, Path(min_length=1, max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=500)]
+# Documented answers besides the success (the gateway's schemathesis run checks every status).
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such object for this tenant."}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "The object's state forbids this."}}
 
 
 @router.post(
@@ -65,7 +68,8 @@ def list_webhooks(tenant: TenantId, engine: EngineDep) -> list[WebhookOut]:
 
 
 @router.delete(
-    "/webhooks/{subscription_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["webhooks"]
+    "/webhooks/{subscription_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["webhooks"],
+    responses=NOT_FOUND,
 )
 def delete_webhook(
     subscription_id: ObjectId, tenant: TenantId, engine: EngineDep, clock: ClockDep
@@ -112,7 +116,8 @@ def list_deliveries(
     return [DeliveryOut.model_validate(r) for r in rows]
 
 
-@router.post("/deliveries/{delivery_id}/replay", response_model=DeliveryOut, tags=["deliveries"])
+@router.post("/deliveries/{delivery_id}/replay", response_model=DeliveryOut, tags=["deliveries"],
+             responses={**NOT_FOUND, **CONFLICT})
 def replay_delivery(
     delivery_id: ObjectId, tenant: TenantId, engine: EngineDep, clock: ClockDep, worker: WorkerDep
 ) -> DeliveryOut:
@@ -170,7 +175,8 @@ def put_policies(
     return PoliciesOut(source="tenant", document=body)
 
 
-@router.delete("/policies", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"])
+@router.delete("/policies", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"],
+               responses={404: {"description": "The tenant has no policy document of its own."}})
 def reset_policies(tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Response:
     """Drop the tenant's own document: the default file applies again."""
     with session_scope(engine) as session:
@@ -180,7 +186,7 @@ def reset_policies(tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Resp
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/policies/{name}", response_model=Policy, tags=["policies"])
+@router.get("/policies/{name}", response_model=Policy, tags=["policies"], responses=NOT_FOUND)
 def get_policy(name: PolicyName, tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Policy:
     with session_scope(engine) as session:
         _, document = policy_store.effective(session, tenant, rules)
@@ -215,7 +221,8 @@ def put_policy(
     return body
 
 
-@router.delete("/policies/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"])
+@router.delete("/policies/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"],
+               responses=NOT_FOUND)
 def delete_policy(
     name: PolicyName, tenant: TenantId, engine: EngineDep, rules: RulesDep, clock: ClockDep
 ) -> Response:

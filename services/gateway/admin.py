@@ -37,7 +37,8 @@ class TenantIn(BaseModel):
 
 
 class RateLimitBody(BaseModel):
-    requests_per_s: float = Field(gt=0, le=100_000, description="Token refill rate per key.")
+    # At least one request per 100 s: Retry-After stays a sensible number of seconds.
+    requests_per_s: float = Field(ge=0.01, le=100_000, description="Token refill rate per key.")
     burst: int = Field(ge=1, le=1_000_000, description="Requests a key may send at once.")
 
 

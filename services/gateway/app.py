@@ -108,4 +108,13 @@ async def _not_found(request: Request, exc: Exception) -> Response:
             {"detail": f"no such endpoint: {request.method} {request.url.path} (see /docs)"},
             status_code=404,
         )
+    if exc.status_code == 405:
+        # The router's Allow names the methods a route table entry forwards (for a prefix: all
+        # of them); callers need the ones the API has at this path.
+        allowed = await request.app.state.gateway.openapi.methods_for(request.url.path)
+        if allowed:
+            return JSONResponse(
+                {"detail": f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"},
+                status_code=405, headers={"Allow": ", ".join(allowed)},
+            )
     return await http_exception_handler(request, exc)

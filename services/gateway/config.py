@@ -33,12 +33,12 @@ class GatewaySettings(BaseSettings):
         "tenants and keys. Unset: no admin API. At least 32 characters.",
     )
     rate_limit_per_s: float = Field(
-        200.0, ge=0,
+        200.0, ge=0, le=100_000,
         description="Default requests per second per API key (token bucket refill rate), per "
         "gateway process; 0: no limit. A tenant's own limit is set through the admin API.",
     )
     rate_limit_burst: int = Field(
-        400, gt=0, description="Default bucket size: requests a key may send at once."
+        400, gt=0, le=1_000_000, description="Default bucket size: requests a key may send at once."
     )
     cors_origins: str = Field(
         "",
@@ -54,6 +54,13 @@ class GatewaySettings(BaseSettings):
     def _long_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().strip()) < 32:
             raise ValueError("the admin key must be at least 32 characters (e.g. openssl rand -hex 32)")
+        return value
+
+    @field_validator("rate_limit_per_s")
+    @classmethod
+    def _sensible_rate(cls, value: float) -> float:
+        if 0 < value < 0.01:
+            raise ValueError("must be 0 (no limit) or at least 0.01 (one request per 100 s)")
         return value
 
     @field_validator("cors_origins")

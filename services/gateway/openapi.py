@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +40,9 @@ _DETAIL = {"application/json": {"schema": {
     "type": "object", "properties": {"detail": {"type": "string"}}}}}
 UNAUTHORIZED = {"description": "Missing, invalid or revoked API key.", "content": _DETAIL}
 FORBIDDEN = {"description": "The API key lacks the scope this operation needs (named).",
+             "content": _DETAIL}
+BAD_BODY = {"description": "The request body is not well-formed JSON.", "content": _DETAIL}
+TOO_LARGE = {"description": "The request body exceeds the gateway's limit (named).",
              "content": _DETAIL}
 TOO_MANY_REQUESTS = {
     "description": "The API key's rate limit is exceeded; retry after `Retry-After` seconds.",
@@ -149,6 +153,10 @@ def _secured(operation: dict[str, Any], upstream: str, operation_ids: set[str]) 
     responses.setdefault("401", UNAUTHORIZED)
     responses.setdefault("403", FORBIDDEN)
     responses.setdefault("429", TOO_MANY_REQUESTS)
+    if "requestBody" in operation:
+        # Answered before any handler runs: the gateway's body limit, the framework's JSON parse.
+        responses.setdefault("400", BAD_BODY)
+        responses.setdefault("413", TOO_LARGE)
     operation["responses"] = responses
     op_id = operation.get("operationId")
     if op_id:
@@ -184,6 +192,11 @@ def _rewrite_refs(node: Any, refs: dict[str, str]) -> Any:
     if isinstance(node, list):
         return [_rewrite_refs(v, refs) for v in node]
     return node
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{[^}]+\}", template)
+    return re.compile("^" + "[^/]+".join(re.escape(p) for p in parts) + "$")
 
 
 class MergedOpenApi:
@@ -227,6 +240,14 @@ class MergedOpenApi:
                 ttl = self._ttl_s if complete else self._incomplete_ttl_s
                 self._expires = time.monotonic() + ttl
             return self._cached
+
+    async def methods_for(self, path: str) -> list[str]:
+        """The methods the public API documents for a concrete path (for a 405's Allow)."""
+        document = await self.document()
+        for template, item in document["paths"].items():
+            if _template_regex(template).match(path):
+                return [m.upper() for m in HTTP_METHODS if m in item]
+        return []
 
     async def _fetch(self, upstream: str, base_url: str) -> dict[str, Any] | None:
         try:

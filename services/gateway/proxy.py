@@ -94,7 +94,7 @@ _INTERNAL_PREFIX = "x-churnguard-"
 # content-encoding/length; X-Request-ID is set by the request-id middleware).
 _RESPONSE_HEADERS = (
     "content-type", "retry-after", "location", "etag", "last-modified", "cache-control", "link",
-    "www-authenticate",
+    "www-authenticate", "allow",
 )
 
 

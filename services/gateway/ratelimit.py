@@ -56,6 +56,8 @@ class TokenBuckets:
         return self._clock.now().timestamp()
 
     def take(self, key: str, per_s: float, burst: int) -> Decision:
+        if per_s <= 0 or burst < 1:
+            raise ValueError(f"a token bucket needs per_s > 0 and burst >= 1, not {per_s}, {burst}")
         now = self._seconds()
         bucket = self._buckets.get(key)
         if bucket is None:

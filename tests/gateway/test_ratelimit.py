@@ -142,6 +142,16 @@ def test_a_tenants_own_limit_set_through_the_admin_api_applies_at_once(
                    for _ in range(20))
 
 
+def test_rates_that_would_make_retry_after_absurd_are_refused(settings: GatewaySettings) -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="rate_limit_per_s"):
+        GatewaySettings(rate_limit_per_s=1e-300)
+    with pytest.raises(ValueError, match="per_s > 0"):
+        TokenBuckets(_clock()).take("k", per_s=0, burst=1)
+
+
 def test_a_zero_rate_turns_the_limit_off(settings: GatewaySettings, database_url: str) -> None:
     _, key = create_tenant(database_url, "unlimited")
     off = settings.model_copy(update={"rate_limit_per_s": 0.0, "rate_limit_burst": 1})
