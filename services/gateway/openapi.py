@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from services.gateway.proxy import ROUTE_TABLE, ProxyRoute, route_for
+from services.gateway.scopes import ADMIN
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ def merge_openapi(
             merged_item = paths.setdefault(path, {})
             for key, value in item.items():
                 if key in HTTP_METHODS:
-                    merged_item[key] = _secured(value, upstream, operation_ids)
+                    route = None if whole else route_for(key, path, table)
+                    scope = route.scope if route is not None else ADMIN
+                    merged_item[key] = _secured(value, upstream, operation_ids, scope)
                 else:
                     merged_item.setdefault(key, value)
 
@@ -146,8 +149,13 @@ def _referenced_schemas(node: Any, schemas: dict[str, Any]) -> set[str]:
     return found
 
 
-def _secured(operation: dict[str, Any], upstream: str, operation_ids: set[str]) -> dict[str, Any]:
+def _secured(
+    operation: dict[str, Any], upstream: str, operation_ids: set[str], scope: str
+) -> dict[str, Any]:
     operation = dict(operation)
+    operation["x-required-scope"] = scope
+    needs = f"Needs an API key with the scope `{scope}`."
+    operation["description"] = (operation.get("description", "") + "\n\n" + needs).strip()
     operation["security"] = SECURITY
     responses = dict(operation.get("responses", {}))
     responses.setdefault("401", UNAUTHORIZED)

@@ -265,6 +265,25 @@ def test_the_admin_api_is_described_in_the_merged_openapi_only_when_enabled(
     assert {"401", "403", "404", "409", "429", "201"} <= set(rotate["responses"])
     assert rotate["security"] == described["security"]
     assert "RotatedOut" in described["components"]["schemas"]
-    events = described["paths"]["/v1/events"]["post"]["responses"]
-    assert {"401", "403", "429"} <= set(events)
+    events = described["paths"]["/v1/events"]["post"]
+    assert {"401", "403", "429"} <= set(events["responses"])
+    assert events["x-required-scope"] == "events:write" and "`events:write`" in events["description"]
+    assert rotate["x-required-scope"] == "admin"
+    promote = described["paths"]["/v1/models/{version}/activate"]["post"]
+    assert promote["x-required-scope"] == "models:admin"
+    assert described["paths"]["/v1/models"]["get"]["x-required-scope"] == "scores:read"
     assert not [p for p in client.get("/openapi.json").json()["paths"] if p.startswith("/v1/admin")]
+
+
+def test_operations_taking_a_body_document_the_gateways_400_and_413() -> None:
+    from services.gateway.openapi import merge_openapi
+
+    body = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    upstream = {"openapi": "3.1.0", "paths": {
+        "/v1/webhooks": {"post": {"requestBody": body, "responses": {"201": {"description": "ok"}}},
+                         "get": {"responses": {"200": {"description": "ok"}}}}}}
+    merged = merge_openapi({"actions": upstream}, title="t", version="1", description="d")
+    post, get = merged["paths"]["/v1/webhooks"]["post"], merged["paths"]["/v1/webhooks"]["get"]
+    assert {"400", "413", "401", "403", "429"} <= set(post["responses"])
+    assert "400" not in get["responses"] and "413" not in get["responses"]
+    assert post["x-required-scope"] == get["x-required-scope"] == "actions:admin"
