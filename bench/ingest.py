@@ -171,6 +171,10 @@ class Stack:
             "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{self.ports['ingest']}",
             "CHURNGUARD_GATEWAY_SCORING_URL": nobody,
             "CHURNGUARD_GATEWAY_ACTIONS_URL": nobody,
+            # The bench drives one key far past the default per-key limit on purpose: measured
+            # is the gateway's forwarding, not its 429s (the token bucket is still consulted).
+            "CHURNGUARD_GATEWAY_RATE_LIMIT_PER_S": "100000",
+            "CHURNGUARD_GATEWAY_RATE_LIMIT_BURST": "1000000",
         }
         for name in ("ingest", "gateway"):
             log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the process)

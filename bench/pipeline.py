@@ -158,6 +158,8 @@ class Stack:
             "CHURNGUARD_ACTIONS_HOLDOUT_PERCENT": "0",
             "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",
             "CHURNGUARD_SCORING_SWEEP_ENABLED": "false",
+            # one key sends everything: keep the per-key rate limit out of the measurement
+            "CHURNGUARD_GATEWAY_RATE_LIMIT_PER_S": "100000", "CHURNGUARD_GATEWAY_RATE_LIMIT_BURST": "1000000",
             "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{self.ports['ingest']}",
             "CHURNGUARD_GATEWAY_SCORING_URL": f"http://127.0.0.1:{self.ports['scoring']}",
             "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{self.ports['actions']}",

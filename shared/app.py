@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -84,12 +85,18 @@ async def internal_tenant(
     """Services trust only the gateway: it proves itself with the internal token and says
     which tenant the caller's API key belongs to."""
     expected: str = request.app.state.internal_token
-    if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
+    # Digests of equal length, compared in constant time: not even the token's length leaks
+    # (compare_digest returns early on a length mismatch).
+    if token is None or not hmac.compare_digest(_digest(token), _digest(expected)):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this service only accepts requests from the gateway")
     if not tenant:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"missing {TENANT_HEADER} header")
     bind_tenant(tenant)
     return tenant
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
 
 
 TenantId = Annotated[str, Depends(internal_tenant)]

@@ -100,6 +100,9 @@ def _default(field: FieldInfo) -> str:
         return f"`{json.dumps(value)}`"
     if value == "":
         return "empty"
+    if isinstance(value, Path) and value.is_absolute() and value.is_relative_to(DOC.parents[1]):
+        # A path inside the checkout: shown relative to it, so the doc is the same in every clone.
+        return f"`<repo>/{value.relative_to(DOC.parents[1])}`"
     return f"`{value}`"
 
 

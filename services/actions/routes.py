@@ -4,7 +4,7 @@ Webhook subscriptions and deliveries: webhook_routes.py."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from pydantic import ValidationError
@@ -28,6 +28,9 @@ router = APIRouter(prefix="/v1")
 
 CustomerId = Annotated[str, Path(min_length=1, max_length=128)]
 Limit = Annotated[int, Query(ge=1, le=500)]
+# Documented answers besides the success (the gateway's schemathesis run checks every status).
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such object for this tenant."}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "The object's state forbids this."}}
 
 
 @router.get("/customers/{customer_id}/offers", response_model=list[OfferOut], tags=["customers"])
@@ -93,7 +96,8 @@ def put_policies(
     return PoliciesOut(source="tenant", document=body)
 
 
-@router.delete("/policies", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"])
+@router.delete("/policies", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"],
+               responses={404: {"description": "The tenant has no policy document of its own."}})
 def reset_policies(tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Response:
     """Drop the tenant's own document: the default file applies again."""
     with session_scope(engine) as session:
@@ -103,7 +107,7 @@ def reset_policies(tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Resp
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/policies/{name}", response_model=Policy, tags=["policies"])
+@router.get("/policies/{name}", response_model=Policy, tags=["policies"], responses=NOT_FOUND)
 def get_policy(name: PolicyName, tenant: TenantId, engine: EngineDep, rules: RulesDep) -> Policy:
     with session_scope(engine) as session:
         _, document = policy_store.effective(session, tenant, rules)
@@ -138,7 +142,8 @@ def put_policy(
     return body
 
 
-@router.delete("/policies/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"])
+@router.delete("/policies/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["policies"],
+               responses=NOT_FOUND)
 def delete_policy(
     name: PolicyName, tenant: TenantId, engine: EngineDep, rules: RulesDep, clock: ClockDep
 ) -> Response:

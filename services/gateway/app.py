@@ -9,13 +9,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.config import GatewaySettings
 from services.gateway.deps import GatewayState
 from services.gateway.openapi import MergedOpenApi
+from services.gateway.admin import router as admin_router
 from services.gateway.proxy import UpstreamClient
+from services.gateway.ratelimit import TokenBuckets
 from services.gateway.routes import add_docs_routes, add_proxy_routes, upstream_probes
 from services.gateway.service import KeyAuthenticator
 from services.gateway.tables import TABLES
@@ -50,8 +54,12 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
                 openapi=MergedOpenApi(
                     client, settings.upstreams(), title=TITLE, version=app.version,
                     description=DESCRIPTION, ttl_s=settings.openapi_cache_s,
+                    own=get_openapi(title=TITLE, version=app.version, routes=admin_router.routes)
+                    if settings.admin_key is not None else None,
                     fetch_timeout_s=min(settings.upstream_timeout_s, 3.0),
                 ),
+                limiter=TokenBuckets(clock),
+                clock=clock,
             )
             # Ready = our own dependency (the key database) answers. Upstream reachability is
             # reported but does not gate readiness: if it did, one service being down would pull
@@ -73,8 +81,22 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
         internal_token=settings.internal.internal_token.get_secret_value(),
         api_docs=False,  # FastAPI's own would describe only the gateway's few routes
     )
-    add_docs_routes(app)
+    if settings.docs_enabled:
+        add_docs_routes(app)
+    if settings.admin_key is not None:
+        app.include_router(admin_router, include_in_schema=False)  # described in the merged doc
     add_proxy_routes(app)
+    if origins := settings.allowed_origins():
+        # Off unless configured: without CORS headers a browser page on another origin cannot
+        # read our answers. No cookies are used, so credentials stay off.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID", "Location"],
+            max_age=600,
+        )
     app.add_exception_handler(StarletteHTTPException, _not_found)
     return app
 
@@ -86,4 +108,13 @@ async def _not_found(request: Request, exc: Exception) -> Response:
             {"detail": f"no such endpoint: {request.method} {request.url.path} (see /docs)"},
             status_code=404,
         )
+    if exc.status_code == 405:
+        # The router's Allow names the methods a route table entry forwards (for a prefix: all
+        # of them); callers need the ones the API has at this path.
+        allowed = await request.app.state.gateway.openapi.methods_for(request.url.path)
+        if allowed:
+            return JSONResponse(
+                {"detail": f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"},
+                status_code=405, headers={"Allow": ", ".join(allowed)},
+            )
     return await http_exception_handler(request, exc)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from dataclasses import dataclass
 from typing import Annotated
@@ -14,7 +16,10 @@ from services.gateway import metrics
 from services.gateway.config import GatewaySettings
 from services.gateway.openapi import MergedOpenApi
 from services.gateway.query_key import accepts_query_key, take_query_key
-from services.gateway.service import Caller, KeyAuthenticator, KeyRejected
+from services.gateway.ratelimit import TokenBuckets
+from services.gateway.scopes import ADMIN
+from services.gateway.service import BOOTSTRAP_ACTOR, Caller, KeyAuthenticator, KeyRejected
+from shared.clock import Clock
 from shared.db import session_scope
 from shared.logs import bind_tenant
 
@@ -35,6 +40,8 @@ class GatewayState:
     client: httpx.AsyncClient  # one pool for every upstream call
     authenticator: KeyAuthenticator
     openapi: MergedOpenApi
+    limiter: TokenBuckets
+    clock: Clock
 
 
 async def _state(request: Request) -> GatewayState:
@@ -59,7 +66,10 @@ def presented_key(request: Request) -> str | None:
 
 async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
     """The tenant comes from the key, and only from the key."""
-    key = presented_key(request)
+    return await _caller_of(presented_key(request), request, gateway)
+
+
+async def _caller_of(key: str | None, request: Request, gateway: GatewayState) -> Caller:
 
     def lookup() -> Caller:
         with session_scope(gateway.engine) as session:
@@ -90,3 +100,59 @@ async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
 
 
 CallerDep = Annotated[Caller, Depends(authenticated_caller)]
+
+
+def require_scope(caller: Caller, scope: str) -> None:
+    """403 naming the scope the key lacks."""
+    if scope not in caller.scopes:
+        metrics.AUTH_FAILURES.labels("scope").inc()
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this API key lacks the scope {scope!r} (it has: "
+            f"{', '.join(sorted(caller.scopes)) or 'none'})",
+        )
+
+
+def take_token(caller: Caller, gateway: GatewayState) -> None:
+    """429 + Retry-After when the key's token bucket is empty."""
+    settings = gateway.settings
+    per_s, burst = ((caller.rate_limit.per_s, caller.rate_limit.burst) if caller.rate_limit
+                    else (settings.rate_limit_per_s, settings.rate_limit_burst))
+    if per_s <= 0:
+        return  # no limit
+    decision = gateway.limiter.take(caller.key_id, per_s, burst)
+    if not decision.allowed:
+        metrics.RATE_LIMITED.labels("key").inc()
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"rate limit of this API key exceeded ({per_s:g} requests/s, burst {burst}); "
+            f"retry in {decision.retry_after_s:.3f} s",
+            headers={"Retry-After": decision.retry_after_header},
+        )
+
+
+@dataclass(frozen=True)
+class Admin:
+    actor: str  # "bootstrap" (the key from the environment) or the admin key's id
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+async def admin_caller(request: Request, gateway: StateDep) -> Admin:
+    """The bootstrap admin key from the environment, or an API key with the `admin` scope."""
+    key = presented_key(request)
+    bootstrap = gateway.settings.admin_key
+    # Hashes of equal length compared in constant time: neither the key nor its length leaks.
+    if key and bootstrap and hmac.compare_digest(
+        _digest(key), _digest(bootstrap.get_secret_value().strip())
+    ):
+        return Admin(BOOTSTRAP_ACTOR)
+    caller = await _caller_of(key, request, gateway)
+    require_scope(caller, ADMIN)
+    take_token(caller, gateway)
+    return Admin(caller.key_id)
+
+
+AdminDep = Annotated[Admin, Depends(admin_caller)]

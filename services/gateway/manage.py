@@ -3,17 +3,24 @@ creates the gateway tables if missing, and owns one transaction."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy.exc import IntegrityError
 
 from services.gateway import service
+from services.gateway.scopes import TENANT_SCOPES
 from services.gateway.service import IssuedKey, KeyInfo
 from services.gateway.tables import TABLES
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, session_scope
 
 
-def issue_key(database_url: str, name: str, clock: Clock | None = None) -> IssuedKey:
-    """Like create_tenant, with the key id and whether the tenant was new."""
+def issue_key(
+    database_url: str, name: str, clock: Clock | None = None,
+    key_scopes: Iterable[str] = TENANT_SCOPES,
+) -> IssuedKey:
+    """Like create_tenant, with the key id and whether the tenant was new. The key gets every
+    tenant scope unless told otherwise."""
     clock = clock or SystemClock()
     engine = make_engine(database_url)
     try:
@@ -21,7 +28,7 @@ def issue_key(database_url: str, name: str, clock: Clock | None = None) -> Issue
         for attempt in range(2):
             try:
                 with session_scope(engine) as session:
-                    return service.issue_key(session, name, clock)
+                    return service.issue_key(session, name, clock, key_scopes)
             except IntegrityError:
                 # Another process created the same tenant name between our read and insert;
                 # the second attempt finds it and adds the key to it.

@@ -20,6 +20,12 @@ UPSTREAM_DURATION = Histogram(
 )
 AUTH_FAILURES = Counter(
     "churnguard_gateway_auth_failures_total",
-    "Requests refused for their API key, by reason (missing, invalid, revoked).",
+    "Requests refused for their API key, by reason (missing, invalid, revoked, scope: the key "
+    "lacks the scope the route needs).",
+    ["reason"],
+)
+RATE_LIMITED = Counter(
+    "churnguard_gateway_rate_limited_total",
+    "Requests answered 429, by reason (key: the API key's token bucket was empty).",
     ["reason"],
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 
 from services.gateway.proxy import ROUTE_TABLE, ProxyRoute, route_for
+from services.gateway.scopes import ADMIN
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,18 @@ SECURITY_SCHEMES = {
     },
 }
 SECURITY = [{"HTTPBearer": []}, {"APIKeyHeader": []}]  # either one
-UNAUTHORIZED = {
-    "description": "Missing, invalid or revoked API key.",
-    "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"detail": {"type": "string"}}}}},
+_DETAIL = {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {"type": "string"}}}}}
+UNAUTHORIZED = {"description": "Missing, invalid or revoked API key.", "content": _DETAIL}
+FORBIDDEN = {"description": "The API key lacks the scope this operation needs (named).",
+             "content": _DETAIL}
+BAD_BODY = {"description": "The request body is not well-formed JSON.", "content": _DETAIL}
+TOO_LARGE = {"description": "The request body exceeds the gateway's limit (named).",
+             "content": _DETAIL}
+TOO_MANY_REQUESTS = {
+    "description": "The API key's rate limit is exceeded; retry after `Retry-After` seconds.",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    "content": _DETAIL,
 }
 
 
@@ -49,19 +59,24 @@ def merge_openapi(
     version: str,
     description: str,
     table: tuple[ProxyRoute, ...] = ROUTE_TABLE,
+    own: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`documents`: upstream name -> its OpenAPI document, or None if it could not be fetched."""
+    """`documents`: upstream name -> its OpenAPI document, or None if it could not be fetched.
+    `own`: the gateway's own operations (the admin API), taken whole."""
     paths: dict[str, dict[str, Any]] = {}
     schemas: dict[str, Any] = {}
     operation_ids: set[str] = set()
     missing = [name for name, doc in documents.items() if doc is None]
     openapi_version = "3.1.0"
 
-    for upstream, original in documents.items():
+    sources = [(name, doc, False) for name, doc in documents.items()]
+    if own is not None:
+        sources.append(("gateway", own, True))
+    for upstream, original, whole in sources:
         if original is None:
             continue
         openapi_version = original.get("openapi", openapi_version)
-        public = _public_paths(original, upstream, table)
+        public = original.get("paths", {}) if whole else _public_paths(original, upstream, table)
         own_schemas = original.get("components", {}).get("schemas", {})
         used = _referenced_schemas(public, own_schemas)  # the internal paths' schemas stay private
         doc = {"paths": public, "components": {"schemas": {n: own_schemas[n] for n in used}}}
@@ -71,7 +86,9 @@ def merge_openapi(
             merged_item = paths.setdefault(path, {})
             for key, value in item.items():
                 if key in HTTP_METHODS:
-                    merged_item[key] = _secured(value, upstream, operation_ids)
+                    route = None if whole else route_for(key, path, table)
+                    scope = route.scope if route is not None else ADMIN
+                    merged_item[key] = _secured(value, upstream, operation_ids, scope)
                 else:
                     merged_item.setdefault(key, value)
 
@@ -132,11 +149,22 @@ def _referenced_schemas(node: Any, schemas: dict[str, Any]) -> set[str]:
     return found
 
 
-def _secured(operation: dict[str, Any], upstream: str, operation_ids: set[str]) -> dict[str, Any]:
+def _secured(
+    operation: dict[str, Any], upstream: str, operation_ids: set[str], scope: str
+) -> dict[str, Any]:
     operation = dict(operation)
+    operation["x-required-scope"] = scope
+    needs = f"Needs an API key with the scope `{scope}`."
+    operation["description"] = (operation.get("description", "") + "\n\n" + needs).strip()
     operation["security"] = SECURITY
     responses = dict(operation.get("responses", {}))
     responses.setdefault("401", UNAUTHORIZED)
+    responses.setdefault("403", FORBIDDEN)
+    responses.setdefault("429", TOO_MANY_REQUESTS)
+    if "requestBody" in operation:
+        # Answered before any handler runs: the gateway's body limit, the framework's JSON parse.
+        responses.setdefault("400", BAD_BODY)
+        responses.setdefault("413", TOO_LARGE)
     operation["responses"] = responses
     op_id = operation.get("operationId")
     if op_id:
@@ -174,6 +202,11 @@ def _rewrite_refs(node: Any, refs: dict[str, str]) -> Any:
     return node
 
 
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{[^}]+\}", template)
+    return re.compile("^" + "[^/]+".join(re.escape(p) for p in parts) + "$")
+
+
 class MergedOpenApi:
     """Fetches the services' documents (in parallel, bounded in time) and caches the merge:
     a complete one for `ttl_s`, an incomplete one only briefly, so a recovered service shows
@@ -187,6 +220,7 @@ class MergedOpenApi:
         title: str,
         version: str,
         description: str,
+        own: dict[str, Any] | None = None,
         ttl_s: float = 30.0,
         fetch_timeout_s: float = 3.0,
         incomplete_ttl_s: float = 2.0,
@@ -194,6 +228,7 @@ class MergedOpenApi:
         self._client = client
         self._upstreams = dict(upstreams)
         self._info = {"title": title, "version": version, "description": description}
+        self._own = own
         self._ttl_s = ttl_s
         self._incomplete_ttl_s = min(incomplete_ttl_s, ttl_s)
         self._fetch_timeout_s = fetch_timeout_s
@@ -208,11 +243,19 @@ class MergedOpenApi:
                     *(self._fetch(name, url) for name, url in self._upstreams.items())
                 )
                 documents = dict(zip(self._upstreams, fetched, strict=True))
-                self._cached = merge_openapi(documents, **self._info)
+                self._cached = merge_openapi(documents, **self._info, own=self._own)
                 complete = all(d is not None for d in fetched)
                 ttl = self._ttl_s if complete else self._incomplete_ttl_s
                 self._expires = time.monotonic() + ttl
             return self._cached
+
+    async def methods_for(self, path: str) -> list[str]:
+        """The methods the public API documents for a concrete path (for a 405's Allow)."""
+        document = await self.document()
+        for template, item in document["paths"].items():
+            if _template_regex(template).match(path):
+                return [m.upper() for m in HTTP_METHODS if m in item]
+        return []
 
     async def _fetch(self, upstream: str, base_url: str) -> dict[str, Any] | None:
         try:

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from yarl import URL
 
 from services.gateway import metrics
+from services.gateway.scopes import ACTIONS_ADMIN, EVENTS_WRITE, MODELS_ADMIN, SCORES_READ
 from services.gateway.query_key import without_query_key
 from shared.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
 
@@ -24,15 +25,18 @@ log = logging.getLogger(__name__)
 
 Upstream = Literal["ingest", "scoring", "actions"]
 ANY_METHOD = ("GET", "POST", "PUT", "PATCH", "DELETE")
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
 @dataclass(frozen=True)
 class ProxyRoute:
-    """`path` is a route template; with `prefix`, everything below it goes to the same upstream."""
+    """`path` is a route template; with `prefix`, everything below it goes to the same upstream.
+    `scope`: what the caller's key must hold (services/gateway/scopes.py)."""
 
     path: str
     upstream: Upstream
     methods: tuple[str, ...]
+    scope: str
     prefix: bool = False
     _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -52,20 +56,21 @@ class ProxyRoute:
 
 # The one place that says what the public API is and who serves it.
 ROUTE_TABLE: tuple[ProxyRoute, ...] = (
-    ProxyRoute("/v1/events", "ingest", ("POST",)),
-    ProxyRoute("/v1/events/batch", "ingest", ("POST",)),
-    ProxyRoute("/v1/schema", "ingest", ("GET",)),
-    ProxyRoute("/v1/sources/shopify/orders", "ingest", ("POST",)),
-    ProxyRoute("/v1/sources/{source}/secret", "ingest", ("PUT", "DELETE")),
-    ProxyRoute("/v1/customers/{customer_id}/score", "scoring", ("GET",)),
-    ProxyRoute("/v1/models", "scoring", ANY_METHOD, prefix=True),
-    ProxyRoute("/v1/webhooks", "actions", ANY_METHOD, prefix=True),
-    ProxyRoute("/v1/customers/{customer_id}/offers", "actions", ("GET",)),
-    ProxyRoute("/v1/customers/{customer_id}/decisions", "actions", ("GET",)),
-    ProxyRoute("/v1/deliveries", "actions", ANY_METHOD, prefix=True),
-    ProxyRoute("/v1/customers/{customer_id}/state", "actions", ("GET",)),
-    ProxyRoute("/v1/policies", "actions", ("GET", "PUT", "DELETE"), prefix=True),
-    ProxyRoute("/v1/reports/uplift", "actions", ("GET",)),
+    ProxyRoute("/v1/events", "ingest", ("POST",), EVENTS_WRITE),
+    ProxyRoute("/v1/events/batch", "ingest", ("POST",), EVENTS_WRITE),
+    ProxyRoute("/v1/schema", "ingest", ("GET",), EVENTS_WRITE),
+    ProxyRoute("/v1/sources/shopify/orders", "ingest", ("POST",), EVENTS_WRITE),
+    ProxyRoute("/v1/sources/{source}/secret", "ingest", ("PUT", "DELETE"), EVENTS_WRITE),
+    ProxyRoute("/v1/customers/{customer_id}/score", "scoring", ("GET",), SCORES_READ),
+    ProxyRoute("/v1/models", "scoring", ("GET",), SCORES_READ, prefix=True),
+    ProxyRoute("/v1/models", "scoring", WRITE_METHODS, MODELS_ADMIN, prefix=True),
+    ProxyRoute("/v1/webhooks", "actions", ANY_METHOD, ACTIONS_ADMIN, prefix=True),
+    ProxyRoute("/v1/customers/{customer_id}/offers", "actions", ("GET",), SCORES_READ),
+    ProxyRoute("/v1/customers/{customer_id}/decisions", "actions", ("GET",), SCORES_READ),
+    ProxyRoute("/v1/deliveries", "actions", ANY_METHOD, ACTIONS_ADMIN, prefix=True),
+    ProxyRoute("/v1/customers/{customer_id}/state", "actions", ("GET",), SCORES_READ),
+    ProxyRoute("/v1/policies", "actions", ("GET", "PUT", "DELETE"), ACTIONS_ADMIN, prefix=True),
+    ProxyRoute("/v1/reports/uplift", "actions", ("GET",), SCORES_READ),
 )
 
 
@@ -89,7 +94,7 @@ _INTERNAL_PREFIX = "x-churnguard-"
 # content-encoding/length; X-Request-ID is set by the request-id middleware).
 _RESPONSE_HEADERS = (
     "content-type", "retry-after", "location", "etag", "last-modified", "cache-control", "link",
-    "www-authenticate",
+    "www-authenticate", "allow",
 )
 
 

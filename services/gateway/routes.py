@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from services.gateway.deps import CallerDep, GatewayState, StateDep
+from services.gateway.deps import CallerDep, GatewayState, StateDep, require_scope, take_token
 from services.gateway.proxy import ROUTE_TABLE, ProxyRoute, forward
 from shared.app import BodyTooLarge, read_body_limited
 
@@ -32,6 +32,8 @@ def add_proxy_routes(app: FastAPI, table: tuple[ProxyRoute, ...] = ROUTE_TABLE) 
 def _proxy_endpoint(route: ProxyRoute) -> Callable[..., Awaitable[Response]]:
     async def proxy(request: Request, caller: CallerDep, gateway: StateDep) -> Response:
         settings = gateway.settings
+        require_scope(caller, route.scope)
+        take_token(caller, gateway)  # after the scope: a refused request costs no token
         try:  # stops reading past the limit, whether or not a Content-Length was sent
             body = await read_body_limited(request, settings.max_body_bytes)
         except BodyTooLarge as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
@@ -90,7 +90,13 @@ CustomerIdPath = Annotated[str, Path(min_length=1, max_length=128, description="
 VersionPath = Annotated[str, Path(min_length=1, max_length=64, description="A model version, e.g. m-20260601120000-1a2b.")]
 
 
-@router.get("/customers/{customer_id}/score", response_model=CustomerScoreOut)
+# Documented answers besides the success (the gateway's schemathesis run checks every status).
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such customer score or model."}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "The registry's state forbids this."}}
+FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"description": "Not an operator tenant."}}
+
+
+@router.get("/customers/{customer_id}/score", response_model=CustomerScoreOut, responses=NOT_FOUND)
 def get_customer_score(customer_id: CustomerIdPath, tenant_id: TenantId, session: SessionDep) -> CustomerScoreOut:
     score = service.latest_score(session, tenant_id, customer_id)
     if score is None:
@@ -104,7 +110,7 @@ def get_models(_tenant_id: TenantId, session: SessionDep) -> list[ModelOut]:
     return [ModelOut(**row) for row in service.list_models(session)]
 
 
-@router.get("/models/{version}", response_model=ModelDetailOut)
+@router.get("/models/{version}", response_model=ModelDetailOut, responses=NOT_FOUND)
 def get_model(version: VersionPath, _tenant_id: TenantId, session: SessionDep) -> ModelDetailOut:
     """One model with its validation metrics, calibration bins, candidates and feature importance."""
     try:
@@ -130,7 +136,7 @@ def model_admin(request: Request, tenant_id: TenantId) -> str:
 ModelAdmin = Annotated[str, Depends(model_admin)]
 
 
-@router.post("/models/rollback", response_model=ModelDetailOut)
+@router.post("/models/rollback", response_model=ModelDetailOut, responses={**FORBIDDEN, **CONFLICT})
 def rollback_model(request: Request, _tenant_id: ModelAdmin, session: SessionDep) -> ModelDetailOut:
     """Re-activate the model that was active before the current one (409 if there is none).
     Running scorers switch at their next registry refresh."""
@@ -140,7 +146,8 @@ def rollback_model(request: Request, _tenant_id: ModelAdmin, session: SessionDep
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
 
 
-@router.post("/models/{version}/promote", response_model=ModelDetailOut)
+@router.post("/models/{version}/promote", response_model=ModelDetailOut,
+             responses={**FORBIDDEN, **NOT_FOUND, **CONFLICT})
 def promote_model(version: VersionPath, request: Request, _tenant_id: ModelAdmin, session: SessionDep) -> ModelDetailOut:
     """Make this model the active one, after checking its artifact loads (409 if not).
     Running scorers switch at their next registry refresh."""

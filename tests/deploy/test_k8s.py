@@ -131,9 +131,14 @@ def test_configuration_names_only_real_settings(rendered: dict[str, list[dict[st
         assert {e["name"] for e in container["env"]} <= known
         assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
         secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-        assert secrets == {"CHURNGUARD_INTERNAL_TOKEN": {"name": secrets["CHURNGUARD_INTERNAL_TOKEN"]["name"],
-                                                         "key": "token"},
-                           "CHURNGUARD_DATABASE_URL": {"name": "churnguard-db-app", "key": "uri"}}
+        expected = {"CHURNGUARD_INTERNAL_TOKEN": {"name": secrets["CHURNGUARD_INTERNAL_TOKEN"]["name"],
+                                                  "key": "token"},
+                    "CHURNGUARD_DATABASE_URL": {"name": "churnguard-db-app", "key": "uri"}}
+        if overlay == "prod" and deployment["metadata"]["name"] == "gateway":
+            # The admin API exists only while this secret does (docs/operations.md).
+            expected["CHURNGUARD_GATEWAY_ADMIN_KEY"] = {
+                "name": "churnguard-gateway-admin", "key": "key", "optional": True}
+        assert secrets == expected
 
 
 def test_prod_has_production_settings_and_no_secret_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -145,6 +150,7 @@ def test_prod_has_production_settings_and_no_secret_values(rendered: dict[str, l
     assert data["CHURNGUARD_KAFKA_ISOLATION_LEVEL"] == "read_committed"
     assert data["CHURNGUARD_KAFKA_REPLICATION_FACTOR"] == "3"
     assert data["CHURNGUARD_LOG_FORMAT"] == "json"
+    assert data["CHURNGUARD_GATEWAY_DOCS_ENABLED"] == "false"
     assert not any("TOKEN" in key or "PASSWORD" in key or "SECRET" in key for key in data)
     for deployment in _of_kind(prod, "Deployment").values():
         (container,) = deployment["spec"]["template"]["spec"]["containers"]

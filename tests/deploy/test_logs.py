@@ -26,6 +26,8 @@ from tests.helpers import wait_until
 SERVICES = ("ingest", "actions", "gateway")
 INTERNAL_TOKEN = "logs-test-internal-token-" + uuid.uuid4().hex
 WEBHOOK_SECRET = "whsec_" + "TG9ncyBtdXN0IG5ldmVyIHNob3cgdGhpcyBzZWNyZXQ="
+ADMIN_KEY = "logs-admin-key-" + uuid.uuid4().hex
+MALFORMED_KEY = "not-ours-but-secret-" + uuid.uuid4().hex
 
 
 def test_log_settings_reject_unknown_values() -> None:
@@ -85,6 +87,7 @@ def services(broker: str, database_url: str, tmp_path: Path) -> Iterator[tuple[s
         "CHURNGUARD_KAFKA_TOPIC_PREFIX": f"logs{uuid.uuid4().hex[:8]}-",
         "CHURNGUARD_INTERNAL_TOKEN": INTERNAL_TOKEN,
         "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",  # the subscription below is http on 127.0.0.1
+        "CHURNGUARD_GATEWAY_ADMIN_KEY": ADMIN_KEY,
         "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{ports['ingest']}",
         "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
         # scoring is not started: its routes answer 502/503 through the gateway, also logged.
@@ -165,6 +168,23 @@ def test_json_lines_carry_request_id_and_tenant_and_never_a_secret(services: tup
     httpx.post(f"{gateway}/v1/sources/shopify?key={api_key}", content=b"{}", timeout=10)
     rejected = httpx.get(f"{gateway}/v1/webhooks", headers={"X-API-Key": api_key + "x"}, timeout=10)
     assert rejected.status_code == 401
+    malformed = httpx.get(f"{gateway}/v1/webhooks", headers={"Authorization": f"Bearer {MALFORMED_KEY}"},
+                          timeout=10)
+    assert malformed.status_code == 401 and MALFORMED_KEY not in malformed.text
+    # The admin API: the bootstrap key, and a key it issues (shown once, in the answer only).
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    created_tenant = httpx.post(f"{gateway}/v1/admin/tenants", json={"name": "logs-admin"}, headers=admin,
+                                timeout=10)
+    assert created_tenant.status_code == 201, created_tenant.text
+    issued = httpx.post(f"{gateway}/v1/admin/tenants/{created_tenant.json()['tenant_id']}/keys", json={},
+                        headers=admin, timeout=10)
+    assert issued.status_code == 201
+    issued_key = issued.json()["api_key"]
+    rotated = httpx.post(f"{gateway}/v1/admin/keys/{issued.json()['key_id']}/rotate", json={}, headers=admin,
+                         timeout=10)
+    assert rotated.status_code == 201
+    assert httpx.get(f"{gateway}/v1/admin/audit", headers={"X-API-Key": ADMIN_KEY + "x"},
+                     timeout=10).status_code == 401
 
     def logged() -> dict[str, list[dict]] | None:
         lines = _request_lines(logs, event_request)
@@ -187,7 +207,9 @@ def test_json_lines_carry_request_id_and_tenant_and_never_a_secret(services: tup
     everything = "\n".join((logs / f"{name}.log").read_text() for name in SERVICES)
     for secret, what in ((api_key, "API key"), (WEBHOOK_SECRET, "webhook secret"),
                          (WEBHOOK_SECRET.removeprefix("whsec_"), "webhook secret body"),
-                         (INTERNAL_TOKEN, "internal token")):
+                         (INTERNAL_TOKEN, "internal token"), (ADMIN_KEY, "admin key"),
+                         (MALFORMED_KEY, "malformed key"), (issued_key, "issued key"),
+                         (rotated.json()["new"]["api_key"], "rotated key")):
         assert secret not in everything, f"the {what} appears in the logs"
     # No client address either: at the gateway it is the caller's personal data.
     assert "127.0.0.1:" not in "\n".join(
