@@ -10,6 +10,7 @@ event types). Renaming or removing a field, or tightening a constraint, needs `v
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
@@ -62,6 +63,18 @@ def _no_numbers(value: Any) -> Any:
 
 
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_no_numbers)]
+
+
+def _rfc3339_only(value: Any) -> Any:
+    """For query strings and API bodies: pydantic would read "0" or 1700000000 as a Unix time."""
+    if isinstance(value, (int, float)) or (isinstance(value, str) and not _DATE_START.match(value)):
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-23T10:00:00Z")
+    return value
+
+
+_DATE_START = re.compile(r"^\d{4}-\d{2}-\d{2}")
+RFC3339DateTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only)]
+"""An aware date-time given as RFC 3339 text only (no Unix numbers, not even as strings)."""
 Day = Annotated[date, BeforeValidator(_no_numbers)]
 Identifier = Annotated[str, Field(min_length=1, max_length=128)]
 ShortText = Annotated[str, Field(max_length=200)]

@@ -4,10 +4,9 @@ transaction at the edge."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response, status
-from pydantic import AwareDatetime
 
 from services.actions import webhooks
 from services.actions.config import ActionsSettings
@@ -26,6 +25,10 @@ from services.actions.webhook_schemas import (
     WebhookOut,
 )
 from shared.app import TenantId
+from shared.events import RFC3339DateTime
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such object for this tenant."}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "The object's state forbids this."}}
 from shared.db import session_scope
 
 router = APIRouter(prefix="/v1")
@@ -92,7 +95,7 @@ def list_webhooks(tenant: TenantId, engine: EngineDep) -> list[WebhookOut]:
         return [WebhookOut.model_validate(r) for r in rows]
 
 
-@router.get("/webhooks/{subscription_id}", response_model=WebhookOut, tags=["webhooks"])
+@router.get("/webhooks/{subscription_id}", response_model=WebhookOut, tags=["webhooks"], responses=NOT_FOUND)
 def get_webhook(subscription_id: ObjectId, tenant: TenantId, engine: EngineDep) -> WebhookOut:
     """One subscription; `disabled_reason` says why a disabled one stopped (e.g. 410 Gone)."""
     try:
@@ -105,7 +108,8 @@ def get_webhook(subscription_id: ObjectId, tenant: TenantId, engine: EngineDep) 
 
 
 @router.delete(
-    "/webhooks/{subscription_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["webhooks"]
+    "/webhooks/{subscription_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["webhooks"],
+    responses=NOT_FOUND,
 )
 def delete_webhook(
     subscription_id: ObjectId, tenant: TenantId, engine: EngineDep, clock: ClockDep
@@ -123,6 +127,7 @@ def delete_webhook(
     "/webhooks/{subscription_id}/rotate-secret",
     response_model=SecretRotated,
     tags=["webhooks"],
+    responses={**NOT_FOUND, **CONFLICT},
 )
 def rotate_webhook_secret(
     subscription_id: ObjectId,
@@ -168,9 +173,9 @@ def list_deliveries(
     status_filter: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
     subscription_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
     created_from: Annotated[
-        AwareDatetime | None, Query(description="Created at or after (ISO 8601 with offset).")
+        RFC3339DateTime | None, Query(description="Created at or after (RFC 3339 with offset).")
     ] = None,
-    created_to: Annotated[AwareDatetime | None, Query(description="Created before.")] = None,
+    created_to: Annotated[RFC3339DateTime | None, Query(description="Created before.")] = None,
     limit: Limit = 100,
 ) -> list[DeliveryOut]:
     """Deliveries, newest first, each with its attempt log (status code, error, latency)."""
@@ -198,7 +203,7 @@ def list_deliveries(
         return [DeliveryOut.of(item) for item in items]
 
 
-@router.get("/deliveries/{delivery_id}", response_model=DeliveryOut, tags=["deliveries"])
+@router.get("/deliveries/{delivery_id}", response_model=DeliveryOut, tags=["deliveries"], responses=NOT_FOUND)
 def get_delivery(delivery_id: ObjectId, tenant: TenantId, engine: EngineDep) -> DeliveryOut:
     try:
         with session_scope(engine) as session:
@@ -228,7 +233,8 @@ def replay_deliveries(
     )
 
 
-@router.post("/deliveries/{delivery_id}/replay", response_model=DeliveryOut, tags=["deliveries"])
+@router.post("/deliveries/{delivery_id}/replay", response_model=DeliveryOut, tags=["deliveries"],
+             responses={**NOT_FOUND, **CONFLICT})
 def replay_delivery(
     delivery_id: ObjectId, tenant: TenantId, engine: EngineDep, clock: ClockDep, worker: WorkerDep
 ) -> DeliveryOut:

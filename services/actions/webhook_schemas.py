@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -18,6 +17,7 @@ from pydantic import (
 )
 
 from services.actions import webhooks
+from shared.events import RFC3339DateTime
 
 WebhookEventType = Literal["offer.created"]
 DeliveryStatus = Literal["pending", "delivered", "parked"]
@@ -127,8 +127,8 @@ class DeliveryOut(BaseModel):
 class ReplayRange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    created_from: AwareDatetime = Field(description="Parked deliveries created at or after this.")
-    created_to: AwareDatetime = Field(description="... and before this.")
+    created_from: RFC3339DateTime = Field(description="Parked deliveries created at or after this.")
+    created_to: RFC3339DateTime = Field(description="... and before this.")
     subscription_id: str | None = Field(None, min_length=1, max_length=64)
 
     @model_validator(mode="after")
