@@ -15,7 +15,7 @@ from services.actions.config import ActionsSettings
 from services.actions.consumer import EventConsumer, ScoreConsumer
 from services.actions.delivery import USER_AGENT, DeliveryWorker
 from services.actions.policies import load_policy_file
-from services.actions.routes import router
+from services.actions.routes import internal_router, router
 from services.actions.service import PolicyCache, Rules
 from services.actions.sweeps import ContractSweeper
 from services.actions.tables import TABLES
@@ -168,4 +168,5 @@ def create_app(settings: ActionsSettings | None = None, clock: Clock | None = No
         internal_token=settings.internal.internal_token.get_secret_value(),
     )
     app.include_router(router)
+    app.include_router(internal_router)
     return app
