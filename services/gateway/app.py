@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.config import GatewaySettings
 from services.gateway.deps import GatewayState
+from services.gateway.export import add_export_route
 from services.gateway.openapi import MergedOpenApi
 from services.gateway.proxy import UpstreamClient
 from services.gateway.routes import add_docs_routes, add_proxy_routes, upstream_probes
@@ -75,6 +76,7 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
     )
     add_docs_routes(app)
     add_proxy_routes(app)
+    add_export_route(app, clock)
     app.add_exception_handler(StarletteHTTPException, _not_found)
     return app
 
