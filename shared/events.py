@@ -373,7 +373,7 @@ _ERASURE_PREFIX = b'{"kind":'
 def decode_customer_record(raw: bytes) -> CustomerRecord:
     """Either record type found on `customer-events`. An EventRecord never starts with a `kind`
     field, so the check costs a prefix comparison on the hot path."""
-    if raw.lstrip()[:len(_ERASURE_PREFIX)] == _ERASURE_PREFIX:
+    if raw.startswith(_ERASURE_PREFIX) or (raw[:1].isspace() and raw.lstrip().startswith(_ERASURE_PREFIX)):
         return ErasureRecord.model_validate_json(raw)
     return EventRecord.model_validate_json(raw)
 
