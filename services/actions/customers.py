@@ -201,8 +201,11 @@ def customer_value(state: ActionsCustomer | None, features: dict[str, float] | N
 def profile(
     session: Session, tenant_id: str, customer_id: str
 ) -> tuple[ActionsCustomer | None, list[ActionsContract]]:
-    """What actions knows of a customer (state and contracts); (None, []) when nothing."""
+    """What actions knows of a customer (state and contracts); (None, []) when nothing, and for
+    an erased customer (whose row is only the tombstone)."""
     state = repository.get_customer(session, tenant_id, customer_id)
+    if state is not None and state.erased_at is not None:
+        return None, []
     return state, list(repository.customer_contracts(session, tenant_id, customer_id))
 
 
