@@ -82,9 +82,8 @@ def world(
     internal = InternalAuthSettings(internal_token=SecretStr(INTERNAL_TOKEN))
     suffix = uuid.uuid4().hex[:8]
     servers = {
-        "ingest": ServerThread(ingest_app(IngestSettings(
-            kafka=kafka_settings, database=database, internal=internal,
-            erasure_status_group_id=f"ingest-status-{suffix}"), clock)),
+        "ingest": ServerThread(ingest_app(IngestSettings(kafka=kafka_settings, database=database, internal=internal),
+                                          clock)),
         "scoring": ServerThread(scoring_app(ScoringSettings(
             kafka=kafka_settings, database=database, internal=internal, group_id=f"scoring-{suffix}",
             model_refresh_s=0.2, sweep_enabled=False, retention_enabled=False), clock)),

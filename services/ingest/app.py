@@ -37,7 +37,7 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
         engine = make_engine(settings.database.url_for("ingest"), echo=settings.database.database_echo)
         ledger: EventIdLedger | None = None
         erased = ErasedCustomers(engine, settings.erasure_refresh_s)
-        status = StatusConsumer(settings.kafka, settings.erasure_status_group_id, "ingest", engine, publisher)
+        status = StatusConsumer(settings.kafka, "ingest-erasure-status", engine)
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             app.state.settings = settings
@@ -45,7 +45,7 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
             ledger.start()
             await erased.refresh()
             erased.start()
-            status.loop.start()
+            status.start()
             app.state.service = IngestService(publisher, clock, ledger, erased)
             app.state.erasures = ErasureService(engine, publisher, clock, erased)
             app.state.sources = SourceService(engine, clock)
@@ -54,11 +54,11 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
             app.state.readiness = {"broker": publisher.ping}
             app.state.diagnostics = {
                 "database": lambda: asyncio.to_thread(ping, engine),
-                "erasure_status_consumer": _alive(status.loop),
+                "erasure_status_consumer": _alive(status),
             }
             yield
         finally:
-            await status.loop.stop()
+            await status.stop()
             await erased.stop()
             if ledger is not None:
                 await ledger.stop()

@@ -24,5 +24,3 @@ class IngestSettings(BaseSettings):
     # Erasure: how often each instance re-reads the erased customers it suppresses (the instance
     # taking a DELETE knows at once; scoring and actions suppress on their own tombstones anyway).
     erasure_refresh_s: float = Field(5.0, gt=0.0)
-    # Consumer group reading erasure-status (the per-service progress of erasures).
-    erasure_status_group_id: str = "ingest-erasure-status"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -35,7 +36,7 @@ from services.ingest.tables import IngestErasure
 from shared.clock import Clock
 from shared.db import session_scope
 from shared.events import ErasureRecord, ErasureStatusRecord, new_id
-from shared.kafka import ConsumeLoop, Decoded, Publisher
+from shared.kafka import Publisher, consumer_options
 from shared.settings import KafkaSettings
 from shared.tasks import stop_gracefully
 from shared.topics import CUSTOMER_EVENTS, ERASURE_STATUS
@@ -209,19 +210,71 @@ def _view_json(view: ErasureView) -> dict[str, Any]:
 
 
 class StatusConsumer:
-    """erasure-status -> the erasure record (idempotent: the first report per service wins)."""
+    """erasure-status -> the erasure record (idempotent: the first report per service wins).
 
-    def __init__(
-        self, settings: KafkaSettings, group_id: str, client_id: str, engine: Engine, publisher: Publisher
-    ) -> None:
+    Reads every partition from the beginning without a consumer group: the topic is small (one
+    record per service and erasure, kept 7 days), applying a report again changes nothing, and
+    without a group there is no join or rebalance to wait for when ingest starts or stops. Every
+    ingest instance applies every report. A report older than the topic's retention is gone; a
+    repeated DELETE of a still pending erasure re-sends the control record and so the reports."""
+
+    def __init__(self, settings: KafkaSettings, client_id: str, engine: Engine, retry_s: float = 1.0) -> None:
+        self._settings = settings
+        self._client_id = client_id
         self._engine = engine
-        self.loop: ConsumeLoop[ErasureStatusRecord] = ConsumeLoop(
-            settings=settings, topic=ERASURE_STATUS, group_id=group_id, client_id=client_id,
-            decode=ErasureStatusRecord.model_validate_json, handle=self.handle, publisher=publisher,
-        )
+        self._retry_s = retry_s
+        self._task: asyncio.Task[None] | None = None
 
-    async def handle(self, batch: list[Decoded[ErasureStatusRecord]]) -> None:
-        completed = await asyncio.to_thread(self._record, [item.value for item in batch])
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ingest:erasure-status")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        topic = self._settings.topic(ERASURE_STATUS)
+        while True:
+            consumer = AIOKafkaConsumer(**{**consumer_options(self._settings, "", self._client_id), "group_id": None})
+            try:
+                await consumer.start()
+                partitions = sorted(consumer.partitions_for_topic(topic) or ())
+                if not partitions:
+                    await consumer.stop()
+                    await asyncio.sleep(self._retry_s)  # the topic is not there yet
+                    continue
+                assigned = [TopicPartition(topic, p) for p in partitions]
+                consumer.assign(assigned)
+                await consumer.seek_to_beginning(*assigned)
+                while True:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        reports = []
+                        for record in records:
+                            try:
+                                reports.append(ErasureStatusRecord.model_validate_json(record.value or b""))
+                            except ValueError as exc:
+                                log.warning("erasure-status record at offset %d ignored: %s", record.offset, exc)
+                        if reports:
+                            await self.apply(reports)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # broker or database trouble: start over (applying again is harmless)
+                log.exception("erasure-status: reading failed; retrying")
+                await asyncio.sleep(self._retry_s)
+            finally:
+                await consumer.stop()
+
+    async def apply(self, reports: list[ErasureStatusRecord]) -> None:
+        completed = await asyncio.to_thread(self._record, reports)
         metrics.ERASURES_COMPLETED.inc(completed)
 
     def _record(self, reports: list[ErasureStatusRecord]) -> int:
