@@ -354,5 +354,60 @@ class ActionRecord(BaseModel):
         return partition_key(self.tenant_id, self.customer_id)
 
 
+class ErasureRecord(BaseModel):
+    """A control record on `customer-events`: erase this customer (GDPR Art. 17).
+
+    Published by ingest with the customer's partition key, so every consumer handles it after
+    the customer's earlier events and before later ones. It is told apart from an EventRecord by
+    its leading `"kind":"erasure"` (see `decode_customer_record`); the public event contract
+    (`/v1/schema`) does not change."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["erasure"] = "erasure"
+    erasure_id: Identifier
+    tenant_id: Identifier
+    customer_id: Identifier
+    requested_at: AwareDatetime
+
+    @property
+    def key(self) -> bytes:
+        return partition_key(self.tenant_id, self.customer_id)
+
+    def to_json(self) -> bytes:
+        """`kind` first: decoders recognise the record by its first bytes."""
+        return self.model_dump_json().encode()
+
+
+CustomerRecord = Union[EventRecord, ErasureRecord]
+_ERASURE_PREFIX = b'{"kind":'
+
+
+def decode_customer_record(raw: bytes) -> CustomerRecord:
+    """Either record type found on `customer-events`. An EventRecord never starts with a `kind`
+    field, so the check costs a prefix comparison on the hot path."""
+    if raw.startswith(_ERASURE_PREFIX) or (raw[:1].isspace() and raw.lstrip().startswith(_ERASURE_PREFIX)):
+        return ErasureRecord.model_validate_json(raw)
+    return EventRecord.model_validate_json(raw)
+
+
+ErasingService = Literal["scoring", "actions"]
+
+
+class ErasureStatusRecord(BaseModel):
+    """On `erasure-status`: a service has erased the customer of `erasure_id` (ingest records it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    erasure_id: Identifier
+    tenant_id: Identifier
+    service: ErasingService
+    done_at: AwareDatetime
+
+    @property
+    def key(self) -> bytes:
+        return self.erasure_id.encode()
+
+
 def new_id() -> str:
     return uuid.uuid4().hex

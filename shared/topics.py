@@ -5,7 +5,9 @@ from __future__ import annotations
 CUSTOMER_EVENTS = "customer-events"
 CHURN_SCORES = "churn-scores"
 RETENTION_ACTIONS = "retention-actions"
-ALL_TOPICS = (CUSTOMER_EVENTS, CHURN_SCORES, RETENTION_ACTIONS)
+# scoring and actions report finished erasures here; ingest keeps the erasure record.
+ERASURE_STATUS = "erasure-status"
+ALL_TOPICS = (CUSTOMER_EVENTS, CHURN_SCORES, RETENTION_ACTIONS, ERASURE_STATUS)
 
 
 def dead_letter(topic: str) -> str:

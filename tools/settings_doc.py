@@ -92,6 +92,9 @@ def _default(field: FieldInfo) -> str:
         value = field.default
     if isinstance(value, SecretStr):
         return "a development value: **set it in production**"
+    if isinstance(value, Path) and value.is_relative_to(DOC.parent.parent):
+        # relative to the checkout, so the document does not depend on where it was generated
+        value = value.relative_to(DOC.parent.parent)
     if value is None:
         return "unset"
     if isinstance(value, bool):

@@ -15,7 +15,7 @@ from services.actions.config import ActionsSettings
 from services.actions.consumer import EventConsumer, ScoreConsumer
 from services.actions.delivery import AiohttpSender, DeliveryWorker, WebhookSender
 from services.actions.policies import load_policy_file
-from services.actions.routes import router
+from services.actions.routes import internal_router, router
 from services.actions.service import PolicyCache, Rules
 from services.actions.sweeps import ContractSweeper
 from services.actions.tables import TABLES
@@ -185,4 +185,5 @@ def create_app(
     )
     app.include_router(router)
     app.include_router(webhook_router)
+    app.include_router(internal_router)
     return app

@@ -21,23 +21,32 @@ from services.actions.policies import OFFER_CREATED
 from services.actions.service import DecisionResult, Rules, TriggerInput
 from shared.clock import Clock
 from shared.db import session_scope
-from shared.events import EventRecord, ScoreRecord
+from shared.events import (
+    CustomerRecord,
+    ErasureRecord,
+    ErasureStatusRecord,
+    ScoreRecord,
+    decode_customer_record,
+)
 from shared.kafka import ConsumeLoop, Decoded, Publisher
 from shared.settings import KafkaSettings
-from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, RETENTION_ACTIONS
+from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, ERASURE_STATUS, RETENTION_ACTIONS
 
 
 def decode_score(raw: bytes) -> ScoreRecord:
     return ScoreRecord.model_validate_json(raw)
 
 
-def decode_event(raw: bytes) -> EventRecord:
-    return EventRecord.model_validate_json(raw)
+def decode_event(raw: bytes) -> CustomerRecord:
+    """An event, or an erasure control record."""
+    return decode_customer_record(raw)
 
 
 def count_decisions(results: Sequence[DecisionResult]) -> None:
     """Count committed facts only, once (a redelivered trigger is not counted again)."""
     for result in results:
+        if not result.stored:
+            metrics.ERASED_SUPPRESSED.labels("trigger").inc()
         if not result.created:
             continue
         record = result.record
@@ -52,6 +61,7 @@ async def publish_decisions(
 ) -> None:
     if any(r.deliveries for r in results):
         on_deliveries()
+    results = [r for r in results if r.stored]  # an erased customer's suppression stays unsaid
     if results:
         # After the commit. A crash before this line re-decides nothing on redelivery but
         # re-publishes the stored decisions, so retention-actions is at-least-once too.
@@ -123,7 +133,8 @@ class ScoreConsumer(_Consumer):
 
 
 class EventConsumer(_Consumer):
-    """customer-events -> customer state (+ decisions on event triggers)."""
+    """customer-events -> customer state (+ decisions on event triggers); an erasure control
+    record erases the customer (and is reported on erasure-status after the commit)."""
 
     topic = CUSTOMER_EVENTS
     decode = staticmethod(decode_event)
@@ -132,12 +143,32 @@ class EventConsumer(_Consumer):
         super().__init__(**wiring)
         self._trigger_max_age = trigger_max_age
 
-    def _handle_all(self, records: list[EventRecord]) -> list[DecisionResult]:
-        results = []
-        with session_scope(self._engine) as session:  # one transaction per batch, as above
+    async def handle(self, batch: list[Decoded[CustomerRecord]]) -> None:
+        results, erased = await asyncio.to_thread(self._apply_all, [item.value for item in batch])
+        await publish_decisions(self._publisher, results, self._on_deliveries)
+        if erased:  # after the commit: ingest marks actions' part of each erasure done
+            done_at = self._clock.now()
+            await self._publisher.publish_many(ERASURE_STATUS, [
+                (status.key, status.model_dump_json().encode())
+                for status in (ErasureStatusRecord(erasure_id=r.erasure_id, tenant_id=r.tenant_id,
+                                                   service="actions", done_at=done_at) for r in erased)
+            ])
+            metrics.ERASURES.inc(len(erased))
+
+    def _apply_all(self, records: list[CustomerRecord]) -> tuple[list[DecisionResult], list[ErasureRecord]]:
+        results: list[DecisionResult] = []
+        erased: list[ErasureRecord] = []
+        suppressed: list[bool] = []
+        with session_scope(self._engine) as session:  # one transaction per batch, as for scores
             for record in records:
                 now = self._clock.now()
-                raised = customers.apply_event(session, record, now, self._trigger_max_age)
+                if isinstance(record, ErasureRecord):
+                    service.mark_erased(session, record.tenant_id, record.customer_id, now)
+                    erased.append(record)
+                    continue
+                folded = customers.fold_event(session, record, now, self._trigger_max_age)
+                suppressed.append(folded.suppressed)
+                raised = folded.trigger
                 if raised is not None:
                     trigger = TriggerInput(
                         raised.trigger,
@@ -146,7 +177,15 @@ class EventConsumer(_Consumer):
                         service.trigger_id(raised.trigger, raised.tenant_id, raised.event_id),
                     )
                     results.append(service.decide(session, trigger, self._rules, now))
-        for record in records:
-            metrics.CUSTOMER_EVENTS.labels(record.event.type).inc()
+        events = [record for record in records if not isinstance(record, ErasureRecord)]
+        for record, was_suppressed in zip(events, suppressed, strict=True):
+            if was_suppressed:
+                metrics.ERASED_SUPPRESSED.labels("event").inc()
+            else:
+                metrics.CUSTOMER_EVENTS.labels(record.event.type).inc()
         count_decisions(results)
-        return results
+        if erased:
+            # decisions of this batch about customers erased later in it are deleted already
+            gone = {(r.tenant_id, r.customer_id) for r in erased}
+            results = [r for r in results if (r.record.tenant_id, r.record.customer_id) not in gone]
+        return results, erased

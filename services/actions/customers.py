@@ -9,6 +9,7 @@ leaves the latest state. Erased customers are not rebuilt from later events.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -48,17 +49,36 @@ def _day(value: Any) -> date | None:
     return value if isinstance(value, date) else date.fromisoformat(str(value))
 
 
+@dataclass(frozen=True)
+class Folded:
+    trigger: EventTrigger | None
+    suppressed: bool = False  # the customer is erased: nothing was stored
+
+
 def apply_event(
     session: Session, record: EventRecord, now: datetime, trigger_max_age: timedelta
 ) -> EventTrigger | None:
     """Fold one event into the customer's state; returns the trigger it raises, if any (only for
     events that occurred within `trigger_max_age` of now: a backfilled complaint from last year
     must not send a service-recovery message today)."""
+    return fold_event(session, record, now, trigger_max_age).trigger
+
+
+def fold_event(session: Session, record: EventRecord, now: datetime, trigger_max_age: timedelta) -> Folded:
+    """apply_event, also saying whether the event was suppressed (an erased customer)."""
     event = record.event
     tenant, customer = record.tenant_id, event.customer_id
     state = repository.lock_customer(session, tenant, customer)
     if state.erased_at is not None:
-        return None
+        return Folded(None, suppressed=True)
+    return Folded(_fold(session, record, state, now, trigger_max_age))
+
+
+def _fold(
+    session: Session, record: EventRecord, state: ActionsCustomer, now: datetime, trigger_max_age: timedelta
+) -> EventTrigger | None:
+    event = record.event
+    tenant, customer = record.tenant_id, event.customer_id
     at: datetime = event.occurred_at
     data = event.data.model_dump(mode="json")
     kind = event.type
@@ -181,6 +201,41 @@ def customer_value(state: ActionsCustomer | None, features: dict[str, float] | N
 def profile(
     session: Session, tenant_id: str, customer_id: str
 ) -> tuple[ActionsCustomer | None, list[ActionsContract]]:
-    """What actions knows of a customer (state and contracts); (None, []) when nothing."""
+    """What actions knows of a customer (state and contracts); (None, []) when nothing, and for
+    an erased customer (whose row is only the tombstone)."""
     state = repository.get_customer(session, tenant_id, customer_id)
+    if state is not None and state.erased_at is not None:
+        return None, []
     return state, list(repository.customer_contracts(session, tenant_id, customer_id))
+
+
+def export(session: Session, tenant_id: str, customer_id: str) -> dict[str, Any]:
+    """Everything actions holds about one customer of one tenant (GDPR Art. 15/20): state,
+    contracts, activity days, offer responses, decisions, offers and their webhook deliveries
+    (payload and status; subscription secrets and URLs are not the customer's data)."""
+    state = repository.get_customer(session, tenant_id, customer_id)
+    offers = repository.customer_offers(session, tenant_id, customer_id)
+    deliveries = repository.deliveries_of_offers(session, tenant_id, [o.offer_id for o in offers])
+    erased_at = state.erased_at if state is not None else None
+    section: dict[str, Any] = {
+        "state": None if state is None or erased_at is not None else state.model_dump(
+            exclude={"tenant_id", "customer_id", "erased_at"}, mode="json"),
+        "contracts": [c.model_dump(exclude={"tenant_id"}, mode="json")
+                      for c in repository.customer_contracts(session, tenant_id, customer_id)],
+        "activity_days": [d.isoformat() for d in repository.customer_activity_days(session, tenant_id, customer_id)],
+        "offer_responses": [r.model_dump(exclude={"tenant_id"}, mode="json")
+                            for r in repository.customer_offer_responses(session, tenant_id, customer_id)],
+        "decisions": [d.model_dump(exclude={"tenant_id"}, mode="json")
+                      for d in repository.customer_decisions(session, tenant_id, customer_id)],
+        "offers": [o.model_dump(exclude={"tenant_id"}, mode="json") for o in offers],
+        "deliveries": [
+            {"delivery_id": d.delivery_id, "offer_id": d.offer_id, "event_type": d.event_type,
+             "status": d.status, "attempts": d.attempts, "created_at": d.created_at.isoformat(),
+             "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+             "payload": json.loads(d.payload)}
+            for d in deliveries
+        ],
+        "erased_at": erased_at.isoformat() if erased_at is not None else None,
+    }
+    section["held"] = any(section[name] for name in section)
+    return section

@@ -91,3 +91,14 @@ def set_uplift(totals: dict[tuple[str, str], tuple[int, int]]) -> None:
     for (policy, group), (customers, churned) in totals.items():
         UPLIFT_CUSTOMERS.labels(policy, group).set(customers)
         UPLIFT_CHURNED.labels(policy, group).set(churned)
+
+ERASURES = Counter(
+    "churnguard_actions_erasures_total",
+    "Erasure control records handled (a redelivered one counts again; erasing twice deletes nothing more).",
+)
+ERASED_SUPPRESSED = Counter(
+    "churnguard_actions_erased_suppressed_total",
+    "Events (source=event) and decision triggers (source=trigger) of erased customers: nothing "
+    "stored, nothing decided or published.",
+    ["source"],
+)

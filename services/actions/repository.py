@@ -16,6 +16,8 @@ from services.actions.tables import (
     ActionsContract,
     ActionsCustomer,
     ActionsDecision,
+    ActionsDelivery,
+    ActionsDeliveryAttempt,
     ActionsOffer,
     ActionsOfferResponse,
     ActionsPolicyDocument,
@@ -163,19 +165,97 @@ def add_offer_response(session: Session, row: dict[str, object]) -> None:
 
 
 def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetime) -> None:
+    """Blank the customer row (kept as the tombstone with erased_at; the first erasure's time
+    stays) and delete every other row about the customer. The customer row is locked first, so
+    a decision running concurrently either finished before (and is deleted here) or sees the
+    tombstone after."""
     state = lock_customer(session, tenant_id, customer_id)
+    erased_at = state.erased_at or now
     blank = ActionsCustomer(tenant_id=tenant_id, customer_id=customer_id, attributes={})
     for name in ActionsCustomer.model_fields:
         setattr(state, name, getattr(blank, name))
-    state.erased_at = now
+    state.erased_at = erased_at
     session.add(state)
-    for table in (ActionsContract, ActionsActivityDay, ActionsOfferResponse):
+    offer_ids = list(session.exec(
+        select(ActionsOffer.offer_id).where(
+            ActionsOffer.tenant_id == tenant_id, ActionsOffer.customer_id == customer_id
+        )
+    ).all())
+    erase_customer_deliveries(session, tenant_id, customer_id, offer_ids)
+    for table in (ActionsContract, ActionsActivityDay, ActionsOfferResponse, ActionsOffer, ActionsDecision):
         session.execute(
             delete(table).where(
                 table.tenant_id == tenant_id,  # type: ignore[attr-defined]
                 table.customer_id == customer_id,  # type: ignore[attr-defined]
             )
         )
+
+
+def erase_customer_deliveries(
+    session: Session, tenant_id: str, customer_id: str, offer_ids: Sequence[str]
+) -> None:
+    """Delete the webhook outbox rows of the customer's offers (their payloads name the
+    customer) and their attempts: everything webhook-related about a customer is erased here.
+    A delivery already being posted when this runs still reaches the receiver; its result
+    finds no row and is dropped (service.record_attempt answers "stale")."""
+    for chunk_start in range(0, len(offer_ids), 500):
+        chunk = offer_ids[chunk_start:chunk_start + 500]
+        deliveries = select(ActionsDelivery.delivery_id).where(
+            ActionsDelivery.tenant_id == tenant_id, col(ActionsDelivery.offer_id).in_(chunk)
+        )
+        session.execute(
+            delete(ActionsDeliveryAttempt).where(col(ActionsDeliveryAttempt.delivery_id).in_(deliveries))
+        )
+        session.execute(
+            delete(ActionsDelivery).where(
+                ActionsDelivery.tenant_id == tenant_id,  # type: ignore[arg-type]
+                col(ActionsDelivery.offer_id).in_(chunk),
+            )
+        )
+
+
+def customer_offers(session: Session, tenant_id: str, customer_id: str) -> Sequence[ActionsOffer]:
+    return session.exec(
+        select(ActionsOffer)
+        .where(ActionsOffer.tenant_id == tenant_id, ActionsOffer.customer_id == customer_id)
+        .order_by(col(ActionsOffer.created_at), col(ActionsOffer.offer_id))
+    ).all()
+
+
+def customer_decisions(session: Session, tenant_id: str, customer_id: str) -> Sequence[ActionsDecision]:
+    return session.exec(
+        select(ActionsDecision)
+        .where(ActionsDecision.tenant_id == tenant_id, ActionsDecision.customer_id == customer_id)
+        .order_by(col(ActionsDecision.decided_at), col(ActionsDecision.decision_id))
+    ).all()
+
+
+def deliveries_of_offers(session: Session, tenant_id: str, offer_ids: Sequence[str]) -> Sequence[ActionsDelivery]:
+    if not offer_ids:
+        return []
+    return session.exec(
+        select(ActionsDelivery)
+        .where(ActionsDelivery.tenant_id == tenant_id, col(ActionsDelivery.offer_id).in_(list(offer_ids)))
+        .order_by(col(ActionsDelivery.created_at), col(ActionsDelivery.delivery_id))
+    ).all()
+
+
+def customer_activity_days(session: Session, tenant_id: str, customer_id: str) -> list[date]:
+    return list(session.exec(
+        select(ActionsActivityDay.day)
+        .where(ActionsActivityDay.tenant_id == tenant_id, ActionsActivityDay.customer_id == customer_id)
+        .order_by(col(ActionsActivityDay.day))
+    ).all())
+
+
+def customer_offer_responses(
+    session: Session, tenant_id: str, customer_id: str
+) -> Sequence[ActionsOfferResponse]:
+    return session.exec(
+        select(ActionsOfferResponse)
+        .where(ActionsOfferResponse.tenant_id == tenant_id, ActionsOfferResponse.customer_id == customer_id)
+        .order_by(col(ActionsOfferResponse.occurred_at), col(ActionsOfferResponse.event_id))
+    ).all()
 
 
 # --- the contract-end sweep (system-wide) ------------------------------------------

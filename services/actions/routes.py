@@ -205,3 +205,14 @@ def uplift_report(
         interval=uplift.INTERVAL,
         groups=[UpliftGroupOut.model_validate(g) for g in groups],
     )
+
+
+# Not in the gateway's route table: the gateway's export route fans out to it (services/gateway/export.py).
+internal_router = APIRouter(prefix="/internal/v1", include_in_schema=False)
+
+
+@internal_router.get("/customers/{customer_id}/export")
+def export_customer(customer_id: CustomerId, tenant: TenantId, engine: EngineDep) -> dict[str, Any]:
+    """Everything actions holds about the customer (GDPR Art. 15/20)."""
+    with session_scope(engine) as session:
+        return customers.export(session, tenant, customer_id)

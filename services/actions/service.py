@@ -74,6 +74,9 @@ class DecisionResult:
     record: ActionRecord
     created: bool  # False when the trigger had been decided before (a redelivery, a re-sweep)
     deliveries: int  # outbox rows written by this decision
+    # False for an erased customer: the suppression is neither stored nor published, so
+    # nothing about the customer is written again (the tombstone says enough).
+    stored: bool = True
 
 
 class PolicyCache:
@@ -160,6 +163,7 @@ def decide(
     A trigger already decided returns the stored decision (so the caller may re-publish it)
     and writes nothing. The UNIQUE(tenant_id, score_id) constraint backs this up if two
     consumers race on one trigger: the loser's transaction fails and is retried as a duplicate.
+    An erased customer gets a "suppressed: erased" answer that is not stored (stored=False).
     """
     if isinstance(trigger, ScoreRecord):
         trigger = score_trigger(trigger)
@@ -170,8 +174,12 @@ def decide(
 
     document = policy_document(session, tenant, rules)
     locked = repository.lock_customer(session, tenant, customer)
-    erased = locked.erased_at is not None
-    state = None if erased else locked
+    if locked.erased_at is not None:
+        return DecisionResult(action_record(ActionsDecision(
+            decision_id=new_id(), tenant_id=tenant, score_id=trigger.trigger_id, customer_id=customer,
+            trigger=trigger.trigger, outcome=SUPPRESSED, reason=ERASED, decided_at=now,
+        )), created=False, deliveries=0, stored=False)
+    state = locked
     facts = _facts(session, trigger, state, now, _needs_contracts(document, trigger))
     decision = ActionsDecision(
         decision_id=new_id(),
@@ -181,7 +189,7 @@ def decide(
         trigger=trigger.trigger,
         policy=None,
         outcome=SUPPRESSED,
-        reason=ERASED if erased else NO_MATCH,
+        reason=NO_MATCH,
         churn_probability=facts.probability,
         band=facts.band,
         model_version=trigger.score.model_version if trigger.score else (
@@ -191,7 +199,7 @@ def decide(
         decided_at=now,
     )
     deliveries = 0
-    policy = None if erased else first_match(document.ordered(), facts)
+    policy = first_match(document.ordered(), facts)
     if policy is not None:
         offer_spec = document.offers[policy.offer]
         decision.policy = policy.name
@@ -358,8 +366,10 @@ def _remember_score(state: ActionsCustomer, score: ScoreRecord) -> None:
 
 
 def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetime) -> None:
-    """Erase what actions keeps about a customer's state and never target them again (issue #6
-    wires this to the erasure request; decisions and offers stay until then)."""
+    """Erase everything actions keeps about a customer (GDPR Art. 17): state, contracts,
+    activity days, offer responses, offers, decisions and their webhook deliveries. The customer
+    row stays as the tombstone (erased_at): the customer is never targeted again and never
+    rebuilt from later events. Idempotent: erasing twice deletes nothing more."""
     repository.mark_erased(session, tenant_id, customer_id, now)
 
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.config import GatewaySettings
 from services.gateway.deps import GatewayState
+from services.gateway.export import add_export_route
 from services.gateway.openapi import MergedOpenApi
 from services.gateway.admin import router as admin_router
 from services.gateway.proxy import UpstreamClient
@@ -97,6 +98,7 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
             expose_headers=["Retry-After", "X-Request-ID", "Location"],
             max_age=600,
         )
+    add_export_route(app, clock)
     app.add_exception_handler(StarletteHTTPException, _not_found)
     return app
 

@@ -61,6 +61,9 @@ ROUTE_TABLE: tuple[ProxyRoute, ...] = (
     ProxyRoute("/v1/schema", "ingest", ("GET",), EVENTS_WRITE),
     ProxyRoute("/v1/sources/shopify/orders", "ingest", ("POST",), EVENTS_WRITE),
     ProxyRoute("/v1/sources/{source}/secret", "ingest", ("PUT", "DELETE"), EVENTS_WRITE),
+    ProxyRoute("/v1/customers/{customer_id}", "ingest", ("DELETE",), EVENTS_WRITE),
+    ProxyRoute("/v1/customers/{customer_id}/erasure", "ingest", ("GET",), SCORES_READ),
+    ProxyRoute("/v1/erasures/{erasure_id}", "ingest", ("GET",), SCORES_READ),
     ProxyRoute("/v1/customers/{customer_id}/score", "scoring", ("GET",), SCORES_READ),
     ProxyRoute("/v1/models", "scoring", ("GET",), SCORES_READ, prefix=True),
     ProxyRoute("/v1/models", "scoring", WRITE_METHODS, MODELS_ADMIN, prefix=True),
@@ -98,8 +101,11 @@ _RESPONSE_HEADERS = (
 )
 
 
+KEY_ID_HEADER = "X-Churnguard-Key-Id"  # who asked, for records such as an erasure request
+
+
 def forward_headers(
-    request: Request, tenant_id: str, request_id: str, internal_token: str
+    request: Request, tenant_id: str, request_id: str, internal_token: str, key_id: str | None = None
 ) -> list[tuple[str, str]]:
     headers = [
         (name, value)
@@ -111,6 +117,8 @@ def forward_headers(
         (TENANT_HEADER, tenant_id),
         (REQUEST_ID_HEADER, request_id),
     ]
+    if key_id:
+        headers.append((KEY_ID_HEADER, key_id))
     return headers
 
 
@@ -181,6 +189,7 @@ async def forward(
     request_id: str,
     internal_token: str,
     timeout_s: float,
+    key_id: str | None = None,
 ) -> Response:
     """Send the request upstream and hand back its answer. Never raises for upstream trouble:
     refused or unreachable -> 503 + Retry-After (nothing was delivered, retrying is safe),
@@ -194,7 +203,7 @@ async def forward(
                 request.method,
                 # already encoded: the path goes on exactly as the caller encoded it
                 URL(str(upstream_url(base_url, request)), encoded=True),
-                forward_headers(request, tenant_id, request_id, internal_token),
+                forward_headers(request, tenant_id, request_id, internal_token, key_id),
                 body,
                 timeout_s,
             )

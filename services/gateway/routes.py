@@ -48,6 +48,7 @@ def _proxy_endpoint(route: ProxyRoute) -> Callable[..., Awaitable[Response]]:
             request_id=request.state.request_id,
             internal_token=settings.internal.internal_token.get_secret_value(),
             timeout_s=settings.upstream_timeout_s,
+            key_id=caller.key_id,
         )
 
     return proxy

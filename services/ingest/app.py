@@ -11,6 +11,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from services.ingest.config import IngestSettings
+from services.ingest.erasure import ErasedCustomers, ErasureService, StatusConsumer
+from services.ingest.erasure_routes import internal_router as erasure_internal_router
+from services.ingest.erasure_routes import router as erasure_router
 from services.ingest.routes import router
 from services.ingest.ledger import EventIdLedger
 from services.ingest.service import IngestService
@@ -33,19 +36,30 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
         publisher = Publisher(settings.kafka, client_id="ingest", send_timeout_s=settings.publish_timeout_s)
         engine = make_engine(settings.database.url_for("ingest"), echo=settings.database.database_echo)
         ledger: EventIdLedger | None = None
+        erased = ErasedCustomers(engine, settings.erasure_refresh_s)
+        status = StatusConsumer(settings.kafka, "ingest-erasure-status", engine)
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             app.state.settings = settings
             ledger = EventIdLedger(engine)
             ledger.start()
-            app.state.service = IngestService(publisher, clock, ledger)
+            await erased.refresh()
+            erased.start()
+            status.start()
+            app.state.service = IngestService(publisher, clock, ledger, erased)
+            app.state.erasures = ErasureService(engine, publisher, clock, erased)
             app.state.sources = SourceService(engine, clock)
             # Ready = the broker takes events. The id table only sharpens the "duplicate" answer
             # (events are still deduplicated where they are stored), so it is reported, not gating.
             app.state.readiness = {"broker": publisher.ping}
-            app.state.diagnostics = {"database": lambda: asyncio.to_thread(ping, engine)}
+            app.state.diagnostics = {
+                "database": lambda: asyncio.to_thread(ping, engine),
+                "erasure_status_consumer": _alive(status),
+            }
             yield
         finally:
+            await status.stop()
+            await erased.stop()
             if ledger is not None:
                 await ledger.stop()
             await publisher.close()
@@ -60,8 +74,17 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     )
     app.include_router(router)
     app.include_router(sources_router)
+    app.include_router(erasure_router)
+    app.include_router(erasure_internal_router)
     app.openapi = lambda: _openapi_with_contract(app)  # type: ignore[method-assign]
     return app
+
+
+def _alive(loop: Any) -> Any:
+    async def alive() -> bool:
+        return bool(loop.alive)
+
+    return alive
 
 
 def _openapi_with_contract(app: FastAPI) -> dict[str, Any]:

@@ -21,3 +21,6 @@ class IngestSettings(BaseSettings):
     # Upper bound for one publish; past it the client gets 503 + Retry-After, never a hang.
     publish_timeout_s: float = 5.0
     retry_after_s: int = 2
+    # Erasure: how often each instance re-reads the erased customers it suppresses (the instance
+    # taking a DELETE knows at once; scoring and actions suppress on their own tombstones anyway).
+    erasure_refresh_s: float = Field(5.0, gt=0.0)

@@ -34,3 +34,17 @@ SOURCE_WEBHOOKS = Counter(
     "Webhooks of upstream sources (services/ingest/sources), by source and outcome.",
     ["source", "outcome"],
 )
+EVENTS_SUPPRESSED = Counter(
+    "churnguard_ingest_events_suppressed_total",
+    "Valid events of erased customers: answered 202 (counted as suppressed), not published.",
+)
+ERASURES_REQUESTED = Counter(
+    "churnguard_ingest_erasures_requested_total",
+    "Erasure requests (DELETE /v1/customers/{id}), by outcome: created, repeated (the customer's "
+    "erasure existed already), broker_unavailable (recorded; the control record is re-sent on retry).",
+    ["outcome"],
+)
+ERASURES_COMPLETED = Counter(
+    "churnguard_ingest_erasures_completed_total",
+    "Erasures that every service has reported done.",
+)

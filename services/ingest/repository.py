@@ -6,10 +6,10 @@ from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, delete, select
+from sqlalchemy import Connection, Dialect, delete, select, update
 from sqlmodel import Session
 
-from services.ingest.tables import IngestEventId, IngestSourceOrder, IngestSourceSecret
+from services.ingest.tables import IngestErasure, IngestEventId, IngestSourceOrder, IngestSourceSecret
 from shared.db import dialect_insert
 
 SQLITE_CHUNK = 900  # well under SQLite's bound-parameter limit on every build
@@ -97,8 +97,10 @@ def remember_orders(
     session: Session, tenant_id: str, source: str, orders: dict[str, str], now: datetime
 ) -> None:
     """order id -> customer id; the latest webhook wins (Shopify can reassign an order)."""
+    erased = erased_among(session, tenant_id, set(orders.values()))
     rows = [{"tenant_id": tenant_id, "source": source, "order_id": order_id,
-             "customer_id": customer_id, "seen_at": now} for order_id, customer_id in orders.items()]
+             "customer_id": customer_id, "seen_at": now} for order_id, customer_id in orders.items()
+            if customer_id not in erased]
     if rows:
         insert = dialect_insert(session, IngestSourceOrder.__table__)
         statement = insert.on_conflict_do_update(
@@ -106,3 +108,85 @@ def remember_orders(
             set_={"customer_id": insert.excluded.customer_id, "seen_at": insert.excluded.seen_at},
         )
         session.execute(statement, rows)
+
+
+# --- erasures (GDPR Art. 17) --------------------------------------------------------------
+
+ERASING_SERVICES = ("scoring", "actions")
+
+
+def add_erasure(session: Session, row: dict[str, Any]) -> IngestErasure:
+    """Insert-if-absent per (tenant, customer); returns the customer's erasure, new or earlier."""
+    session.execute(
+        dialect_insert(session, IngestErasure.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
+            index_elements=["tenant_id", "customer_id"]
+        ),
+        [row],
+    )
+    found = customer_erasure(session, row["tenant_id"], row["customer_id"])
+    assert found is not None
+    return found
+
+
+def customer_erasure(session: Session, tenant_id: str, customer_id: str) -> IngestErasure | None:
+    statement = select(IngestErasure).where(
+        IngestErasure.tenant_id == tenant_id, IngestErasure.customer_id == customer_id
+    )
+    return session.execute(statement).scalars().first()
+
+
+def get_erasure(session: Session, tenant_id: str, erasure_id: str) -> IngestErasure | None:
+    statement = select(IngestErasure).where(
+        IngestErasure.tenant_id == tenant_id, IngestErasure.erasure_id == erasure_id
+    ).execution_options(populate_existing=True)
+    return session.execute(statement).scalars().first()
+
+
+def erase_source_orders(session: Session, tenant_id: str, customer_id: str) -> int:
+    statement = delete(IngestSourceOrder).where(
+        IngestSourceOrder.tenant_id == tenant_id, IngestSourceOrder.customer_id == customer_id  # type: ignore[arg-type]
+    )
+    return int(session.execute(statement).rowcount or 0)
+
+
+def source_orders_of(session: Session, tenant_id: str, customer_id: str) -> list[IngestSourceOrder]:
+    statement = select(IngestSourceOrder).where(
+        IngestSourceOrder.tenant_id == tenant_id, IngestSourceOrder.customer_id == customer_id
+    ).order_by(IngestSourceOrder.source, IngestSourceOrder.order_id)
+    return list(session.execute(statement).scalars())
+
+
+def erased_among(session: Session, tenant_id: str, customer_ids: Collection[str]) -> set[str]:
+    if not customer_ids:
+        return set()
+    statement = select(IngestErasure.customer_id).where(
+        IngestErasure.tenant_id == tenant_id,
+        IngestErasure.customer_id.in_(sorted(customer_ids)),  # type: ignore[attr-defined]
+    )
+    return set(session.execute(statement).scalars())
+
+
+def all_erased(connection: Connection) -> set[tuple[str, str]]:
+    statement = select(IngestErasure.tenant_id, IngestErasure.customer_id)
+    return {(tenant, customer) for tenant, customer in connection.execute(statement)}
+
+
+def mark_service_done(session: Session, tenant_id: str, erasure_id: str, service: str, done_at: datetime) -> bool:
+    """Record that `service` finished (the first report wins); completes the erasure when every
+    service has. False if there is no such erasure for the tenant."""
+    if service not in ERASING_SERVICES:
+        raise ValueError(f"unknown erasing service {service!r}")
+    column = getattr(IngestErasure, f"{service}_done_at")
+    session.execute(
+        update(IngestErasure)
+        .where(IngestErasure.tenant_id == tenant_id, IngestErasure.erasure_id == erasure_id, column.is_(None))
+        .values({column: done_at})
+    )
+    row = get_erasure(session, tenant_id, erasure_id)
+    if row is None:
+        return False
+    finished = [row.ingest_done_at, *(getattr(row, f"{name}_done_at") for name in ERASING_SERVICES)]
+    if row.completed_at is None and all(finished):
+        row.completed_at = max(t for t in finished if t is not None)
+        session.add(row)
+    return True

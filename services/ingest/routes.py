@@ -25,6 +25,8 @@ from shared.kafka import BrokerUnavailable
 router = APIRouter(prefix="/v1", tags=["events"])
 
 EVENT_REF = {"$ref": "#/components/schemas/CustomerEvent"}
+SUPPRESSED_DESCRIPTION = ("Valid events of erased customers: taken, never published (present only when "
+                          "non-zero; DELETE /v1/customers/{customer_id}).")
 ERROR_SCHEMA = {
     "type": "object",
     "properties": {
@@ -47,6 +49,7 @@ BATCH_RESULT_SCHEMA = {
     "properties": {
         "accepted": {"type": "integer", "description": "New events, now with the broker."},
         "duplicates": {"type": "integer", "description": "Ids this tenant had sent before; not published again."},
+        "suppressed": {"type": "integer", "description": SUPPRESSED_DESCRIPTION},
         "rejected": {"type": "integer", "description": "Invalid events; see errors."},
         "errors": ERROR_SCHEMA["properties"]["errors"],
     },
@@ -104,7 +107,8 @@ class _Reject(Exception):
     responses={
         202: {"description": "The broker has the event.",
               "content": {"application/json": {"schema": {"type": "object", "properties": {
-                  "accepted": {"type": "integer"}, "duplicates": {"type": "integer"}, "id": {"type": "string"}}}}}},
+                  "accepted": {"type": "integer"}, "duplicates": {"type": "integer"},
+                  "suppressed": {"type": "integer", "description": SUPPRESSED_DESCRIPTION}, "id": {"type": "string"}}}}}},
         400: {"description": "Malformed JSON.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
         413: {"description": "Body over the per-event limit.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
         415: {"description": "Not application/json.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
@@ -126,7 +130,7 @@ async def post_event(request: Request, tenant_id: TenantId, service: IngestServi
         published = await service.publish(tenant_id, [result])
     except BrokerUnavailable:
         return _broker_down(settings.retry_after_s)
-    body = {"accepted": len(published.accepted), "duplicates": len(published.duplicates), "id": result.id}  # type: ignore[attr-defined]
+    body = {**published.counts(), "id": result.id}  # type: ignore[attr-defined]
     return JSONResponse(body, status_code=202)
 
 
@@ -161,15 +165,19 @@ async def post_batch(request: Request, tenant_id: TenantId, service: IngestServi
             sent, (good, errors) = len(items), _validate_each(items, now)
     except _Reject as rejected:
         return rejected.response
-    accepted = duplicates = 0
+    accepted = duplicates = suppressed = 0
     if good:
         try:
             published = await service.publish(tenant_id, good)
         except BrokerUnavailable:
             return _broker_down(settings.retry_after_s)
         accepted, duplicates = len(published.accepted), len(published.duplicates)
+        suppressed = len(published.suppressed)
     rejected = len({e.index for e in errors})
-    response = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected, "errors": [e.as_dict() for e in errors]}
+    response: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected,
+                                "errors": [e.as_dict() for e in errors]}
+    if suppressed:
+        response["suppressed"] = suppressed
     return JSONResponse(response, status_code=202 if good or not sent else 422)
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -166,13 +166,24 @@ def parse_one_or_nothing(body: bytes, now: datetime) -> BaseModel | None:
 class PublishResult:
     accepted: list[Any] = field(default_factory=list)
     duplicates: list[Any] = field(default_factory=list)
+    suppressed: list[Any] = field(default_factory=list)  # events of erased customers, not published
+
+    def counts(self) -> dict[str, int]:
+        """The answer's counts; `suppressed` only when there were any (an additive field)."""
+        body = {"accepted": len(self.accepted), "duplicates": len(self.duplicates)}
+        if self.suppressed:
+            body["suppressed"] = len(self.suppressed)
+        return body
 
 
 class IngestService:
-    def __init__(self, publisher: Publisher, clock: Clock, ledger: EventIdLedger) -> None:
+    def __init__(
+        self, publisher: Publisher, clock: Clock, ledger: EventIdLedger, erased: Container[tuple[str, str]] = (),
+    ) -> None:
         self._publisher = publisher
         self._clock = clock
         self._ledger = ledger
+        self._erased = erased
 
     @property
     def clock(self) -> Clock:
@@ -186,6 +197,12 @@ class IngestService:
         mistaken for a duplicate on retry. If the id table is unreachable, everything is
         published: scoring's unique key still stores each event once."""
         result = PublishResult()
+        if self._erased:  # suppression: erased customers' events are answered, not published
+            kept = [event for event in events if (tenant_id, event.customer_id) not in self._erased]
+            if len(kept) < len(events):
+                result.suppressed = [event for event in events if (tenant_id, event.customer_id) in self._erased]
+                metrics.EVENTS_SUPPRESSED.inc(len(result.suppressed))
+                events = kept
         first_seen: dict[str, Any] = {}
         for event in events:
             if event.id in first_seen:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column
+from sqlalchemy import Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from shared.db import UtcDateTime
@@ -48,4 +48,23 @@ class IngestSourceOrder(SQLModel, table=True):
     seen_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
 
 
-TABLES = [IngestEventId, IngestSourceSecret, IngestSourceOrder]
+class IngestErasure(SQLModel, table=True):
+    """An erasure request (GDPR Art. 17) and its progress: who asked, when, and when each service
+    finished. One per tenant and customer; it stays after completion as the record of the
+    erasure and as ingest's tombstone (later events of the customer are suppressed)."""
+
+    __tablename__ = "ingest_erasures"
+    __table_args__ = (UniqueConstraint("tenant_id", "customer_id", name="uq_ingest_erasures_tenant_customer"),)
+
+    erasure_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=128)
+    customer_id: str = Field(max_length=128)
+    requested_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
+    requested_by: str = Field(max_length=128, description="the caller's API key id, or 'api'")
+    ingest_done_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+    scoring_done_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+    actions_done_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+    completed_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
+
+
+TABLES = [IngestEventId, IngestSourceSecret, IngestSourceOrder, IngestErasure]

@@ -11,7 +11,8 @@ from fastapi import FastAPI
 
 from services.scoring.config import ScoringSettings
 from services.scoring.consumer import ScoringConsumer
-from services.scoring.routes import router
+from services.scoring.retention import HistoryPurger
+from services.scoring.routes import internal_router, router
 from services.scoring.sweeps import Sweeper
 from services.scoring.tables import TABLES
 from shared.app import create_service_app
@@ -30,11 +31,14 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
         publisher = Publisher(settings.kafka, settings.client_id)
         scoring = ScoringConsumer(settings, engine, publisher, clock)
         sweeper = Sweeper(settings, engine, publisher, clock, lambda: scoring.predictor)
+        purger = HistoryPurger(settings, engine, clock)
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             await scoring.start()
             if settings.sweep_enabled:
                 sweeper.start()
+            if settings.retention_enabled:
+                purger.start()
 
             async def database() -> bool:
                 return await asyncio.to_thread(ping, engine)
@@ -48,9 +52,10 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
             app.state.readiness.update(
                 {"database": database, "broker": publisher.ping, "model": model, "consumer": consumer}
             )
-            yield {"engine": engine, "scoring": scoring, "sweeper": sweeper}
+            yield {"engine": engine, "scoring": scoring, "sweeper": sweeper, "purger": purger}
         finally:
             app.state.readiness.clear()
+            await purger.stop()
             await sweeper.stop()
             await scoring.stop()
             await publisher.close()
@@ -64,4 +69,5 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
         internal_token=settings.internal.internal_token.get_secret_value(),
     )
     app.include_router(router)
+    app.include_router(internal_router)
     return app

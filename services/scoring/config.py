@@ -28,9 +28,32 @@ class ScoringSettings(BaseSettings):
         0.05, ge=0.0, le=1.0, description="publish a sweep score only when the probability moved by more than this"
     )
     sweep_batch: int = Field(500, ge=1, le=5000, description="customers per sweep transaction")
+    history_retention_days: int = Field(
+        730, ge=1, le=36500, description="raw events that occurred longer ago than this are purged (per tenant: "
+        "history_retention_overrides)"
+    )
+    history_retention_overrides: dict[str, int] = Field(
+        default_factory=dict,
+        description='per-tenant retention in days, JSON, e.g. {"t_1a2b": 365}; tenants not listed use '
+        "history_retention_days",
+    )
+    retention_enabled: bool = Field(True, description="run the history retention job in this instance")
+    retention_interval_s: float = Field(21600.0, gt=0.0, description="how often the retention job runs")
     port: int = 8002
     # The registry is shared by every tenant: only these tenants may promote or roll back.
     model_admin_tenants: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _retention_overrides_valid(self) -> "ScoringSettings":
+        for tenant, days in self.history_retention_overrides.items():
+            if not 1 <= days <= 36500:
+                raise ValueError(
+                    f"history_retention_overrides[{tenant!r}]: {days} days is outside 1..36500"
+                )
+        return self
+
+    def retention_days(self, tenant_id: str) -> int:
+        return self.history_retention_overrides.get(tenant_id, self.history_retention_days)
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> "ScoringSettings":

@@ -12,21 +12,22 @@ import logging
 
 from sqlalchemy import Engine
 
-from services.scoring import metrics, service
+from services.scoring import erasure, metrics, service
 from services.scoring.config import ScoringSettings
 from services.scoring.drift import ScoreDrift
 from services.scoring.model import Predictor
 from shared.clock import Clock
 from shared.db import session_scope
-from shared.events import EventRecord
+from shared.events import CustomerRecord, ErasureRecord, ErasureStatusRecord, EventRecord, decode_customer_record
 from shared.kafka import ConsumeLoop, Decoded, Publisher
-from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS
+from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, ERASURE_STATUS
 
 log = logging.getLogger(__name__)
 
 
-def decode(raw: bytes) -> EventRecord:
-    return EventRecord.model_validate_json(raw)
+def decode(raw: bytes) -> CustomerRecord:
+    """An event, or an erasure control record."""
+    return decode_customer_record(raw)
 
 
 class ScoringConsumer:
@@ -38,7 +39,7 @@ class ScoringConsumer:
         self.bands = service.Bands(high=settings.high_threshold, medium=settings.medium_threshold)
         self.predictor: Predictor | None = None
         self.drift = ScoreDrift(())
-        self.loop: ConsumeLoop[EventRecord] | None = None
+        self.loop: ConsumeLoop[CustomerRecord] | None = None
         self._refresher: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -116,17 +117,18 @@ class ScoringConsumer:
         self.loop.start()
         log.info("consuming %s as group %s", CUSTOMER_EVENTS, self.settings.group_id)
 
-    async def handle(self, batch: list[Decoded[EventRecord]]) -> None:
+    async def handle(self, batch: list[Decoded[CustomerRecord]]) -> None:
         """One DB transaction per batch, in a thread; publish only after it committed."""
         predictor = self.predictor
         assert predictor is not None, "the consumer starts only once a model is loaded"
         records = [item.value for item in batch]
-        outcome, flagged = await asyncio.to_thread(self._process, records, predictor)
+        outcome, flagged, erased = await asyncio.to_thread(self._process, records, predictor)
         for reason in flagged:
             metrics.EVENTS_FLAGGED.labels(reason).inc()
         for kind, count in outcome.events_by_type.items():
             metrics.EVENTS_PROCESSED.labels(kind).inc(count)
         metrics.EVENTS_DUPLICATE.inc(outcome.duplicates)
+        metrics.EVENTS_SUPPRESSED.inc(outcome.suppressed)
         metrics.SCORING_LATENCY.observe(outcome.scoring_seconds)
         await self.publisher.publish_many(
             CHURN_SCORES, [(score.key, score.model_dump_json().encode()) for score in outcome.scores]
@@ -136,11 +138,53 @@ class ScoringConsumer:
             metrics.SCORES_PUBLISHED.labels(score.band).inc()
         self.drift.observe(score.probability for score in outcome.scores)
         metrics.SCORE_DRIFT.set(self.drift.value())
+        if erased:  # after the commit: ingest marks scoring's part of each erasure done
+            done_at = self.clock.now()
+            await self.publisher.publish_many(ERASURE_STATUS, [
+                (status.key, status.model_dump_json().encode())
+                for status in (ErasureStatusRecord(erasure_id=r.erasure_id, tenant_id=r.tenant_id,
+                                                   service="scoring", done_at=done_at) for r in erased)
+            ])
+            metrics.ERASURES.inc(len(erased))
 
-    def _process(self, records: list[EventRecord], predictor: Predictor) -> tuple[service.BatchOutcome, list[str]]:
-        """Events, features, scores and the flags of unusable data: one transaction."""
+    def _process(
+        self, records: list[CustomerRecord], predictor: Predictor
+    ) -> tuple[service.BatchOutcome, list[str], list[ErasureRecord]]:
+        """Events, features, scores, the flags of unusable data and erasures: one transaction.
+
+        Records are handled in order: the events before an erasure record are stored and then
+        erased with the rest of the customer's data; those after it are suppressed (tombstone).
+        Scores of a customer erased later in the same batch are not published."""
         now = self.clock.now()
+        total = service.BatchOutcome(scores=[])
+        flagged: list[str] = []
+        erased: list[ErasureRecord] = []
         with session_scope(self.engine) as session:
-            outcome = service.process_batch(session, records, predictor, self.bands, now)
-            flagged = service.flag_events(session, records, now)
-            return outcome, flagged
+            run: list[EventRecord] = []
+
+            def flush() -> None:
+                if not run:
+                    return
+                kept, suppressed = erasure.drop_erased(session, run)
+                total.suppressed += suppressed
+                if kept:
+                    outcome = service.process_batch(session, kept, predictor, self.bands, now)
+                    total.scores.extend(outcome.scores)
+                    total.events_by_type.update(outcome.events_by_type)
+                    total.duplicates += outcome.duplicates
+                    total.scoring_seconds += outcome.scoring_seconds
+                    flagged.extend(service.flag_events(session, kept, now))
+                run.clear()
+
+            for record in records:
+                if isinstance(record, ErasureRecord):
+                    flush()
+                    erasure.erase(session, record, now)
+                    erased.append(record)
+                else:
+                    run.append(record)
+            flush()
+        if erased:
+            gone = {(r.tenant_id, r.customer_id) for r in erased}
+            total.scores = [s for s in total.scores if (s.tenant_id, s.customer_id) not in gone]
+        return total, flagged, erased

@@ -94,3 +94,20 @@ def set_active_model(version: str, roc_auc: float, trained_at: datetime | None) 
 
 def dead_lettered(_topic: str, reason: str) -> None:
     DEAD_LETTERS.labels(reason).inc()
+ERASURES = Counter(
+    "churnguard_scoring_erasures_total",
+    "Erasure control records handled (a redelivered one counts again; deleting twice changes nothing).",
+)
+EVENTS_SUPPRESSED = Counter(
+    "churnguard_scoring_events_suppressed_total",
+    "Consumed events of erased customers: neither stored nor scored.",
+)
+HISTORY_PURGED = Counter(
+    "churnguard_scoring_history_purged_events_total",
+    "Raw events deleted by the retention job (older than the tenant's retention period).",
+)
+RETENTION_ROUNDS = Counter(
+    "churnguard_scoring_retention_rounds_total",
+    "Retention job rounds by outcome (done, skipped: lease held elsewhere, failed).",
+    ["outcome"],
+)

@@ -10,13 +10,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, any_, bindparam, func, select, update
+from sqlalchemy import String, any_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import Session
 
 from services.scoring.features import HistoryEvent, as_utc
 from services.scoring.tables import (
     ScoringCustomerFeatures,
+    ScoringErasure,
     ScoringEvent,
     ScoringEventFlag,
     ScoringModel,
@@ -354,3 +355,96 @@ def acquire_lease(session: Session, name: str, holder: str, now: datetime, expir
 
 def release_lease(session: Session, name: str, holder: str, now: datetime) -> None:
     leases.release_lease(session, ScoringSweepLease, name, holder, now)
+
+
+# --- erasure (GDPR Art. 17), export (Art. 15/20), retention ----------------------------------
+
+
+def erased_customers(session: Session, tenant_id: str, customer_ids: Iterable[str]) -> set[str]:
+    """The customers among `customer_ids` of one tenant that have a tombstone."""
+    wanted = sorted(set(customer_ids))
+    found: set[str] = set()
+    for chunk in _chunks(wanted, 500):
+        statement = select(ScoringErasure.customer_id).where(
+            ScoringErasure.tenant_id == tenant_id, ScoringErasure.customer_id.in_(chunk)  # type: ignore[attr-defined]
+        )
+        found.update(session.execute(statement).scalars())
+    return found
+
+
+def erase_customer(session: Session, tenant_id: str, customer_id: str) -> dict[str, int]:
+    """Delete everything scoring holds about one customer; returns rows deleted per table.
+
+    The features row goes first: it is what a concurrent sweep page locks (lock_features), so on
+    PostgreSQL the later statements see whatever that page committed and delete it too."""
+    deleted: dict[str, int] = {}
+    for table in (ScoringCustomerFeatures, ScoringScore, ScoringEventFlag, ScoringEvent):
+        result = session.execute(delete(table).where(
+            table.tenant_id == tenant_id, table.customer_id == customer_id,  # type: ignore[attr-defined]
+        ))
+        deleted[table.__tablename__] = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return deleted
+
+
+def add_tombstone(session: Session, tenant_id: str, customer_id: str, erasure_id: str, erased_at: datetime) -> None:
+    """Insert-if-absent: the first erasure's id and time stay."""
+    session.execute(
+        dialect_insert(session, ScoringErasure.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
+            index_elements=["tenant_id", "customer_id"]
+        ),
+        [{"tenant_id": tenant_id, "customer_id": customer_id, "erasure_id": erasure_id, "erased_at": as_utc(erased_at)}],
+    )
+
+
+def tombstone(session: Session, tenant_id: str, customer_id: str) -> ScoringErasure | None:
+    return session.get(ScoringErasure, (tenant_id, customer_id))
+
+
+def lock_features(session: Session, tenant_id: str, customer_ids: Iterable[str]) -> set[str]:
+    """Lock the features rows of these customers for this transaction; returns the customers
+    that still have one (an erased customer's row is gone, so a sweep page skips them)."""
+    wanted = sorted(set(customer_ids))
+    found: set[str] = set()
+    for chunk in _chunks(wanted, 500):
+        statement = select(ScoringCustomerFeatures.customer_id).where(
+            ScoringCustomerFeatures.tenant_id == tenant_id,
+            ScoringCustomerFeatures.customer_id.in_(chunk),  # type: ignore[attr-defined]
+        ).with_for_update()
+        found.update(session.execute(statement).scalars())
+    return found
+
+
+def customer_events(session: Session, tenant_id: str, customer_id: str) -> list[ScoringEvent]:
+    statement = select(ScoringEvent).where(
+        ScoringEvent.tenant_id == tenant_id, ScoringEvent.customer_id == customer_id
+    ).order_by(ScoringEvent.occurred_at, ScoringEvent.id)  # type: ignore[arg-type]
+    return list(session.execute(statement).scalars())
+
+
+def customer_scores(session: Session, tenant_id: str, customer_id: str) -> list[ScoringScore]:
+    statement = select(ScoringScore).where(
+        ScoringScore.tenant_id == tenant_id, ScoringScore.customer_id == customer_id
+    ).order_by(ScoringScore.scored_at, ScoringScore.id)  # type: ignore[arg-type]
+    return list(session.execute(statement).scalars())
+
+
+def history_tenants(session: Session) -> list[str]:
+    statement = select(ScoringEvent.tenant_id).distinct().order_by(ScoringEvent.tenant_id)
+    return list(session.execute(statement).scalars())
+
+
+def purge_history(session: Session, tenant_id: str, occurred_before: datetime) -> int:
+    """Delete one tenant's raw events that occurred before `occurred_before` (and their flags);
+    returns the number of events deleted. Features and scores computed from them stay."""
+    cutoff = as_utc(occurred_before)
+    old = select(ScoringEvent.event_id).where(
+        ScoringEvent.tenant_id == tenant_id, ScoringEvent.occurred_at < cutoff
+    )
+    session.execute(delete(ScoringEventFlag).where(
+        ScoringEventFlag.tenant_id == tenant_id,
+        ScoringEventFlag.event_id.in_(old),  # type: ignore[attr-defined]
+    ))
+    result = session.execute(delete(ScoringEvent).where(
+        ScoringEvent.tenant_id == tenant_id, ScoringEvent.occurred_at < cutoff
+    ))
+    return int(result.rowcount or 0)

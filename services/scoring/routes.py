@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
 
-from services.scoring import service
+from services.scoring import erasure, service
 from services.scoring.deps import SessionDep
 from shared.app import TenantId
 from shared.events import RiskBand
@@ -157,3 +157,15 @@ def promote_model(version: VersionPath, request: Request, _tenant_id: ModelAdmin
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
     except service.RegistryConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+
+
+# Not in the gateway's route table: the gateway's export route fans out to it (services/gateway/export.py).
+internal_router = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema=False)
+
+
+@internal_router.get("/customers/{customer_id}/export")
+def export_customer(customer_id: CustomerIdPath, tenant_id: TenantId, session: SessionDep) -> dict[str, Any]:
+    """Everything scoring holds about the customer (GDPR Art. 15/20): event history with flags,
+    features, scores with reasons, and the erasure tombstone if any."""
+    section = erasure.export(session, tenant_id, customer_id)
+    return {**section, "held": erasure.holds_anything(section)}

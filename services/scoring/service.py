@@ -71,6 +71,7 @@ class BatchOutcome:
     events_by_type: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     scoring_seconds: float = 0.0
+    suppressed: int = 0  # events of erased customers (services.scoring.erasure)
 
 
 def _event_row(record: EventRecord) -> dict[str, Any]:

@@ -79,6 +79,11 @@ def sweep_page(
         baseline = next((s for s in previous.get(customer, []) if s[0] != score_id), None)
         if moved(probability, bands.band(probability), baseline, delta):
             changed.append((customer, score_id, probability, vector))
+    if changed:
+        # Only customers whose features row still exists (locked until the commit): a customer
+        # erased since this page was read is neither re-created nor scored.
+        present = repository.lock_features(session, tenant_id, [c[0] for c in changed])
+        changed = [c for c in changed if c[0] in present]
     why = reasons.explain(predictor.estimator, predictor.feature_names, [c[3] for c in changed],
                           [c[2] for c in changed]) if changed else []
     scores = [

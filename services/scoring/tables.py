@@ -136,6 +136,19 @@ class ScoringSweepLease(SQLModel, table=True):
     expires_at: datetime = _ts()
 
 
+class ScoringErasure(SQLModel, table=True):
+    """Tombstone of an erased customer (GDPR Art. 17): everything else about them is deleted,
+    and their later events are neither stored nor scored (services.scoring.erasure)."""
+
+    __tablename__ = "scoring_erasures"
+
+    tenant_id: str = Field(max_length=128, primary_key=True)
+    customer_id: str = Field(max_length=128, primary_key=True)
+    erasure_id: str = Field(max_length=128)
+    erased_at: datetime = _ts()
+
+
 TABLES: tuple[type[SQLModel], ...] = (
     ScoringEvent, ScoringCustomerFeatures, ScoringScore, ScoringModel, ScoringEventFlag, ScoringSweepLease,
+    ScoringErasure,
 )

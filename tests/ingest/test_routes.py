@@ -184,7 +184,7 @@ def test_broker_down_means_503_with_retry_after_quickly(database_url: str) -> No
 
 def test_ready_metrics_and_schema(client: TestClient) -> None:
     assert client.get("/readyz").json() == {
-        "status": "ready", "checks": {"broker": True}, "diagnostics": {"database": True}}
+        "status": "ready", "checks": {"broker": True}, "diagnostics": {"database": True, "erasure_status_consumer": True}}
     client.post("/v1/events", json=event(), headers=HEADERS)
     client.post("/v1/events", json=event(type="nope"), headers=HEADERS)
     metrics = client.get("/metrics").text

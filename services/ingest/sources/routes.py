@@ -180,7 +180,7 @@ def _webhook(source: Source) -> Callable[..., Awaitable[JSONResponse]]:
             except BrokerUnavailable:
                 count("broker_unavailable")
                 return _broker_down(settings.retry_after_s)
-            body_out = {"accepted": len(published.accepted), "duplicates": len(published.duplicates)}
+            body_out = dict(published.counts())
         if received.note:
             body_out["note"] = received.note
         count("published" if received.events else "ignored")
