@@ -34,6 +34,9 @@ class EventIdLedger:
         self._engine = engine
         self._flush_interval_s = flush_interval_s
         self._pending: dict[tuple[str, str], tuple[str, datetime]] = {}
+        # Taken out of _pending by a write round and not committed yet: still known, or a resend
+        # arriving during the write would be neither in memory nor in the table.
+        self._writing: dict[tuple[str, str], tuple[str, datetime]] = {}
         self._lookups: list[tuple[str, list[str], asyncio.Future[set[str]]]] = []
         self._writes_due = asyncio.Event()
         self._lookups_due = asyncio.Event()
@@ -62,7 +65,8 @@ class EventIdLedger:
 
     async def known(self, tenant_id: str, event_ids: Sequence[str]) -> set[str]:
         """The ids among `event_ids` this tenant sent before (raises LedgerUnavailable)."""
-        found = {event_id for event_id in event_ids if (tenant_id, event_id) in self._pending}
+        found = {event_id for event_id in event_ids
+                 if (tenant_id, event_id) in self._pending or (tenant_id, event_id) in self._writing}
         remaining = [event_id for event_id in event_ids if event_id not in found]
         if not remaining:
             return found
@@ -116,6 +120,7 @@ class EventIdLedger:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
+        self._writing.update(batch)
         rows = [(tenant_id, event_id, type_, received_at)
                 for (tenant_id, event_id), (type_, received_at) in batch.items()]
 
@@ -128,3 +133,6 @@ class EventIdLedger:
         except SQLAlchemyError as exc:  # the broker has them: they were rightly accepted
             metrics.DEDUP_UNAVAILABLE.inc()
             log.warning("could not record %d event ids (%s)", len(batch), type(exc).__name__)
+        finally:
+            for key in batch:
+                self._writing.pop(key, None)
