@@ -24,6 +24,7 @@ from services.gateway.config import GatewaySettings
 from services.ingest.config import IngestSettings
 from services.scoring.config import ScoringSettings
 from shared.logs import LogSettings
+from shared.secret_box import SecretsSettings
 from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
 from tools.generated import write_or_check
 
@@ -34,6 +35,7 @@ SECTIONS: tuple[tuple[str, type[BaseSettings], str], ...] = (
     ("Database (every service)", DatabaseSettings, "shared/settings.py"),
     ("Internal trust (every service)", InternalAuthSettings, "shared/settings.py"),
     ("Logs (every process)", LogSettings, "shared/logs.py"),
+    ("Secrets at rest (ingest, actions)", SecretsSettings, "shared/secret_box.py"),
     ("Gateway", GatewaySettings, "services/gateway/config.py"),
     ("Ingest", IngestSettings, "services/ingest/config.py"),
     ("Scoring", ScoringSettings, "services/scoring/config.py"),

@@ -9,6 +9,7 @@ from sqlalchemy import JSON, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from shared.db import UtcDateTime
+from shared.secret_box import EncryptedSecret
 
 
 class ActionsDecision(SQLModel, table=True):
@@ -80,7 +81,7 @@ class ActionsWebhookSubscription(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     tenant_id: str = Field(max_length=128)
     url: str = Field(max_length=2048)
-    secret: str = Field(max_length=256)
+    secret: str = Field(sa_type=EncryptedSecret)  # encrypted at rest (shared.secret_box)
     event_types: list[str] = Field(sa_type=JSON)
     active: bool = True
     created_at: datetime = Field(sa_type=UtcDateTime)
@@ -246,7 +247,7 @@ class ActionsWebhookSecret(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     tenant_id: str = Field(max_length=128)
     subscription_id: str = Field(max_length=64, foreign_key="actions_webhook_subscriptions.id")
-    secret: str = Field(max_length=256)
+    secret: str = Field(sa_type=EncryptedSecret)  # encrypted at rest (shared.secret_box)
     created_at: datetime = Field(sa_type=UtcDateTime)
     expires_at: datetime = Field(sa_type=UtcDateTime)
 

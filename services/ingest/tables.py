@@ -12,6 +12,7 @@ from sqlalchemy import Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from shared.db import UtcDateTime
+from shared.secret_box import EncryptedSecret
 
 
 class IngestEventId(SQLModel, table=True):
@@ -25,13 +26,13 @@ class IngestEventId(SQLModel, table=True):
 
 class IngestSourceSecret(SQLModel, table=True):
     """A tenant's shared secret with an upstream source (verifies its webhook signatures).
-    Stored as given for now: encryption at rest is a later issue."""
+    Encrypted at rest (shared.secret_box)."""
 
     __tablename__ = "ingest_source_secrets"
 
     tenant_id: str = Field(primary_key=True, max_length=128)
     source: str = Field(primary_key=True, max_length=32)
-    secret: str = Field(max_length=512)
+    secret: str = Field(sa_column=Column(EncryptedSecret, nullable=False))  # encrypted at rest
     created_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
     updated_at: datetime = Field(sa_column=Column(UtcDateTime, nullable=False))
 

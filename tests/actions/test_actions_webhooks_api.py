@@ -16,6 +16,8 @@ from services.actions.app import create_app
 from services.actions.config import ActionsSettings
 from services.actions.webhooks import generate_secret
 from shared.clock import ManualClock
+from shared.db import make_engine
+from shared.secret_box import TOKEN_PREFIX
 from tests.actions.actions_support import OTHER_TENANT, START, headers, make_score, wait_until
 from tests.actions.webhook_support import ScriptedReceiver, deliveries, subscribe, when
 
@@ -35,6 +37,7 @@ async def test_secret_rotation_signs_with_both_secrets_during_the_overlap_then_o
     clock: ManualClock,
     scripted: ScriptedReceiver,
     publish: Callable[..., Any],
+    database_url: str,
 ) -> None:
     old_secret = generate_secret()
     settings = make_settings(secret_rotation_overlap_s=3_600)
@@ -51,6 +54,14 @@ async def test_secret_rotation_signs_with_both_secrets_during_the_overlap_then_o
         assert new_secret.startswith("whsec_") and new_secret != old_secret
         assert when(rotated.json()["previous_secret_expires_at"]) == clock.now() + timedelta(hours=1)
         assert "secret" not in client.get("/v1/webhooks", headers=headers()).json()[0]
+        # At rest both secrets are Fernet tokens, never the secret itself (shared.secret_box).
+        engine = make_engine(database_url)
+        with engine.connect() as connection:
+            stored = [row[0] for table in ("actions_webhook_subscriptions", "actions_webhook_secrets")
+                      for row in connection.exec_driver_sql(f"SELECT secret FROM {table}")]
+        engine.dispose()
+        assert len(stored) == 2 and all(value.startswith(TOKEN_PREFIX) for value in stored)
+        assert not any(old_secret in value or new_secret in value for value in stored)
 
         await publish(make_score("s-2", "c-2", 0.9))
         await wait_until(lambda: len(scripted.requests()) == 2, what="during the overlap")

@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from services.ingest.app import create_app
 from services.ingest.sources.shopify import sign
 from shared.events import EventRecord
+from shared.db import make_engine
+from shared.secret_box import TOKEN_PREFIX
 from shared.settings import KafkaSettings
 from shared.topics import CUSTOMER_EVENTS
 from tests.helpers import internal_headers, read_topic
@@ -233,9 +235,14 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     assert "malformed JSON" in response.json()["detail"]
 
 
-def test_secret_set_replace_delete(client: TestClient, kafka_settings: KafkaSettings) -> None:
+def test_secret_set_replace_delete(client: TestClient, kafka_settings: KafkaSettings, database_url: str) -> None:
     replaced = "shpss_rotated-0123456789abcdef"
     assert put_secret(client, replaced).status_code == 204
+    engine = make_engine(database_url)  # at rest: a Fernet token, not the secret (shared.secret_box)
+    with engine.connect() as connection:
+        (stored,) = connection.exec_driver_sql("SELECT secret FROM ingest_source_secrets").scalars().all()
+    engine.dispose()
+    assert stored.startswith(TOKEN_PREFIX) and replaced not in stored
     assert deliver(client, payload(), secret=SECRET).status_code == 401  # the old one no longer verifies
     assert deliver(client, payload(), secret=replaced).json() == {"accepted": 1, "duplicates": 0}
 
