@@ -28,6 +28,9 @@ ANY_METHOD = ("GET", "POST", "PUT", "PATCH", "DELETE")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
+AUDITED_PATHS = frozenset({"/v1/customers/{customer_id}", "/v1/sources/{source}/secret"})  # erasure, secrets
+
+
 @dataclass(frozen=True)
 class ProxyRoute:
     """`path` is a route template; with `prefix`, everything below it goes to the same upstream.
@@ -44,6 +47,12 @@ class ProxyRoute:
         regex = "[^/]+".join(re.escape(part) for part in re.split(r"\{[^}]+\}", self.path))
         below = "(/.*)?" if self.prefix else ""
         object.__setattr__(self, "_pattern", re.compile(f"^{regex}{below}$"))
+
+    def audited(self, method: str) -> bool:
+        """Writes that change a tenant's configuration or data (not the event stream itself)."""
+        if method in ("GET", "HEAD", "OPTIONS"):
+            return False
+        return self.scope in (ACTIONS_ADMIN, MODELS_ADMIN) or self.path in AUDITED_PATHS
 
     def templates(self) -> tuple[str, ...]:
         """The paths registered with the router (their templates are the metrics' route label)."""

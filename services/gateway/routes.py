@@ -4,15 +4,22 @@ raw path), the merged API description, and a readiness report."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 
+from services.gateway import service
 from services.gateway.deps import CallerDep, GatewayState, StateDep, require_scope, take_token
 from services.gateway.proxy import ROUTE_TABLE, ProxyRoute, forward
 from shared.app import BodyTooLarge, read_body_limited
+from shared.db import session_scope
+
+log = logging.getLogger(__name__)
 
 UPSTREAM_PROBE_TIMEOUT_S = 1.0
 
@@ -38,7 +45,7 @@ def _proxy_endpoint(route: ProxyRoute) -> Callable[..., Awaitable[Response]]:
             body = await read_body_limited(request, settings.max_body_bytes)
         except BodyTooLarge as exc:
             return JSONResponse({"detail": str(exc)}, status_code=413)
-        return await forward(
+        response = await forward(
             gateway.client,
             upstream=route.upstream,
             base_url=settings.upstreams()[route.upstream],
@@ -50,8 +57,31 @@ def _proxy_endpoint(route: ProxyRoute) -> Callable[..., Awaitable[Response]]:
             timeout_s=settings.upstream_timeout_s,
             key_id=caller.key_id,
         )
+        if route.audited(request.method) and 200 <= response.status_code < 300:
+            await _audit_proxied(gateway, caller, route, request, response.status_code)
+        return response
 
     return proxy
+
+
+async def _audit_proxied(
+    gateway: GatewayState, caller: Any, route: ProxyRoute, request: Request, status_code: int
+) -> None:
+    """An administrative change made in a service (policies, subscriptions, replays, erasures,
+    source secrets, models) goes into the gateway's audit log once the service confirmed it.
+    A gateway that dies between the two loses that entry; the change itself stands."""
+    path = request.url.path
+
+    def write() -> None:
+        with session_scope(gateway.engine) as session:
+            service.audit(session, gateway.clock, actor=caller.key_id,
+                          action=f"{request.method} {route.path}"[:64], target=path[:64],
+                          tenant_id=caller.tenant_id, detail={"path": path, "status": status_code})
+
+    try:
+        await asyncio.to_thread(write)
+    except SQLAlchemyError as exc:
+        log.error("could not write the audit entry for %s %s: %s", request.method, path, type(exc).__name__)
 
 
 def add_docs_routes(app: FastAPI) -> None:

@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 from services.gateway import manage as gateway_ops
+from services.gateway import service as gateway_service
+from shared.db import make_engine, session_scope
 from tests.e2e.test_pipeline import Receiver, Stack, _event, _score, churner_history, receiver, stack  # noqa: F401
 from tests.helpers import wait_until
 
@@ -26,7 +28,7 @@ def test_another_tenant_sees_and_changes_nothing_of_a_tenant(
     stack: Stack, receiver: Receiver, database_url: str  # noqa: F811
 ) -> None:
     a = httpx.Client(base_url=stack.gateway, headers=stack.headers(), timeout=15)
-    _, b_key = gateway_ops.create_tenant(database_url, "tenant-b")
+    b_tenant, b_key = gateway_ops.create_tenant(database_url, "tenant-b")
     b = httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {b_key}"}, timeout=15)
 
     # Tenant A: a policy document, a subscription, a churner with consent, an offer delivered,
@@ -101,3 +103,19 @@ def test_another_tenant_sees_and_changes_nothing_of_a_tenant(
     assert a.get(f"/v1/deliveries/{delivery['delivery_id']}").json() == a_before["delivery"]
     assert a.get("/v1/policies").json() == a_before["policies"]
     assert a.get(f"/v1/customers/{churner}/export").status_code == 200
+
+    # Every administrative change made through the gateway is in its audit log, with who and for
+    # which tenant: A's policy document, subscription and erasure; B's erasure and document.
+    engine = make_engine(database_url)
+    try:
+        with session_scope(engine) as session:
+            entries = [(e.tenant_id, e.action, e.actor) for e in gateway_service.audit_log(session, limit=100)]
+    finally:
+        engine.dispose()
+    a_actions = {action for tenant, action, _ in entries if tenant != b_tenant}
+    assert {"PUT /v1/policies", "POST /v1/webhooks", "DELETE /v1/customers/{customer_id}"} <= a_actions, entries
+    # B's refused attempts (404) changed nothing and are not entries; its range replay (of
+    # nothing) is, like any replay.
+    assert {action for tenant, action, _ in entries if tenant == b_tenant} == {
+        "DELETE /v1/customers/{customer_id}", "PUT /v1/policies", "POST /v1/deliveries"}, entries
+    assert all(actor.startswith("k_") for _, _, actor in entries)

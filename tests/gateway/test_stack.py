@@ -282,5 +282,6 @@ def test_one_tenant_flooding_does_not_starve_another(stack: Stack) -> None:
     assert set(base_statuses) == {200} and set(flood_statuses) == {200}  # never refused
     assert counts.get("429", 0) >= 900 and counts.get("200", 0) <= 20 + 20 * 7  # burst + 20/s
     assert set(counts) <= {"200", "429"}, counts
-    # Generous: the median may at most triple (plus 20 ms of scheduling noise on a shared box).
-    assert p50 <= 3 * base_p50 + 0.020, (base_p50, p50)
+    # Generous: the median may at most triple (plus 50 ms of scheduling noise: this 2-CPU box runs
+    # the flooder, the gateway, the upstreams and the quiet tenant at once, and CI may run more).
+    assert p50 <= 3 * base_p50 + 0.050, (base_p50, p50)
