@@ -104,19 +104,29 @@ def get_customer_score(customer_id: CustomerIdPath, tenant_id: TenantId, session
     return CustomerScoreOut(**vars(score))
 
 
+def _sees_model(request: Request, tenant_id: str, row: dict[str, Any]) -> bool:
+    """A model's metrics come from the history it was trained on: its tenant and the operators
+    (CHURNGUARD_SCORING_MODEL_ADMIN_TENANTS) see it, nobody else."""
+    return row["trained_on_tenant"] == tenant_id or tenant_id in request.state.scoring.settings.model_admin_tenants
+
+
 @router.get("/models", response_model=list[ModelOut])
-def get_models(_tenant_id: TenantId, session: SessionDep) -> list[ModelOut]:
-    """The model registry (global in this version), newest first, without artifacts."""
-    return [ModelOut(**row) for row in service.list_models(session)]
+def get_models(request: Request, tenant_id: TenantId, session: SessionDep) -> list[ModelOut]:
+    """The models trained on this tenant's history (operators: all), newest first, without
+    artifacts."""
+    return [ModelOut(**row) for row in service.list_models(session) if _sees_model(request, tenant_id, row)]
 
 
 @router.get("/models/{version}", response_model=ModelDetailOut, responses=NOT_FOUND)
-def get_model(version: VersionPath, _tenant_id: TenantId, session: SessionDep) -> ModelDetailOut:
+def get_model(version: VersionPath, request: Request, tenant_id: TenantId, session: SessionDep) -> ModelDetailOut:
     """One model with its validation metrics, calibration bins, candidates and feature importance."""
     try:
-        return ModelDetailOut(**service.model_detail(session, version))
+        row = service.model_detail(session, version)
     except service.ModelNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    if not _sees_model(request, tenant_id, row):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {version!r}")
+    return ModelDetailOut(**row)
 
 
 def _now(request: Request) -> datetime:

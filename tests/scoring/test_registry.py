@@ -185,3 +185,21 @@ def test_broken_models_are_refused_and_the_previous_model_stays(
         assert cli_ops.activate(database_url, OLD)
         client.portal.call(scoring.refresh_model)
         assert scoring.predictor.version == OLD
+
+
+def test_a_tenant_sees_only_the_models_trained_on_its_own_history(
+    scoring_settings: ScoringSettings, database_url: str, trained_model: TrainedModel
+) -> None:
+    register(database_url, retrained(trained_model, OLD), activate=True, tenant="sim")  # scores everyone
+    register(database_url, retrained(trained_model, NEW), activate=False, tenant="globex")
+    with TestClient(create_app(scoring_settings, ManualClock(NOW))) as client:
+        def versions(tenant: str) -> list[str]:
+            return [m["version"] for m in client.get("/v1/models", headers=headers(tenant)).json()]
+
+        assert versions("acme") == [NEW, OLD]  # an operator (model_admin_tenants) sees the registry
+        assert versions("globex") == [NEW]
+        assert versions("initech") == []
+        assert client.get(f"/v1/models/{NEW}", headers=headers("globex")).status_code == 200
+        for tenant, version in (("initech", NEW), ("initech", OLD), ("globex", OLD)):
+            response = client.get(f"/v1/models/{version}", headers=headers(tenant))
+            assert response.status_code == 404 and set(response.json()) == {"detail"}
