@@ -110,3 +110,28 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=10)
+
+
+def answers(url: str, process: Any) -> bool:
+    """Whether a started service process answers `url` with 200 yet; fails at once if it died."""
+    import httpx
+
+    if process.poll() is not None:
+        raise AssertionError(f"{url}: process exited with {process.returncode}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop_processes(processes: Any, timeout_s: float = 20) -> None:
+    """SIGTERM every process, then wait for each (killing one that does not stop in time)."""
+    import subprocess
+
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from services.gateway import manage as gateway_ops
 from shared.broker import free_port
 from shared.logs import TEXT_FORMAT, LogSettings, bind_tenant, logging_config, request_id_var, tenant_var
-from tests.helpers import wait_until
+from tests.helpers import answers, stop_processes, wait_until
 
 SERVICES = ("ingest", "actions", "gateway")
 INTERNAL_TOKEN = "logs-test-internal-token-" + uuid.uuid4().hex
@@ -105,26 +105,11 @@ def services(broker: str, database_url: str, tmp_path: Path) -> Iterator[tuple[s
                 env=env, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
             )
         for name in SERVICES:
-            wait_until(lambda name=name: _ready(f"http://127.0.0.1:{ports[name]}/readyz", processes[name]),
+            wait_until(lambda name=name: answers(f"http://127.0.0.1:{ports[name]}/readyz", processes[name]),
                        timeout_s=60, what=f"{name} ready")
         yield f"http://127.0.0.1:{ports['gateway']}", api_key, logs
     finally:
-        for process in processes.values():
-            process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def _ready(url: str, process: subprocess.Popen[bytes]) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"{url}: process exited with {process.returncode}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        stop_processes(processes.values())
 
 
 def _lines(logs: Path) -> dict[str, list[dict]]:

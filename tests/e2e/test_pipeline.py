@@ -24,7 +24,7 @@ from services.gateway import manage as gateway_ops
 from services.scoring import cli_ops as scoring_ops
 from shared.broker import free_port
 from tools import metrics_doc
-from tests.helpers import wait_until
+from tests.helpers import answers, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -115,7 +115,7 @@ def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
             )
         for name in SERVICES:
             url = f"http://127.0.0.1:{ports[name]}/readyz"
-            wait_until(lambda url=url, name=name: _ready(url, processes[name]), timeout_s=60)
+            wait_until(lambda url=url, name=name: answers(url, processes[name]), timeout_s=60)
         yield Stack(f"http://127.0.0.1:{ports['gateway']}", api_key, logs, ports)
     finally:
         for process in processes.values():
@@ -166,20 +166,11 @@ def prometheus(stack: Stack, tmp_path: Path) -> Iterator[Prometheus]:
     )
     try:
         server = Prometheus(f"http://127.0.0.1:{port}")
-        wait_until(lambda: _ready(f"{server.url}/-/ready", process), timeout_s=30)
+        wait_until(lambda: answers(f"{server.url}/-/ready", process), timeout_s=30)
         yield server
     finally:
         process.terminate()
         process.wait(timeout=20)
-
-
-def _ready(url: str, process: subprocess.Popen[bytes]) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"{url}: process exited with {process.returncode}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _at(days_ago: float) -> str:

@@ -28,7 +28,7 @@ from services.gateway.manage import issue_key
 from services.gateway.scopes import ALL_SCOPES
 from shared.broker import free_port
 from tests.conftest import PG_ADMIN_DSN, _pg_url, _postgres_reachable
-from tests.helpers import wait_until
+from tests.helpers import answers, stop_processes, wait_until
 
 SERVICES = ("ingest", "scoring", "actions", "gateway")
 UPSTREAMS = ("ingest", "scoring", "actions")
@@ -113,26 +113,11 @@ def stack(broker: str, stack_database: str, tmp_path_factory: pytest.TempPathFac
             # Scoring is not ready without a model; these tests need its HTTP API only.
             probe = "/healthz" if name == "scoring" else "/readyz"
             url = f"http://127.0.0.1:{ports[name]}{probe}"
-            wait_until(lambda url=url, name=name: _up(url, processes[name]), timeout_s=60,
+            wait_until(lambda url=url, name=name: answers(url, processes[name]), timeout_s=60,
                        what=f"{name} up")
         yield Stack(ports, logs, operator.api_key)
     finally:
-        for process in processes.values():
-            process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def _up(url: str, process: subprocess.Popen[bytes]) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"{url}: process exited with {process.returncode}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        stop_processes(processes.values())
 
 
 def _operations(document: dict) -> list[tuple[str, str]]:

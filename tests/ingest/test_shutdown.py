@@ -17,7 +17,7 @@ from shared.broker import free_port
 from shared.events import EventRecord
 from shared.settings import KafkaSettings
 from shared.topics import CUSTOMER_EVENTS
-from tests.helpers import INTERNAL_TOKEN, read_topic, wait_until
+from tests.helpers import INTERNAL_TOKEN, answers, read_topic, wait_until
 
 BATCH = 50
 SENDERS = 4
@@ -43,7 +43,7 @@ async def test_sigterm_drains_and_every_accepted_event_is_on_the_topic(
     url = f"http://127.0.0.1:{port}/v1/events/batch"
     headers = {"X-Churnguard-Internal-Token": INTERNAL_TOKEN, "X-Churnguard-Tenant": "acme"}
     accepted: list[str] = []
-    answers: list[int] = []
+    statuses: list[int] = []
     lock = threading.Lock()
 
     def send(sender: int) -> None:
@@ -55,13 +55,13 @@ async def test_sigterm_drains_and_every_accepted_event_is_on_the_topic(
                 except httpx.TransportError:
                     return  # the server is gone: the sender stops (a real one would retry later)
                 with lock:
-                    answers.append(response.status_code)
+                    statuses.append(response.status_code)
                     if response.status_code == 202:
                         assert response.json()["accepted"] == BATCH
                         accepted.extend(e["id"] for e in batch)
 
     try:
-        wait_until(lambda: _ready(port, ingest), timeout_s=60, what="ingest ready")
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz", ingest), timeout_s=60, what="ingest ready")
         senders = [threading.Thread(target=send, args=(i,)) for i in range(SENDERS)]
         for thread in senders:
             thread.start()
@@ -76,7 +76,7 @@ async def test_sigterm_drains_and_every_accepted_event_is_on_the_topic(
     output = log.read_text()
     assert status in (0, -signal.SIGTERM), output[-3000:]  # uvicorn re-raises the signal after a clean stop
     assert "Application shutdown complete" in output and "Traceback" not in output, output[-3000:]
-    assert set(answers) <= {202, 503}, sorted(set(answers))  # in-flight requests were answered, not cut
+    assert set(statuses) <= {202, 503}, sorted(set(statuses))  # in-flight requests were answered, not cut
 
     def ids(records: list) -> list[str]:
         return [EventRecord.model_validate_json(r.value).event.id for r in records]
@@ -88,9 +88,3 @@ async def test_sigterm_drains_and_every_accepted_event_is_on_the_topic(
     assert len(on_topic) == len(set(on_topic))  # and none of them twice
 
 
-def _ready(port: int, process: subprocess.Popen[bytes]) -> bool:
-    assert process.poll() is None, "ingest exited during start-up"
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
