@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions bench-pipeline soak clean
+.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions bench-pipeline soak chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,14 @@ bench-pipeline: $(STAMP)
 # Memory over a long steady run: 10 minutes at 50 events/s, RSS sampled every 10 s (~12 min).
 soak: $(STAMP)
 	$(BIN)/python -m bench.pipeline --rates 50 --duration 10 --soak-seconds 600 --soak-rate 50 --no-doc --out bench/results/soak.json
+
+# Fault injection, the long run: 100,000 events replayed through the gateway while services are
+# SIGKILLed (20 times), the broker SIGSTOPped, the receiver fails and hangs and the database goes
+# away; then checks that nothing was lost or doubled. On PostgreSQL (a server the run starts
+# itself) and then SQLite (~25 min). Writes bench/results/chaos.json and docs/reliability.md.
+# A shortened variant runs in `make test` (tests/chaos).
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos
 
 clean:
 	rm -rf var/ .pytest_cache
