@@ -1,7 +1,8 @@
 """The four services as real `churnguard serve` processes on loopback ports, configured by
 environment like a deployment: start, stop, kill and restart any of them.
 
-Used by the fault-injection run (tests/chaos) to play the part of a process supervisor.
+Used by the end-to-end tests, and by the fault-injection run (tests/chaos) to play the part of
+a process supervisor.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class ServiceStack:
     internal_token: str
     settings: dict[str, str] = field(default_factory=dict)
     """Extra CHURNGUARD_* environment for every service."""
-    log_level: str = "warning"
+    log_level: str | None = None
+    """--log-level of every service (None: the service's default)."""
     ports: dict[str, int] = field(default_factory=lambda: {name: free_port() for name in SERVICES})
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -64,31 +66,33 @@ class ServiceStack:
 
     def start(self, name: str) -> None:
         """Start one service (its log is appended to, so restarts keep the earlier output)."""
+        command = [sys.executable, "-m", "services.cli", "serve", name, "--port", str(self.ports[name])]
+        if self.log_level:
+            command += ["--log-level", self.log_level]
         with open(self.log_path(name), "ab") as log:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", name, "--port", str(self.ports[name]),
-                 "--log-level", self.log_level],
-                env=self.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            )
+            self.processes[name] = subprocess.Popen(command, env=self.env(), cwd=REPO, stdout=log,
+                                                    stderr=subprocess.STDOUT)
 
-    def start_all(self, timeout_s: float = 90) -> None:
+    def start_all(self, timeout_s: float = 90, probes: dict[str, str] | None = None) -> None:
+        """Start the four and wait until each answers its probe (default /readyz; scoring is not
+        ready until a model is active, so a stack without one probes it at /healthz)."""
         for name in SERVICES:
             self.start(name)
         for name in SERVICES:
-            self.wait_ready(name, timeout_s)
+            self.wait_ready(name, timeout_s, (probes or {}).get(name, "/readyz"))
 
-    def ready(self, name: str) -> bool:
+    def ready(self, name: str, probe: str = "/readyz") -> bool:
         try:
-            return httpx.get(f"{self.url(name)}/readyz", timeout=2).status_code == 200
+            return httpx.get(f"{self.url(name)}{probe}", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
-    def wait_ready(self, name: str, timeout_s: float = 90) -> None:
+    def wait_ready(self, name: str, timeout_s: float = 90, probe: str = "/readyz") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive(name):
                 raise ServiceFailed(f"{name} exited with {self.processes[name].returncode}; see {self.log_path(name)}")
-            if self.ready(name):
+            if self.ready(name, probe):
                 return
             time.sleep(0.1)
         raise ServiceFailed(f"{name} not ready within {timeout_s:g} s; see {self.log_path(name)}")

@@ -322,6 +322,7 @@ class ChaosRun:
         kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{broker_port}", topic_prefix="chaos-")
         self.stack = ServiceStack(
             workdir=self.workdir, database_url=database_url, kafka=kafka, internal_token=INTERNAL_TOKEN,
+            log_level="warning",
             settings={
                 "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",
                 # Short timeouts and retries so a run drains in minutes: the schedule still

@@ -4,10 +4,8 @@ real webhook receiver. A customer who should churn gets exactly one signed offer
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,12 +21,13 @@ from standardwebhooks import Webhook
 from services.gateway import manage as gateway_ops
 from services.scoring import cli_ops as scoring_ops
 from shared.broker import free_port
+from shared.settings import KafkaSettings
 from tools import metrics_doc
 from tests.helpers import answers, wait_until
+from tools.stack import SERVICES, ServiceStack
 
 pytestmark = pytest.mark.e2e
 
-SERVICES = ("ingest", "scoring", "actions", "gateway")
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "churnguard-rules.yml"
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -82,50 +81,32 @@ class Stack:
 
 @pytest.fixture
 def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
-    ports = {name: free_port() for name in SERVICES}
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "CHURNGUARD_DATABASE_URL": database_url,
-        "CHURNGUARD_KAFKA_BOOTSTRAP_SERVERS": broker,
-        "CHURNGUARD_KAFKA_TOPIC_PREFIX": f"e2e{uuid.uuid4().hex[:8]}-",
-        "CHURNGUARD_INTERNAL_TOKEN": "e2e-internal-token",
-        "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{ports['ingest']}",
-        "CHURNGUARD_GATEWAY_SCORING_URL": f"http://127.0.0.1:{ports['scoring']}",
-        "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
-        # The control group is random per tenant id; this test is about the path, not uplift.
-        "CHURNGUARD_ACTIONS_HOLDOUT_PERCENT": "0",
-        # the test's webhook receiver is http on 127.0.0.1, which the SSRF guard refuses by default
-        "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",
-    }
     # A model trained on simulated history, registered in scoring's registry before it starts.
     scoring_ops.simulate(database_url, "sim", 1500, 11, None, None)
     scoring_ops.train(database_url, "sim", 90, True, reports_dir=tmp_path / "reports")
     _tenant_id, api_key = gateway_ops.create_tenant(database_url, "e2e-shop")
-
-    subprocess.run([sys.executable, "-m", "services.cli", "topics"], env=env, check=True, capture_output=True)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
     logs = tmp_path / "logs"
     logs.mkdir()
+    services = ServiceStack(
+        workdir=logs, database_url=database_url,
+        kafka=KafkaSettings(bootstrap_servers=broker, topic_prefix=f"e2e{uuid.uuid4().hex[:8]}-"),
+        internal_token="e2e-internal-token",
+        settings={
+            # The control group is random per tenant id; this test is about the path, not uplift.
+            "CHURNGUARD_ACTIONS_HOLDOUT_PERCENT": "0",
+            # the test's webhook receiver is http on 127.0.0.1, which the SSRF guard refuses by default
+            "CHURNGUARD_ACTIONS_WEBHOOK_ALLOW_LOCAL_URLS": "true",
+        },
+    )
+    services.create_topics()
     try:
-        for name in SERVICES:
-            processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", name, "--port", str(ports[name])],
-                env=env, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            )
-        for name in SERVICES:
-            url = f"http://127.0.0.1:{ports[name]}/readyz"
-            wait_until(lambda url=url, name=name: answers(url, processes[name]), timeout_s=60)
-        yield Stack(f"http://127.0.0.1:{ports['gateway']}", api_key, logs, ports)
+        services.start_all(timeout_s=60)
+        yield Stack(services.url("gateway"), api_key, logs, services.ports)
     finally:
-        for process in processes.values():
-            process.terminate()
-        for name, process in processes.items():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                pytest.fail(f"{name} did not stop within 20 s of SIGTERM")
+        codes = services.stop_all(timeout_s=20)
+        stuck = [name for name, code in codes.items() if code is None]
+        if stuck:
+            pytest.fail(f"{stuck} did not stop within 20 s of SIGTERM")
 
 
 @dataclass

@@ -10,7 +10,6 @@ scoring, actions, gateway), shared by the tests of this module:
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,11 +25,10 @@ import pytest
 
 from services.gateway.manage import issue_key
 from services.gateway.scopes import ALL_SCOPES
-from shared.broker import free_port
+from shared.settings import KafkaSettings
 from tests.conftest import PG_ADMIN_DSN, _pg_url, _postgres_reachable
-from tests.helpers import answers, stop_processes, wait_until
+from tools.stack import ServiceStack
 
-SERVICES = ("ingest", "scoring", "actions", "gateway")
 UPSTREAMS = ("ingest", "scoring", "actions")
 INTERNAL_TOKEN = "stack-internal-token-" + uuid.uuid4().hex
 ADMIN_KEY = "stack-admin-" + uuid.uuid4().hex
@@ -84,40 +82,24 @@ def stack_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def stack(broker: str, stack_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    ports = {name: free_port() for name in SERVICES}
     operator = issue_key(stack_database, "operators", key_scopes=ALL_SCOPES)
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "CHURNGUARD_DATABASE_URL": stack_database,
-        "CHURNGUARD_KAFKA_BOOTSTRAP_SERVERS": broker,
-        "CHURNGUARD_KAFKA_TOPIC_PREFIX": f"gw{uuid.uuid4().hex[:8]}-",
-        "CHURNGUARD_INTERNAL_TOKEN": INTERNAL_TOKEN,
-        "CHURNGUARD_GATEWAY_ADMIN_KEY": ADMIN_KEY,
-        "CHURNGUARD_GATEWAY_INGEST_URL": f"http://127.0.0.1:{ports['ingest']}",
-        "CHURNGUARD_GATEWAY_SCORING_URL": f"http://127.0.0.1:{ports['scoring']}",
-        "CHURNGUARD_GATEWAY_ACTIONS_URL": f"http://127.0.0.1:{ports['actions']}",
-        "CHURNGUARD_LOG_ACCESS_LOG": "false",
-        "CHURNGUARD_SCORING_MODEL_ADMIN_TENANTS": json.dumps([operator.tenant_id]),
-    }
-    logs = tmp_path_factory.mktemp("stack-logs")
-    subprocess.run([sys.executable, "-m", "services.cli", "topics"], env=env, check=True, capture_output=True)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    services = ServiceStack(
+        workdir=tmp_path_factory.mktemp("stack-logs"), database_url=stack_database,
+        kafka=KafkaSettings(bootstrap_servers=broker, topic_prefix=f"gw{uuid.uuid4().hex[:8]}-"),
+        internal_token=INTERNAL_TOKEN,
+        settings={
+            "CHURNGUARD_GATEWAY_ADMIN_KEY": ADMIN_KEY,
+            "CHURNGUARD_LOG_ACCESS_LOG": "false",
+            "CHURNGUARD_SCORING_MODEL_ADMIN_TENANTS": json.dumps([operator.tenant_id]),
+        },
+    )
+    services.create_topics()
     try:
-        for name in SERVICES:
-            processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", name, "--port", str(ports[name])],
-                env=env, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            )
-        for name in SERVICES:
-            # Scoring is not ready without a model; these tests need its HTTP API only.
-            probe = "/healthz" if name == "scoring" else "/readyz"
-            url = f"http://127.0.0.1:{ports[name]}{probe}"
-            wait_until(lambda url=url, name=name: answers(url, processes[name]), timeout_s=60,
-                       what=f"{name} up")
-        yield Stack(ports, logs, operator.api_key)
+        # Scoring is not ready without a model; these tests need its HTTP API only.
+        services.start_all(timeout_s=60, probes={"scoring": "/healthz"})
+        yield Stack(services.ports, services.workdir, operator.api_key)
     finally:
-        stop_processes(processes.values())
+        services.stop_all(timeout_s=20)
 
 
 def _operations(document: dict) -> list[tuple[str, str]]:
@@ -227,6 +209,7 @@ async def main(url, key, rate, seconds):
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one()))
         await asyncio.gather(*tasks)
+        counts["seconds"] = time.monotonic() - started
     print(json.dumps({str(k): v for k, v in counts.items()}))
 
 asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
@@ -265,7 +248,11 @@ def test_one_tenant_flooding_does_not_starve_another(stack: Stack) -> None:
           f"during the flood p50 {p50 * 1000:.1f} ms p95 {p95 * 1000:.1f} ms; flooder: {counts}")
 
     assert set(base_statuses) == {200} and set(flood_statuses) == {200}  # never refused
-    assert counts.get("429", 0) >= 900 and counts.get("200", 0) <= 20 + 20 * 7  # burst + 20/s
+    # At most the burst plus 20/s for as long as the flood really lasted (longer than 6 s when the
+    # machine is loaded: the flooder's last requests leave late and the bucket refills meanwhile).
+    flood_seconds = counts.pop("seconds")
+    assert counts.get("200", 0) <= 20 + 20 * (flood_seconds + 1), (counts, flood_seconds)
+    assert counts.get("429", 0) >= 1200 - (20 + 20 * (flood_seconds + 1)), (counts, flood_seconds)
     assert set(counts) <= {"200", "429"}, counts
     # Generous: the median may at most triple (plus 50 ms of scheduling noise: this 2-CPU box runs
     # the flooder, the gateway, the upstreams and the quiet tenant at once, and CI may run more).
