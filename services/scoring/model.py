@@ -147,6 +147,9 @@ class TrainReport:
     feature_names: tuple[str, ...] = FEATURE_NAMES
     activated: bool = False
     report_path: str | None = None
+    reference: dict[str, float] = field(default_factory=dict)
+    """Per-feature medians of the training examples: the typical customer of the history this
+    model learnt from, which a score's reasons are measured against (services.scoring.reasons)."""
 
     @property
     def runner_up(self) -> CandidateResult | None:
@@ -202,6 +205,7 @@ class Predictor:
     roc_auc: float
     trained_at: datetime | None = None
     reference_scores: tuple[float, ...] = ()  # the validation period's probabilities (drift)
+    reference: dict[str, float] | None = None  # TrainReport.reference; None for models registered before it
 
     def predict(self, rows: Sequence[Mapping[str, float]]) -> list[float]:
         if not rows:
@@ -458,6 +462,7 @@ def train(
             labels=tuple(int(v) for v in holdout.y), probabilities=tuple(float(p) for p in probabilities),
             baseline=tuple(float(r) for r in recency),
         ),
+        reference={name: float(np.median(training.X[:, j])) for j, name in enumerate(FEATURE_NAMES)},
     )
     report = replace(report, duration_s=round(time.perf_counter() - started, 3))
     log.info("trained %s: %s wins with holdout ROC AUC %.3f (%s; recency baseline %.3f) on %d examples",
@@ -494,6 +499,7 @@ def load_artifact(blob: bytes) -> Any:
 def load_predictor(
     version: str, feature_names: Sequence[str], blob: bytes, roc_auc: float,
     trained_at: datetime | None = None, reference_scores: Sequence[float] = (),
+    reference: Mapping[str, float] | None = None,
 ) -> Predictor:
     """A registered model, checked before it may score: the artifact loads safely, is a binary
     classifier with probabilities, and its inputs are features this code computes, as many as
@@ -520,4 +526,16 @@ def load_predictor(
             f"model {version}: the artifact expects {width} features but its feature list names {len(feature_names)}"
         )
     return Predictor(version=version, feature_names=tuple(feature_names), estimator=estimator, roc_auc=roc_auc,
-                     trained_at=trained_at, reference_scores=tuple(reference_scores))
+                     trained_at=trained_at, reference_scores=tuple(reference_scores),
+                     reference=_checked_reference(version, feature_names, reference))
+
+
+def _checked_reference(
+    version: str, feature_names: Sequence[str], reference: Mapping[str, float] | None
+) -> dict[str, float] | None:
+    if not reference:
+        return None
+    missing = sorted(set(feature_names) - set(reference))
+    if missing:
+        raise ModelLoadError(f"model {version}: its reasons reference lacks {', '.join(missing)}")
+    return {name: float(reference[name]) for name in feature_names}

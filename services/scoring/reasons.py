@@ -7,9 +7,11 @@ contribution. All perturbed copies are scored in ONE predict_proba call per batc
 `MIN_CONTRIBUTION`) can be reasons; the strongest three are rendered with one template per
 feature, which states the customer's actual value ("no order for 74 days").
 
-The reference: the model registry does not store training medians (yet), so
-`TYPICAL_CUSTOMER` is a fixed per-feature reference, the rounded medians of the training
-examples built from simulated history (`simulate_history(1500, seed=11)`, 90-day horizon).
+The reference: each registered model carries the per-feature medians of its own training
+examples (`TrainReport.reference`, stored as `reasons_reference`), so "typical" means typical
+of the history that model learnt from; `explain_scores` uses it. `TYPICAL_CUSTOMER` (rounded
+medians of simulated history, `simulate_history(1500, seed=11)`, 90-day horizon) is the fallback
+for a model registered without one.
 
 Related features are worded once: within a `GROUPS` entry only the strongest member may
 become a reason (so "no order for 74 days" is not followed by "no order in the last 90 days").
@@ -26,7 +28,7 @@ import numpy as np
 
 from services.scoring import metrics
 from services.scoring.features import FEATURE_NAMES, NO_CONTRACT_END_DAYS, feature_vector
-from services.scoring.model import single_threaded
+from services.scoring.model import Predictor, single_threaded
 
 MAX_REASONS = 3
 MIN_CONTRIBUTION = 0.005
@@ -275,3 +277,11 @@ def explain(
     finally:
         if rows:
             metrics.EXPLAIN_SECONDS.observe(time.perf_counter() - started)
+
+
+def explain_scores(
+    predictor: Predictor, rows: Sequence[Mapping[str, float]], probabilities: Sequence[float] | None = None,
+) -> list[list[str]]:
+    """explain() against the predictor's own reference (its training medians)."""
+    return explain(predictor.estimator, predictor.feature_names, rows, probabilities,
+                   reference=predictor.reference or TYPICAL_CUSTOMER)

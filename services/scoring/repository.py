@@ -189,6 +189,7 @@ _MODEL_INFO_COLUMNS = (
 )
 _MODEL_DETAIL_COLUMNS = (
     *_MODEL_INFO_COLUMNS, ScoringModel.calibration, ScoringModel.candidates, ScoringModel.importance,
+    ScoringModel.reasons_reference,
 )
 
 

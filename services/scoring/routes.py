@@ -82,6 +82,9 @@ class ModelDetailOut(ModelOut):
     calibration: list[CalibrationBin] = Field(description="10 equal-count bins of the predicted probability")
     candidates: list[CandidateOut]
     importance: list[ImportanceOut] = Field(description="permutation importance on the validation period")
+    reasons_reference: dict[str, float] = Field(
+        description="the typical customer a score's reasons are measured against: per-feature medians of the "
+        "training examples (empty for a model registered before references were stored: reasons then use a fixed one)")
 
 
 

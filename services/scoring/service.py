@@ -113,7 +113,7 @@ def process_batch(
             vectors.append(compute_features(histories.get(customer, []), as_of))
     probabilities = predictor.predict(vectors)
     outcome.scoring_seconds = time.perf_counter() - started
-    explanations = reasons.explain(predictor.estimator, predictor.feature_names, vectors, probabilities)
+    explanations = reasons.explain_scores(predictor, vectors, probabilities)
     scored = {key: (p, v, r) for key, p, v, r in zip(keys, probabilities, vectors, explanations, strict=True)}
 
     for tenant_id, customers in affected.items():
@@ -230,6 +230,7 @@ def register_model(session: Session, trained: TrainedModel, tenant_id: str, acti
         last_cutoff=max(cutoffs) if cutoffs else None,
         validation_cutoff=datetime.fromisoformat(report.holdout_cutoff) if report.holdout_cutoff else None,
         trained_on_tenant=tenant_id, trained_at=report.trained_at, active=activate,
+        reasons_reference=dict(report.reference),
         artifact=dump_artifact(trained.estimator),
     ))
     return replace(report, activated=activate)
@@ -248,7 +249,8 @@ def _predictor(row: ScoringModel) -> Predictor:
     validation = ValidationData.from_json(row.validation)
     return load_predictor(row.version, list(row.feature_names), row.artifact, row.roc_auc,
                           trained_at=as_utc(row.trained_at) if row.trained_at else None,
-                          reference_scores=validation.probabilities if validation else ())
+                          reference_scores=validation.probabilities if validation else (),
+                          reference=row.reasons_reference or None)
 
 
 def load_active_predictor(session: Session) -> Predictor | None:

@@ -84,8 +84,7 @@ def sweep_page(
         # erased since this page was read is neither re-created nor scored.
         present = repository.lock_features(session, tenant_id, [c[0] for c in changed])
         changed = [c for c in changed if c[0] in present]
-    why = reasons.explain(predictor.estimator, predictor.feature_names, [c[3] for c in changed],
-                          [c[2] for c in changed]) if changed else []
+    why = reasons.explain_scores(predictor, [c[3] for c in changed], [c[2] for c in changed]) if changed else []
     scores = [
         ScoreRecord(
             score_id=score_id, tenant_id=tenant_id, customer_id=customer, probability=probability,

@@ -108,6 +108,10 @@ class ScoringModel(SQLModel, table=True):
         description="labels, probabilities and baseline scores of the validation period (report charts)",
     )
     report_path: str | None = Field(default=None, max_length=500)
+    reasons_reference: dict[str, float] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default=text("'{}'")),
+        description="per-feature training medians: the typical customer reasons are measured against",
+    )
     # activation history: rollback follows previous_version
     activated_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))
     previous_version: str | None = Field(default=None, max_length=64)

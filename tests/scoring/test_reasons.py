@@ -4,6 +4,7 @@ travelling with the score through the consumer, the score API and churn-scores."
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,10 +23,11 @@ from services.scoring import reasons
 from services.scoring.app import create_app
 from services.scoring.config import ScoringSettings
 from services.scoring.features import FEATURE_NAMES, compute_features
-from services.scoring.model import Predictor, TrainedModel
-from services.scoring.reasons import TYPICAL_CUSTOMER, contributions, explain, render, top_reasons
-from services.scoring.service import score_id_for
+from services.scoring.model import ModelLoadError, Predictor, TrainedModel, dump_artifact, load_predictor
+from services.scoring.reasons import TYPICAL_CUSTOMER, contributions, explain, explain_scores, render, top_reasons
+from services.scoring.service import load_active_predictor, score_id_for
 from shared.clock import ManualClock
+from shared.db import make_engine, session_scope
 from shared.events import ScoreRecord
 from shared.kafka import Publisher
 from shared.settings import KafkaSettings
@@ -314,3 +316,40 @@ async def test_reasons_are_stored_served_and_published_with_the_score(
     record = next(s for s in (ScoreRecord.model_validate_json(r.value) for r in published) if s.score_id == wanted)
     assert record.reasons == body["reasons"]
     assert record.probability == body["probability"]
+
+
+def test_each_model_measures_reasons_against_the_typical_customer_of_its_own_training(
+    trained_model: TrainedModel, database_url: str,
+) -> None:
+    report = trained_model.report
+    assert set(report.reference) == set(FEATURE_NAMES)
+    # medians of the training examples: counts are whole numbers, flags 0 or 1
+    assert report.reference["orders_365d"] == int(report.reference["orders_365d"]) >= 0
+    assert report.reference["has_contract"] in (0.0, 0.5, 1.0)
+
+    register(database_url, trained_model)  # stored with the model, loaded with it
+    engine = make_engine(database_url)
+    try:
+        with session_scope(engine) as session:
+            predictor = load_active_predictor(session)
+    finally:
+        engine.dispose()
+    assert predictor is not None and predictor.reference == pytest.approx(report.reference)
+
+    typical = dict(predictor.reference)
+    unusual = {**typical, "complaints_90d": typical["complaints_90d"] + 3}
+    p_typical, p_unusual = predictor.predict([typical, unusual])
+    typical_reasons, unusual_reasons = explain_scores(predictor, [typical, unusual], [p_typical, p_unusual])
+    assert typical_reasons == []  # the model's own typical customer: nothing stands out
+    assert unusual_reasons == [render("complaints_90d", unusual)]  # only what differs can be a reason
+
+    legacy = replace(predictor, reference=None)  # a model registered before references were stored
+    assert explain_scores(legacy, [typical], [p_typical]) == explain(
+        predictor.estimator, predictor.feature_names, [typical], [p_typical], reference=TYPICAL_CUSTOMER)
+
+
+def test_a_reference_that_lacks_a_feature_is_refused_at_load(trained_model: TrainedModel) -> None:
+    names = trained_model.report.feature_names
+    reference = {name: 0.0 for name in names[1:]}
+    with pytest.raises(ModelLoadError, match=f"reasons reference lacks {names[0]}"):
+        load_predictor("m-x", names, dump_artifact(trained_model.estimator), 0.8, reference=reference)

@@ -82,6 +82,8 @@ async def test_list_detail_promote_and_rollback_switch_the_live_model(
         assert datetime.fromisoformat(body["last_cutoff"]) == datetime.fromisoformat(report.train_cutoffs[-1])
         assert datetime.fromisoformat(body["validation_cutoff"]) == datetime.fromisoformat(report.holdout_cutoff)
         assert body["horizon_days"] == 90
+        assert body["reasons_reference"] == pytest.approx(report.reference) and set(body["reasons_reference"]) == set(
+            FEATURE_NAMES)
 
         missing = client.get("/v1/models/m-missing", headers=headers())
         assert missing.status_code == 404 and missing.json()["detail"] == "no model 'm-missing' in the registry"
