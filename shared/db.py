@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import logging
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,11 +11,16 @@ from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import DateTime, Engine, event, text
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy import Connection, DateTime, Engine, event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, SQLModel, create_engine
+
+log = logging.getLogger(__name__)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -105,13 +111,61 @@ def dialect_insert(session: Session, table: Any) -> Any:
 SCHEMA_LOCK_ID = 0x63675F73636865  # any constant: one advisory lock for all schema creation
 
 
+class SchemaMismatch(RuntimeError):
+    """An existing table lacks a column this version needs and cannot add by itself."""
+
+
 def create_tables(engine: Engine, tables: Sequence[type[SQLModel]]) -> None:
-    """Each service creates only the tables it owns. On PostgreSQL, processes starting together
-    (workers, replicas) take turns: concurrent CREATE TABLE IF NOT EXISTS can collide there."""
+    """Each service creates only the tables it owns, and adds to its existing tables the columns a
+    newer version added (schema changes are additive within a major version, like the event
+    contract). Processes starting together (workers, replicas) take turns: concurrent
+    CREATE TABLE IF NOT EXISTS can collide on both backends."""
+    table_names = {t.__tablename__ for t in tables}  # type: ignore[attr-defined]
+    if engine.dialect.name == "sqlite":
+        # No advisory locks in SQLite: an explicit exclusive transaction makes the others wait
+        # (busy_timeout) until this process's tables exist (the driver's own transaction handling
+        # would run each CREATE on its own, so two processes could both try one).
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql("BEGIN EXCLUSIVE")
+            try:
+                _create(connection, tables, table_names)
+                connection.exec_driver_sql("COMMIT")
+            except BaseException:
+                connection.exec_driver_sql("ROLLBACK")
+                raise
+        return
     with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
-        SQLModel.metadata.create_all(connection, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
+        _create(connection, tables, table_names)
+
+
+def _create(connection: Connection, tables: Sequence[type[SQLModel]], table_names: set[str]) -> None:
+    SQLModel.metadata.create_all(connection, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
+    add_missing_columns(connection, table_names)
+
+
+def add_missing_columns(connection: Connection, table_names: set[str]) -> list[str]:
+    """Alembic compares the tables with the models; each column a model has and its table lacks
+    is added when it can be (nullable, or with a server default for the existing rows). Other
+    differences are left alone. Returns "table.column" of what was added."""
+    context = MigrationContext.configure(connection, opts={
+        "include_name": lambda name, type_, _parent: type_ != "table" or name in table_names,
+    })
+    operations = Operations(context)
+    added: list[str] = []
+    for diff in compare_metadata(context, SQLModel.metadata):
+        if not (isinstance(diff, tuple) and diff[0] == "add_column" and diff[2] in table_names):
+            continue
+        _, _schema, table, column = diff
+        if not column.nullable and column.server_default is None:
+            raise SchemaMismatch(
+                f"table {table} lacks column {column.name}, which this version needs and cannot add to "
+                "existing rows (NOT NULL without a default): migrate the database or start on a new one"
+            )
+        operations.add_column(table, column._copy())
+        added.append(f"{table}.{column.name}")
+        log.warning("schema: added column %s.%s", table, column.name)
+    return added
 
 
 @contextmanager
