@@ -11,7 +11,8 @@ from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSetting
 
 # Standard Webhooks / Svix-like schedule after the first attempt: 5 s, 5 min, 30 min, 2 h,
 # 5 h, 10 h, 10 h -- about 27.6 h in total, so a receiver may be down for more than a day.
-DEFAULT_POLICIES_FILE = Path(__file__).resolve().parents[2] / "config" / "policies.yaml"
+# Shipped inside the package (package data), so an installed copy finds it as a checkout does.
+DEFAULT_POLICIES_FILE = Path(__file__).resolve().parent / "default_policies.yaml"
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1_800.0, 7_200.0, 18_000.0, 36_000.0, 36_000.0]
 
 
