@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions bench-pipeline soak chaos clean
+.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions bench-pipeline bench-summary soak chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,20 @@ k8s-validate: $(STAMP)
 
 # Ingest throughput and latency on a real broker and real service processes (~2.5 min; uses wrk
 # when installed: apt-get install -y wrk). Writes bench/results/ingest.json, docs/benchmarks.md.
-# Then scoring (bench-scoring), actions (bench-actions) and the whole pipeline (bench-pipeline).
+# Then scoring (bench-scoring), actions (bench-actions), the whole pipeline (bench-pipeline), and
+# last the one summary table of all four (bench-summary). About 10 minutes in all.
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(MAKE) bench-scoring
 	$(MAKE) bench-actions
 	$(MAKE) bench-pipeline
+	$(MAKE) bench-summary
+
+# One table from bench/results/{ingest,scoring,actions,pipeline}.json: each figure, its raw
+# reference from the same run, the ratio and the goal; says which file is missing or older.
+# Measures nothing (seconds). Writes bench/results/summary.json and the top block of docs/benchmarks.md.
+bench-summary: $(STAMP)
+	$(BIN)/python -m bench.summary
 
 # Scoring events/s per instance on SQLite and PostgreSQL (127.0.0.1:5432), next to a bare
 # consumer; publish-to-score latency at fixed rates (~3 min). Writes bench/results/scoring.json.

@@ -221,8 +221,9 @@ def dlq_list(
     letters = asyncio.run(list_dead_letters(KafkaSettings(), topic))
     for letter in letters:
         value = letter.value.decode(errors="replace")
+        by = f" by {letter.group}" if letter.group else ""
         typer.echo(f"[{letter.partition}]@{letter.offset} {'replayed' if letter.replayed else 'pending '} "
-                   f"from {letter.source}: {letter.reason}\n    {value if full else value[:200]}")
+                   f"from {letter.source}{by}: {letter.reason}\n    {value if full else value[:200]}")
     pending = sum(not letter.replayed for letter in letters)
     typer.echo(f"{len(letters)} dead letters on {topic}.dlq, {pending} not replayed")
 

@@ -28,13 +28,16 @@ class DeadLetter:
     key: bytes
     value: bytes
     replayed: bool
+    group: str | None = None
+    """The consumer group that gave up on it (customer-events has two: scoring's and actions')."""
 
     @classmethod
     def of(cls, record: ConsumerRecord, replayed_up_to: int) -> DeadLetter:
         headers = {k: v.decode(errors="replace") for k, v in record.headers or ()}
         source = f"{headers.get('source-topic', '?')}[{headers.get('source-partition', '?')}]@{headers.get('source-offset', '?')}"
         return cls(record.partition, record.offset, headers.get("reason", "(no reason recorded)"), source,
-                   record.key or b"", record.value or b"", record.offset < replayed_up_to)
+                   record.key or b"", record.value or b"", record.offset < replayed_up_to,
+                   headers.get("consumer-group"))
 
 
 async def _dead_letter_records(

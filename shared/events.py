@@ -289,6 +289,24 @@ class EventRecord(BaseModel):
         return partition_key(self.tenant_id, self.event.customer_id)
 
 
+def broken_invariant(record: EventRecord) -> str | None:
+    """What ingest guarantees of every EventRecord it publishes and the schema alone cannot say,
+    or None when the record keeps it. A record that breaks it was written to `customer-events`
+    some other way; consumers dead-letter it instead of acting on it.
+
+    Ingest refuses an event more than MAX_FUTURE_SKEW ahead of its clock and then stamps
+    `received_at` from that clock, so `occurred_at` is never more than 24 h after `received_at`.
+    (Decoding checks occurred_at only against the consumer's clock, which a record stamped long
+    ago passes.) Acting on such an event would put the customer's last activity, consent or
+    contract in the future, where no real event could ever supersede it."""
+    ahead = record.event.occurred_at - record.received_at
+    if ahead > MAX_FUTURE_SKEW:
+        return (f"occurred_at {record.event.occurred_at.isoformat()} is {ahead.total_seconds() / 3600:.1f} h after "
+                f"received_at {record.received_at.isoformat()} (ingest accepts at most "
+                f"{MAX_FUTURE_SKEW.total_seconds() / 3600:.0f} h): the event did not come through the API")
+    return None
+
+
 def event_records_json(tenant_id: str, received_at: datetime, events: Sequence[_Envelope]) -> list[tuple[bytes, bytes]]:
     """(key, value) of the `EventRecord` for each already-validated event, byte for byte what
     `EventRecord(...).model_dump_json()` gives, without building or validating a record per

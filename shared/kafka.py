@@ -234,9 +234,9 @@ class ConsumeLoop(Generic[T]):
 
     Infrastructure errors (TRANSIENT_ERRORS: database or broker unreachable) retry the whole
     batch from the same offsets after a backoff, for as long as it takes: nothing is skipped.
-    A record that cannot be decoded, whose handler raises Unprocessable, or that fails
-    `max_attempts` times on its own with any other error, goes to `<topic>.dlq` with the
-    reason in its headers, and the partition moves on.
+    A record that cannot be decoded, that `check` or the handler says is Unprocessable, or that
+    fails `max_attempts` times on its own with any other error, goes to `<topic>.dlq` with the
+    reason (and the consumer group that gave up on it) in its headers, and the partition moves on.
     """
 
     settings: KafkaSettings
@@ -249,13 +249,21 @@ class ConsumeLoop(Generic[T]):
     on_batch: Callable[[TopicPartition, int, int | None], None] | None = None
     """Called after each committed batch: (partition, records, lag after it or None if unknown)."""
     on_dead_letter: Callable[[str, str], None] | None = None
+    check: Callable[[T], None] | None = None
+    """Raises Unprocessable for a decoded record that breaks an invariant of its producer (one
+    written to the topic some other way): dead-lettered at once, never handed to `handle`."""
     retry_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
-    max_attempts: int = 3
+    max_attempts: int | None = None
+    """Tries of a record that keeps failing on its own; None: `settings.consumer_max_attempts`."""
     stats: ConsumeStats = field(default_factory=ConsumeStats)
     _consumer: AIOKafkaConsumer | None = None
     _task: asyncio.Task[None] | None = None
     _running: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is None:
+            self.max_attempts = self.settings.consumer_max_attempts
 
     def start(self) -> asyncio.Task[None]:
         self._running = True
@@ -326,9 +334,17 @@ class ConsumeLoop(Generic[T]):
         good: list[Decoded[T]] = []
         for record in records:
             try:
-                good.append(Decoded(record, self.decode(record.value)))
+                value = self.decode(record.value)
             except Exception as exc:  # anything the decoder rejects is poison
                 await self._dead_letter(record, f"undecodable: {type(exc).__name__}: {exc}")
+                continue
+            if self.check is not None:
+                try:
+                    self.check(value)
+                except Unprocessable as exc:
+                    await self._dead_letter(record, f"unprocessable: {exc}")
+                    continue
+            good.append(Decoded(record, value))
         if good:
             try:
                 await self.handle(good)
@@ -347,7 +363,8 @@ class ConsumeLoop(Generic[T]):
             self.on_batch(tp, len(records), None if highwater is None else max(0, highwater - records[-1].offset - 1))
 
     async def _handle_alone(self, item: Decoded[T]) -> None:
-        for attempt in range(1, self.max_attempts + 1):
+        attempts = self.max_attempts or 1
+        for attempt in range(1, attempts + 1):
             try:
                 await self.handle([item])
                 return
@@ -357,7 +374,7 @@ class ConsumeLoop(Generic[T]):
                 await self._dead_letter(item.record, f"unprocessable: {exc}")
                 return
             except Exception as exc:
-                if attempt == self.max_attempts:
+                if attempt == attempts:
                     log.exception("consumer %s: giving up on one record", self.group_id)
                     await self._dead_letter(
                         item.record, f"unprocessable: failed {attempt} times: {type(exc).__name__}: {exc}"
@@ -371,6 +388,8 @@ class ConsumeLoop(Generic[T]):
             ("source-topic", record.topic.encode()),
             ("source-partition", str(record.partition).encode()),
             ("source-offset", str(record.offset).encode()),
+            # customer-events has two consumers (scoring, actions): which one gave up on it
+            ("consumer-group", self.group_id.encode()),
         ]
         await self.publisher.publish(dead_letter(self.topic), record.key or b"", record.value or b"", headers)
         self.stats.dead_lettered += 1

@@ -47,6 +47,9 @@ class KafkaSettings(BaseSettings):
     heartbeat_interval_ms: int = 1_000
     # Largest batch one consumer fetch hands to the consume loop.
     max_poll_records: int = 200
+    # How often a consumer tries a record that keeps failing (an error that is not an outage of
+    # the database or broker) before it goes to the dead-letter topic with the last error.
+    consumer_max_attempts: int = Field(3, ge=1)
     # Sends go out at once (linger 0 halved p50 at 100 req/s); batches still form under load,
     # and a batch may hold many records (aiokafka's 16 KiB default fits about 48 of ours).
     linger_ms: int = 0

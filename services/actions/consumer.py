@@ -19,27 +19,54 @@ from sqlalchemy import Engine
 from services.actions import customers, metrics, service
 from services.actions.policies import OFFER_CREATED
 from services.actions.service import DecisionResult, Rules, TriggerInput
+from services.actions.tables import ActionsCustomer, ActionsDecision
 from shared.clock import Clock
 from shared.db import session_scope
 from shared.events import (
     CustomerRecord,
     ErasureRecord,
     ErasureStatusRecord,
+    EventRecord,
     ScoreRecord,
+    broken_invariant,
     decode_customer_record,
 )
-from shared.kafka import ConsumeLoop, Decoded, Publisher
+from shared.kafka import ConsumeLoop, Decoded, Publisher, Unprocessable
 from shared.settings import KafkaSettings
 from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, ERASURE_STATUS, RETENTION_ACTIONS
+
+
+# The longest model version actions can store (its decisions and customers keep it); scoring's
+# registry never names a model longer than 64 characters.
+MODEL_VERSION_MAX = min(ActionsDecision.__table__.c.model_version.type.length,  # type: ignore[attr-defined]
+                        ActionsCustomer.__table__.c.last_model_version.type.length)  # type: ignore[attr-defined]
 
 
 def decode_score(raw: bytes) -> ScoreRecord:
     return ScoreRecord.model_validate_json(raw)
 
 
+def check_score(score: ScoreRecord) -> None:
+    """A score scoring could not have published: refused with the reason, instead of failing
+    against the database (PostgreSQL refuses the value; SQLite would keep it whole)."""
+    if len(score.model_version) > MODEL_VERSION_MAX:
+        raise Unprocessable(
+            f"model_version is {len(score.model_version)} characters; actions stores at most "
+            f"{MODEL_VERSION_MAX} and scoring's registry never names a model longer than 64"
+        )
+
+
 def decode_event(raw: bytes) -> CustomerRecord:
     """An event, or an erasure control record."""
     return decode_customer_record(raw)
+
+
+def check_event(record: CustomerRecord) -> None:
+    """An event ingest could not have published (shared.events.broken_invariant) is not folded
+    into the customer state: a future occurred_at would pin the customer's last activity, consent
+    or contract there, since an older event never overwrites a newer one."""
+    if isinstance(record, EventRecord) and (problem := broken_invariant(record)):
+        raise Unprocessable(problem)
 
 
 def count_decisions(results: Sequence[DecisionResult]) -> None:
@@ -100,6 +127,7 @@ class _Consumer:
             group_id=group_id,
             client_id=client_id,
             decode=self.decode,
+            check=self.check,
             handle=self.handle,
             publisher=publisher,
             on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
@@ -109,6 +137,10 @@ class _Consumer:
     @staticmethod
     def decode(raw: bytes) -> Any:
         raise NotImplementedError
+
+    @staticmethod
+    def check(value: Any) -> None:
+        """Raises Unprocessable for a decoded record its producer could not have written."""
 
     async def handle(self, batch: list[Decoded[Any]]) -> None:
         results = await asyncio.to_thread(self._handle_all, [item.value for item in batch])
@@ -121,6 +153,7 @@ class _Consumer:
 class ScoreConsumer(_Consumer):
     topic = CHURN_SCORES
     decode = staticmethod(decode_score)
+    check = staticmethod(check_score)
 
     def _handle_all(self, scores: list[ScoreRecord]) -> list[DecisionResult]:
         # One transaction per batch: a commit per score was most of a decision's cost. If any
@@ -138,6 +171,7 @@ class EventConsumer(_Consumer):
 
     topic = CUSTOMER_EVENTS
     decode = staticmethod(decode_event)
+    check = staticmethod(check_event)
 
     def __init__(self, *, trigger_max_age: timedelta, **wiring: Any) -> None:
         super().__init__(**wiring)

@@ -18,8 +18,15 @@ from services.scoring.drift import ScoreDrift
 from services.scoring.model import Predictor
 from shared.clock import Clock
 from shared.db import session_scope
-from shared.events import CustomerRecord, ErasureRecord, ErasureStatusRecord, EventRecord, decode_customer_record
-from shared.kafka import ConsumeLoop, Decoded, Publisher
+from shared.events import (
+    CustomerRecord,
+    ErasureRecord,
+    ErasureStatusRecord,
+    EventRecord,
+    broken_invariant,
+    decode_customer_record,
+)
+from shared.kafka import ConsumeLoop, Decoded, Publisher, Unprocessable
 from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, ERASURE_STATUS
 
 log = logging.getLogger(__name__)
@@ -28,6 +35,13 @@ log = logging.getLogger(__name__)
 def decode(raw: bytes) -> CustomerRecord:
     """An event, or an erasure control record."""
     return decode_customer_record(raw)
+
+
+def check(record: CustomerRecord) -> None:
+    """An event ingest could not have published (shared.events.broken_invariant) is not scored:
+    its features would be computed as of a future that has not happened."""
+    if isinstance(record, EventRecord) and (problem := broken_invariant(record)):
+        raise Unprocessable(problem)
 
 
 class ScoringConsumer:
@@ -110,7 +124,7 @@ class ScoringConsumer:
     def _start_consuming(self) -> None:
         self.loop = ConsumeLoop(
             settings=self.settings.kafka, topic=CUSTOMER_EVENTS, group_id=self.settings.group_id,
-            client_id=self.settings.client_id, decode=decode, handle=self.handle,
+            client_id=self.settings.client_id, decode=decode, check=check, handle=self.handle,
             publisher=self.publisher, on_dead_letter=metrics.dead_lettered,
             on_batch=metrics.CONSUMER.on_batch,
         )

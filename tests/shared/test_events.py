@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.events import EVENT_TYPES, EventRecord, event_json_schema, event_records_json, parse_event
+from shared.events import (
+    EVENT_TYPES,
+    EventRecord,
+    broken_invariant,
+    event_json_schema,
+    event_records_json,
+    parse_event,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "events.md"
 
@@ -79,3 +86,20 @@ def test_bad_payloads_are_rejected_at_the_field(change: dict, where: tuple) -> N
 
 def test_old_events_are_welcome() -> None:
     assert parse_event({**BASE, "occurred_at": "2015-01-01T00:00:00+01:00"}).occurred_at.year == 2015
+
+
+def test_a_record_whose_event_occurred_more_than_24_hours_after_it_was_received_breaks_the_invariant() -> None:
+    """Ingest refuses occurred_at more than 24 h ahead of its clock and stamps received_at from
+    it: a record further ahead was not published by ingest (consumers dead-letter it)."""
+    received_at = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+
+    def record(ahead: timedelta) -> EventRecord:
+        event = parse_event({"id": "e-1", "type": "session.recorded", "customer_id": "c-1",
+                             "occurred_at": (received_at + ahead).isoformat(), "data": {}}, now=received_at + ahead)
+        return EventRecord(tenant_id="t1", received_at=received_at, event=event)
+
+    assert broken_invariant(record(timedelta(hours=24))) is None
+    assert broken_invariant(record(-timedelta(days=400))) is None  # old events are welcome
+    assert broken_invariant(record(timedelta(hours=30))) == (
+        "occurred_at 2026-03-02T18:00:00+00:00 is 30.0 h after received_at 2026-03-01T12:00:00+00:00 "
+        "(ingest accepts at most 24 h): the event did not come through the API")
