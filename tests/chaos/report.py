@@ -42,8 +42,9 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
         f"{r['checks']['offers']['offers']:,} ({r['checks']['offers']['delivered']:,} / {r['checks']['offers']['parked']})"))
     row("**duplicate offers**", lambda r: f"**{r['checks']['offers']['triggers_with_more_than_one_offer']}**")
     row("offers neither delivered nor parked", lambda r: r["checks"]["offers"]["unaccounted_count"])
-    row("dead letters (deliberate / other)", lambda r: (
-        f"{r['checks']['dead_letters']['deliberate']} / {r['checks']['dead_letters']['unexpected_count']}"))
+    row("dead letters (for poisoned records / problems)", lambda r: (
+        f"{r['checks']['dead_letters']['total']} (for {r['checks']['dead_letters']['deliberate']}) / "
+        f"{r['checks']['dead_letters']['problem_count']}"))
     row("verdict", lambda r: "held" if not r["failures"] else "**FAILED**: " + "; ".join(r["failures"]))
     header = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
     return header + "\n".join("| " + " | ".join(cells) + " |" for cells in rows)

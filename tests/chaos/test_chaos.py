@@ -40,4 +40,4 @@ async def test_nothing_lost_or_doubled_under_faults(tmp_path: Path, postgres_ava
     # the run really exercised what it claims
     assert result["events"]["accepted"] >= 2000
     assert result["checks"]["offers"]["delivered"] > 0
-    assert result["checks"]["dead_letters"]["deliberate"] >= 2
+    assert result["checks"]["dead_letters"]["deliberate"] >= 4
