@@ -1,7 +1,9 @@
 # One image for every service; the command picks it: `churnguard serve ingest --host 0.0.0.0`.
 # Build from the repository root: docker build -t churnguard:0.1.0 .
+# PYTHON_IMAGE: any Debian bookworm image with Python 3.11 (`python`) and its venv module.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -14,7 +16,7 @@ COPY shared/ shared/
 COPY services/ services/
 RUN pip install --no-deps . && python -c "import services.cli, shared.app"
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 # A numeric UID/GID, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 RUN groupadd --system --gid 10001 churnguard \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home churnguard

@@ -110,6 +110,8 @@ def logging_config(settings: LogSettings) -> dict[str, Any]:
             },
             # httpx logs every request line at INFO, with its full URL.
             "httpx": {"level": "WARNING"},
+            # alembic narrates every schema comparison at INFO (shared.db logs what it changes).
+            "alembic": {"level": "WARNING"},
         },
     }
 
