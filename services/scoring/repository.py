@@ -20,6 +20,7 @@ from services.scoring.tables import (
     ScoringErasure,
     ScoringEvent,
     ScoringEventFlag,
+    ScoringHistoryMark,
     ScoringModel,
     ScoringScore,
     ScoringSweepLease,
@@ -67,9 +68,34 @@ def insert_events(session: Session, rows: Sequence[Mapping[str, Any]]) -> set[tu
 
 def import_events(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
     """Bulk insert-if-absent without reporting which rows were new (backfills, simulation):
-    a plain executemany, which the PostgreSQL driver pipelines."""
+    a plain executemany, which the PostgreSQL driver pipelines. Bumps the history mark of the
+    tenants concerned (consumers drop their cached histories of them)."""
     if rows:
         session.execute(_insert_events_statement(session), _event_values(rows))
+        for tenant_id in sorted({row["tenant_id"] for row in rows}):
+            bump_history_mark(session, tenant_id)
+
+
+def bump_history_mark(session: Session, tenant_id: str) -> None:
+    """Say that a tenant's stored history changed outside the event consumer (import, purge),
+    in the caller's transaction."""
+    table = ScoringHistoryMark.__table__  # type: ignore[attr-defined]
+    statement = dialect_insert(session, table).values(tenant_id=tenant_id, generation=1)
+    session.execute(statement.on_conflict_do_update(
+        index_elements=["tenant_id"], set_={"generation": table.c.generation + 1},
+    ))
+
+
+def history_marks(session: Session, tenant_ids: Iterable[str]) -> dict[str, int | None]:
+    """tenant -> its history mark (None: never changed outside the consumer)."""
+    wanted = sorted(set(tenant_ids))
+    marks: dict[str, int | None] = dict.fromkeys(wanted)
+    for chunk in _chunks(wanted, 500):
+        statement = select(ScoringHistoryMark.tenant_id, ScoringHistoryMark.generation).where(
+            ScoringHistoryMark.tenant_id.in_(chunk)  # type: ignore[attr-defined]
+        )
+        marks.update({tenant: int(generation) for tenant, generation in session.execute(statement)})
+    return marks
 
 
 def _history_rows(rows: Iterable[Any]) -> dict[str, list[HistoryEvent]]:
@@ -447,4 +473,7 @@ def purge_history(session: Session, tenant_id: str, occurred_before: datetime) -
     result = session.execute(delete(ScoringEvent).where(
         ScoringEvent.tenant_id == tenant_id, ScoringEvent.occurred_at < cutoff
     ))
-    return int(result.rowcount or 0)
+    deleted = int(result.rowcount or 0)
+    if deleted:
+        bump_history_mark(session, tenant_id)
+    return deleted
