@@ -145,9 +145,9 @@ def process_batch(
     for key in customers:
         histories.put(key, partition_of[key], current[key])
         vectors.append(features_as_of(current[key], as_of))
-    probabilities = predictor.predict(vectors)
+    # one model call for the scores and their reasons (= predictor.predict, then reasons.explain)
+    probabilities, explanations = reasons.score_and_explain(predictor.estimator, predictor.feature_names, vectors)
     outcome.scoring_seconds = time.perf_counter() - started
-    explanations = reasons.explain(predictor.estimator, predictor.feature_names, vectors, probabilities)
     scored = {key: (p, v, r) for key, p, v, r in zip(customers, probabilities, vectors, explanations, strict=True)}
 
     by_tenant: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)

@@ -314,3 +314,27 @@ async def test_reasons_are_stored_served_and_published_with_the_score(
     record = next(s for s in (ScoreRecord.model_validate_json(r.value) for r in published) if s.score_id == wanted)
     assert record.reasons == body["reasons"]
     assert record.probability == body["probability"]
+
+
+def test_score_and_explain_is_predict_then_explain_in_one_model_call(trained_model: TrainedModel) -> None:
+    from services.scoring.features import compute_features
+    from services.scoring.reasons import score_and_explain
+
+    from .conftest import SIM_END, simulated_histories
+
+    names = trained_model.report.feature_names
+    rows = [compute_features(events, SIM_END - timedelta(days=d))
+            for d in (0, 40, 200) for events in simulated_histories(120, seed=5).values()]
+    rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
+    predictor = Predictor("v", names, trained_model.estimator, 0.8)
+    expected_probabilities = predictor.predict(rows)
+    expected_reasons = explain(trained_model.estimator, names, rows, expected_probabilities)
+    counting = _Counting(trained_model.estimator)
+    probabilities, why = score_and_explain(counting, names, rows)
+    assert len(counting.calls) == 1
+    # the same per-row computations; only vectorised math may round a row's last bit differently
+    # by its position in the batch (as it already could between predict and explain)
+    assert np.allclose(probabilities, expected_probabilities, rtol=0, atol=1e-12)
+    assert why == expected_reasons
+    assert sum(bool(r) for r in why) > len(rows) // 4  # many rows do have reasons
+    assert score_and_explain(counting, names, []) == ([], [])
