@@ -386,7 +386,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 def tables(results: dict[str, Any]) -> str:
     s = results["settings"]
     out = [f"Backlog: {s['events']:,} events of {s['customers']:,} customers (10 event types mixed), "
-           f"produced at {results['produce_msg_per_s']:,.0f} msg/s; max_poll_records {s['max_poll_records']}.", "",
+           f"produced at {results['produce_msg_per_s']:,.0f} msg/s; scoring's max_poll_records {s['max_poll_records']:,}, "
+           f"history cache {s.get('history_cache_events', 0):,} events.", "",
            "| consumer | database | events | seconds | events/s | vs bare read | CPU cores | CPU µs/event | RSS MB |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     bare = results["bare"][0]["events_per_s"] if results["bare"] else None
@@ -459,12 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     command = "make bench" if argv is None and os.environ.get("MAKELEVEL") else \
         "python -m bench.scoring " + " ".join(sys.argv[1:] if argv is None else argv)
     began = time.perf_counter()
-    kafka_defaults = KafkaSettings()
+    from services.scoring.config import ScoringSettings
+
+    scoring_defaults = ScoringSettings()  # what the instances run with (the environment's overrides included)
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command.strip(),
         "machine": machine(),
         "settings": {"events": args.events, "customers": args.customers, "rates": args.rates,
-                     "latency_seconds": args.latency_duration, "max_poll_records": kafka_defaults.max_poll_records},
+                     "latency_seconds": args.latency_duration, "max_poll_records": scoring_defaults.max_poll_records,
+                     "history_cache_events": scoring_defaults.history_cache_events},
         "bare": [], "backends": [],
     }
     workdir = Path(tempfile.mkdtemp(prefix="churnguard-bench-scoring-"))
