@@ -298,7 +298,7 @@ def score_and_explain(
         rows_at, features_at = np.nonzero(X != ref)
         stacked = X[rows_at].copy()
         stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
-        parts = _tree_parts(estimator)
+        parts = _tree_parts(estimator) if len(rows) >= SHORTCUT_MIN_ROWS else None
         if parts is not None and np.isfinite(X).all():
             scored = _perturbed_proba(parts, X, stacked, rows_at, features_at)
         else:
@@ -327,6 +327,11 @@ def score_and_explain(
 # only the copies of features the tree splits on; then each fold's calibrator and the mean over
 # folds, as CalibratedClassifierCV.predict_proba. Same numbers (up to vectorised math's last
 # bit, see score_and_explain), about half the tree evaluations. Any other model: predict_proba.
+
+
+SHORTCUT_MIN_ROWS = 200
+"""The shortcut makes ~10x more (smaller) calls into the trees: it pays from about 200 rows on
+(measured: 1 row 30 ms against 8 ms, 100 rows 36 against 30, 1,000 rows 154 against 211)."""
 
 
 @dataclass(frozen=True)
