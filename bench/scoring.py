@@ -229,6 +229,19 @@ class Instance:
     def cpu(self) -> float:
         return cpu_seconds(self.process.pid) if self.process else 0.0
 
+    def memory_mb(self, field: str = "VmRSS") -> float | None:
+        """Resident memory of the process (VmRSS now, VmHWM its peak so far), MB; None where
+        /proc is unavailable."""
+        if self.process is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError):
+            pass
+        return None
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -259,8 +272,13 @@ def backlog_throughput(instance: Instance, total: int, timeout_s: float = 300) -
         return {"events": count, "seconds": None, "events_per_s": None, "complete": False}
     seconds = end - first_at
     events = count - (first_count or 0)
+    cpu = instance.cpu() - cpu_first
     return {"events": events, "seconds": seconds, "events_per_s": events / seconds if seconds > 0 else None,
-            "complete": True, "cpu_cores": round((instance.cpu() - cpu_first) / seconds, 2)}
+            "complete": True, "cpu_cores": round(cpu / seconds, 2),
+            # CPU time of the scoring process per event: robust to a busy machine, where wall-clock
+            # rates are not (the CPU counter ticks at 10 ms, so it needs a few seconds of work)
+            "cpu_us_per_event": round(cpu / events * 1e6, 1) if events else None,
+            "rss_mb": instance.memory_mb()}
 
 
 async def latency(kafka: KafkaSettings, instance: Instance, rate: float, warmup_s: float, duration_s: float,
@@ -283,6 +301,7 @@ async def latency(kafka: KafkaSettings, instance: Instance, rate: float, warmup_
     scores.assign(score_parts)
     await scores.seek_to_end(*score_parts)
     processed_before = await asyncio.to_thread(instance.processed)
+    cpu_before = instance.cpu()
     sent = 0
     producer = AIOKafkaProducer(**producer_options(kafka, "bench-latency"))
     await producer.start()
@@ -332,7 +351,10 @@ async def latency(kafka: KafkaSettings, instance: Instance, rate: float, warmup_
         await producer.stop()
         await scores.stop()
     values = sorted((arrived[i] - due[i]) * 1000 for i in range(warm, len(messages)) if i in arrived)
+    processed = await asyncio.to_thread(instance.processed) - processed_before
+    cpu = instance.cpu() - cpu_before
     return {
+        "cpu_us_per_event": round(cpu / processed * 1e6, 1) if processed else None, "rss_mb": instance.memory_mb(),
         "rate": rate, "sent": measured, "scored": len(values), "missing": measured - len(values),
         "p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95), "p99_ms": percentile(values, 99),
         "max_ms": values[-1] if values else None,
@@ -364,24 +386,30 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 def tables(results: dict[str, Any]) -> str:
     s = results["settings"]
     out = [f"Backlog: {s['events']:,} events of {s['customers']:,} customers (10 event types mixed), "
-           f"produced at {results['produce_msg_per_s']:,.0f} msg/s; max_poll_records {s['max_poll_records']}.", "",
-           "| consumer | database | events | seconds | events/s | vs bare read | CPU cores |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+           f"produced at {results['produce_msg_per_s']:,.0f} msg/s; scoring's max_poll_records {s['max_poll_records']:,}, "
+           f"history cache {s.get('history_cache_events', 0):,} events.", "",
+           "| consumer | database | events | seconds | events/s | vs bare read | CPU cores | CPU µs/event | RSS MB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     bare = results["bare"][0]["events_per_s"] if results["bare"] else None
     for b in results["bare"]:
-        out.append(f"| {b['name']} | - | {b['events']:,} | {b['seconds']:.2f} | {b['events_per_s']:,.0f} | - | - |")
+        out.append(f"| {b['name']} | - | {b['events']:,} | {b['seconds']:.2f} | {b['events_per_s']:,.0f} | - | - | - | - |")
     for b in results["backends"]:
         t = b["throughput"]
         ratio = f"{t['events_per_s'] / bare:.1%}" if bare and t["events_per_s"] else "-"
         out.append(f"| scoring instance | {b['backend']} | {t['events']:,} | {fmt(t['seconds'], '.2f')} | "
-                   f"{fmt(t['events_per_s'])} | {ratio} | {fmt(t.get('cpu_cores'), '.2f')} |")
-    out += ["", "| database | events/s published | scored | p50 ms | p95 ms | p99 ms | max ms | lag max | lag mean |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                   f"{fmt(t['events_per_s'])} | {ratio} | {fmt(t.get('cpu_cores'), '.2f')} | "
+                   f"{fmt(t.get('cpu_us_per_event'))} | {fmt(t.get('rss_mb'))} |")
+    out += ["", "| database | events/s published | scored | p50 ms | p95 ms | p99 ms | max ms | lag max | lag mean | "
+            "CPU µs/event | RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in results["backends"]:
         for r in b["latency"]:
             out.append(f"| {b['backend']} | {r['rate']:,.0f} | {r['scored']:,}/{r['sent']:,} | {fmt(r['p50_ms'], '.1f')} | "
                        f"{fmt(r['p95_ms'], '.1f')} | {fmt(r['p99_ms'], '.1f')} | {fmt(r['max_ms'], '.1f')} | "
-                       f"{fmt(r['lag_max'])} | {fmt(r['lag_mean'], '.1f')} |")
+                       f"{fmt(r['lag_max'])} | {fmt(r['lag_mean'], '.1f')} | {fmt(r.get('cpu_us_per_event'))} | "
+                       f"{fmt(r.get('rss_mb'))} |")
+    peaks = [f"{b['backend']} {fmt(b.get('rss_peak_mb'))} MB" for b in results["backends"]]
+    out += ["", f"Peak resident memory (VmHWM) of the scoring process over its whole run: {', '.join(peaks)}."]
     out += ["", "| goal (issue #4) | value | met |", "|---|---:|---|"]
     for g in results["goals"]:
         unit = " events/s" if g["goal"] == "pg_events_per_s" else " ms"
@@ -432,12 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     command = "make bench" if argv is None and os.environ.get("MAKELEVEL") else \
         "python -m bench.scoring " + " ".join(sys.argv[1:] if argv is None else argv)
     began = time.perf_counter()
-    kafka_defaults = KafkaSettings()
+    from services.scoring.config import ScoringSettings
+
+    scoring_defaults = ScoringSettings()  # what the instances run with (the environment's overrides included)
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command.strip(),
         "machine": machine(),
         "settings": {"events": args.events, "customers": args.customers, "rates": args.rates,
-                     "latency_seconds": args.latency_duration, "max_poll_records": kafka_defaults.max_poll_records},
+                     "latency_seconds": args.latency_duration, "max_poll_records": scoring_defaults.max_poll_records,
+                     "history_cache_events": scoring_defaults.history_cache_events},
         "bare": [], "backends": [],
     }
     workdir = Path(tempfile.mkdtemp(prefix="churnguard-bench-scoring-"))
@@ -487,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["latency"].append(lat)
                     print(f"  {rate:,.0f} events/s: p50 {fmt(lat['p50_ms'], '.1f')} p99 {fmt(lat['p99_ms'], '.1f')} ms, "
                           f"scored {lat['scored']}/{lat['sent']}, lag max {lat['lag_max']}", flush=True)
+                row["rss_peak_mb"] = instance.memory_mb("VmHWM")
                 results["backends"].append(row)
             finally:
                 instance.stop()

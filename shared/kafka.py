@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
@@ -228,9 +228,34 @@ class ConsumeStats:
     last_error: str | None = None
 
 
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, assigned: Callable[[set[TopicPartition]], None] | None,
+                 revoked: Callable[[set[TopicPartition]], None] | None) -> None:
+        self._assigned, self._revoked = assigned, revoked
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        if self._revoked:
+            self._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if self._assigned:
+            self._assigned(set(assigned))
+
+
 @dataclass
 class ConsumeLoop(Generic[T]):
     """fetch a batch -> decode -> handle -> commit offset+1, per partition.
+
+    With `whole_poll`, the records of all partitions one fetch returned go to ONE `handle`
+    call (each partition's records in order, partitions one after the other), and each
+    partition's offset is committed after it returned: one transaction per poll instead of one
+    per partition. If that call fails with a non-transient error, the partitions are handled
+    one by one as without `whole_poll`.
+
+    `on_assigned` / `on_revoked` are called with the partitions the group gives to or takes
+    from this member (a consumer's rebalance listener), before any record of an assigned
+    partition is fetched and before a revoked one goes to another member; a consumer that is
+    rebuilt after an error gets a fresh assignment, so `on_assigned` sees it too.
 
     Infrastructure errors (TRANSIENT_ERRORS: database or broker unreachable) retry the whole
     batch from the same offsets after a backoff, for as long as it takes: nothing is skipped.
@@ -252,6 +277,9 @@ class ConsumeLoop(Generic[T]):
     check: Callable[[T], None] | None = None
     """Raises Unprocessable for a decoded record that breaks an invariant of its producer (one
     written to the topic some other way): dead-lettered at once, never handed to `handle`."""
+    on_assigned: Callable[[set[TopicPartition]], None] | None = None
+    on_revoked: Callable[[set[TopicPartition]], None] | None = None
+    whole_poll: bool = False
     retry_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     max_attempts: int | None = None
@@ -284,11 +312,15 @@ class ConsumeLoop(Generic[T]):
     async def _run(self) -> None:
         backoff = self.retry_backoff_s
         while self._running:
+            listening = self.on_assigned is not None or self.on_revoked is not None
             consumer = make_consumer(
-                self.settings, [self.settings.topic(self.topic)], self.group_id, self.client_id
+                self.settings, [] if listening else [self.settings.topic(self.topic)], self.group_id, self.client_id
             )
             try:
                 await consumer.start()
+                if listening:
+                    consumer.subscribe([self.settings.topic(self.topic)],
+                                       listener=_Listener(self.on_assigned, self.on_revoked))
             except (KafkaError, OSError) as exc:
                 await consumer.stop()
                 self.stats.last_error = f"cannot join group: {type(exc).__name__}"
@@ -311,10 +343,23 @@ class ConsumeLoop(Generic[T]):
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
         backoff = self.retry_backoff_s
         while self._running:
-            batches = await consumer.getmany(timeout_ms=200)
+            batches = {tp: records for tp, records in (await consumer.getmany(timeout_ms=200)).items() if records}
+            if self.whole_poll and len(batches) > 1:
+                try:
+                    await self._process_poll(consumer, batches)
+                    backoff = self.retry_backoff_s
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.exception("consumer %s: batch of %d partitions failed; will retry from the same offsets",
+                                  self.group_id, len(batches))
+                    for tp, records in batches.items():
+                        consumer.seek(tp, records[0].offset)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                continue
             for tp, records in batches.items():
-                if not records:
-                    continue
                 try:
                     await self._process_partition(consumer, tp, records)
                     backoff = self.retry_backoff_s
@@ -328,9 +373,7 @@ class ConsumeLoop(Generic[T]):
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
 
-    async def _process_partition(
-        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
-    ) -> None:
+    async def _decoded(self, records: list[ConsumerRecord]) -> list[Decoded[T]]:
         good: list[Decoded[T]] = []
         for record in records:
             try:
@@ -345,18 +388,48 @@ class ConsumeLoop(Generic[T]):
                     await self._dead_letter(record, f"unprocessable: {exc}")
                     continue
             good.append(Decoded(record, value))
-        if good:
-            try:
-                await self.handle(good)
-            except TRANSIENT_ERRORS:
-                raise  # infrastructure trouble: the whole batch is retried from the same offset
-            except Exception:
-                # Something in the batch cannot be processed: handle the records one by one so
-                # good neighbours go through and only the culprit is dead-lettered.
-                for item in good:
-                    await self._handle_alone(item)
+        return good
+
+    async def _handle_batch(self, good: list[Decoded[T]]) -> None:
+        if not good:
+            return
+        try:
+            await self.handle(good)
+        except TRANSIENT_ERRORS:
+            raise  # infrastructure trouble: the whole batch is retried from the same offset
+        except Exception:
+            # Something in the batch cannot be processed: handle the records one by one so
+            # good neighbours go through and only the culprit is dead-lettered.
+            for item in good:
+                await self._handle_alone(item)
+
+    async def _process_partition(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
+    ) -> None:
+        good = await self._decoded(records)
+        await self._handle_batch(good)
         await consumer.commit({tp: records[-1].offset + 1})
-        self.stats.processed += len(good)
+        self._done(consumer, tp, records, len(good))
+
+    async def _process_poll(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
+        decoded = {tp: await self._decoded(records) for tp, records in batches.items()}
+        try:
+            await self.handle([item for good in decoded.values() for item in good])
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception:
+            log.warning("consumer %s: a batch of %d partitions failed; handling them one by one",
+                        self.group_id, len(batches), exc_info=True)
+            for good in decoded.values():
+                await self._handle_batch(good)
+        await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        for tp, records in batches.items():
+            self._done(consumer, tp, records, len(decoded[tp]))
+
+    def _done(self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord], good: int) -> None:
+        self.stats.processed += good
         self.stats.batches += 1
         if self.on_batch:
             highwater = consumer.highwater(tp)

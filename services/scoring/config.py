@@ -39,6 +39,15 @@ class ScoringSettings(BaseSettings):
     )
     retention_enabled: bool = Field(True, description="run the history retention job in this instance")
     retention_interval_s: float = Field(21600.0, gt=0.0, description="how often the retention job runs")
+    history_cache_events: int = Field(
+        50_000, ge=0, description="customer histories kept in memory by the consumer, at most this many events "
+        "in all (services.scoring.history_cache); 0 turns the cache off"
+    )
+    max_poll_records: int = Field(
+        1000, ge=1, le=100_000, description="records one fetch may return (all partitions together); they are "
+        "stored and scored in one transaction, one model call. Larger batches cost less per event only where a "
+        "batch holds several events of one customer (scored once), and cost resident memory"
+    )
     port: int = 8002
     # The registry is shared by every tenant: only these tenants may promote or roll back.
     model_admin_tenants: list[str] = Field(default_factory=list)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
+from aiokafka import TopicPartition
 from sqlalchemy import Engine
 
-from services.scoring import erasure, metrics, service
+from services.scoring import erasure, metrics, repository, service
 from services.scoring.config import ScoringSettings
 from services.scoring.drift import ScoreDrift
+from services.scoring.history_cache import BatchHistories, HistoryCache
 from services.scoring.model import Predictor
 from shared.clock import Clock
 from shared.db import session_scope
@@ -54,6 +57,11 @@ class ScoringConsumer:
         self.predictor: Predictor | None = None
         self.drift = ScoreDrift(())
         self.loop: ConsumeLoop[CustomerRecord] | None = None
+        self.cache = HistoryCache(settings.history_cache_events) if settings.history_cache_events > 0 else None
+        # Batches run one after another on ONE worker thread: glibc gives each thread that
+        # allocates its own malloc arena, and batches spread over the default executor's threads
+        # left several arenas' worth of freed batch memory resident.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring-batch")
         self._refresher: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -77,6 +85,7 @@ class ScoringConsumer:
             self._refresher = None
         if self.loop is not None:
             await self.loop.stop()
+        self._worker.shutdown(wait=False)
 
     @property
     def model_loaded(self) -> bool:
@@ -123,20 +132,35 @@ class ScoringConsumer:
 
     def _start_consuming(self) -> None:
         self.loop = ConsumeLoop(
-            settings=self.settings.kafka, topic=CUSTOMER_EVENTS, group_id=self.settings.group_id,
+            settings=self.settings.kafka.model_copy(update={"max_poll_records": self.settings.max_poll_records}),
+            topic=CUSTOMER_EVENTS, group_id=self.settings.group_id,
             client_id=self.settings.client_id, decode=decode, check=check, handle=self.handle,
             publisher=self.publisher, on_dead_letter=metrics.dead_lettered,
-            on_batch=metrics.CONSUMER.on_batch,
+            on_batch=metrics.CONSUMER.on_batch, whole_poll=True,
+            on_assigned=self._assigned, on_revoked=self._revoked,
         )
         self.loop.start()
         log.info("consuming %s as group %s", CUSTOMER_EVENTS, self.settings.group_id)
 
+    def _assigned(self, partitions: set[TopicPartition]) -> None:
+        if self.cache is not None:
+            self.cache.partitions_assigned(tp.partition for tp in partitions)
+            metrics.set_history_cache(self.cache)
+
+    def _revoked(self, partitions: set[TopicPartition]) -> None:
+        if self.cache is not None:
+            self.cache.partitions_revoked(tp.partition for tp in partitions)
+            metrics.set_history_cache(self.cache)
+
     async def handle(self, batch: list[Decoded[CustomerRecord]]) -> None:
-        """One DB transaction per batch, in a thread; publish only after it committed."""
+        """One DB transaction per batch (all partitions of a poll), in a thread; publish only
+        after it committed."""
         predictor = self.predictor
         assert predictor is not None, "the consumer starts only once a model is loaded"
         records = [item.value for item in batch]
-        outcome, flagged, erased = await asyncio.to_thread(self._process, records, predictor)
+        partitions = [item.record.partition for item in batch]
+        outcome, flagged, erased = await asyncio.get_running_loop().run_in_executor(
+            self._worker, self.process, records, partitions, predictor)
         for reason in flagged:
             metrics.EVENTS_FLAGGED.labels(reason).inc()
         for kind, count in outcome.events_by_type.items():
@@ -161,20 +185,27 @@ class ScoringConsumer:
             ])
             metrics.ERASURES.inc(len(erased))
 
-    def _process(
-        self, records: list[CustomerRecord], predictor: Predictor
+    def process(
+        self, records: list[CustomerRecord], partitions: list[int], predictor: Predictor
     ) -> tuple[service.BatchOutcome, list[str], list[ErasureRecord]]:
         """Events, features, scores, the flags of unusable data and erasures: one transaction.
+        `partitions[i]` is the partition records[i] came from (its customer's partition).
 
         Records are handled in order: the events before an erasure record are stored and then
         erased with the rest of the customer's data; those after it are suppressed (tombstone).
-        Scores of a customer erased later in the same batch are not published."""
+        Scores of a customer erased later in the same batch are not published. The histories
+        the batch computed go into the history cache once the transaction committed."""
         now = self.clock.now()
         total = service.BatchOutcome(scores=[])
         flagged: list[str] = []
         erased: list[ErasureRecord] = []
+        histories = BatchHistories(self.cache, partitions)
         with session_scope(self.engine) as session:
+            if self.cache is not None:
+                tenants = {r.tenant_id for r in records}
+                self.cache.check_marks(repository.history_marks(session, tenants))
             run: list[EventRecord] = []
+            run_partitions: list[int] = []
 
             def flush() -> None:
                 if not run:
@@ -182,22 +213,32 @@ class ScoringConsumer:
                 kept, suppressed = erasure.drop_erased(session, run)
                 total.suppressed += suppressed
                 if kept:
-                    outcome = service.process_batch(session, kept, predictor, self.bands, now)
+                    kept_ids = {id(r) for r in kept}
+                    kept_partitions = run_partitions if len(kept) == len(run) else [
+                        p for r, p in zip(run, run_partitions, strict=True) if id(r) in kept_ids]
+                    outcome = service.process_batch(session, kept, predictor, self.bands, now,
+                                                    histories=histories, partitions=kept_partitions)
                     total.scores.extend(outcome.scores)
                     total.events_by_type.update(outcome.events_by_type)
                     total.duplicates += outcome.duplicates
                     total.scoring_seconds += outcome.scoring_seconds
                     flagged.extend(service.flag_events(session, kept, now))
                 run.clear()
+                run_partitions.clear()
 
-            for record in records:
+            for record, partition in zip(records, partitions, strict=True):
                 if isinstance(record, ErasureRecord):
                     flush()
                     erasure.erase(session, record, now)
+                    histories.drop((record.tenant_id, record.customer_id))
                     erased.append(record)
                 else:
                     run.append(record)
+                    run_partitions.append(partition)
             flush()
+        histories.commit()  # only now: the transaction committed
+        if self.cache is not None:
+            metrics.set_history_cache(self.cache)
         if erased:
             gone = {(r.tenant_id, r.customer_id) for r in erased}
             total.scores = [s for s in total.scores if (s.tenant_id, s.customer_id) not in gone]

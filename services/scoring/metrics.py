@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -111,3 +112,24 @@ RETENTION_ROUNDS = Counter(
     "Retention job rounds by outcome (done, skipped: lease held elsewhere, failed).",
     ["outcome"],
 )
+
+HISTORY_CACHE_CUSTOMERS = Gauge(
+    "churnguard_scoring_history_cache_customers", "Customer histories the consumer keeps in memory"
+)
+HISTORY_CACHE_EVENTS = Gauge(
+    "churnguard_scoring_history_cache_events", "Events in the consumer's in-memory customer histories"
+)
+HISTORY_CACHE_LOOKUPS = Counter(
+    "churnguard_scoring_history_cache_lookups_total",
+    "Customer history lookups of the consumer: hit (in memory) or miss (read from the database)",
+    ["outcome"],
+)
+
+
+def set_history_cache(cache: Any) -> None:
+    """Gauges and lookup counters from a services.scoring.history_cache.HistoryCache."""
+    HISTORY_CACHE_CUSTOMERS.set(cache.customers)
+    HISTORY_CACHE_EVENTS.set(cache.events)
+    hits, misses = cache.take_lookups()
+    HISTORY_CACHE_LOOKUPS.labels("hit").inc(hits)
+    HISTORY_CACHE_LOOKUPS.labels("miss").inc(misses)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -279,9 +281,155 @@ def explain(
             metrics.EXPLAIN_SECONDS.observe(time.perf_counter() - started)
 
 
+def reference_of(predictor: Predictor) -> Mapping[str, float]:
+    """The typical customer `predictor`'s reasons are measured against: its training medians, or
+    the fixed TYPICAL_CUSTOMER for a model registered without them."""
+    return predictor.reference or TYPICAL_CUSTOMER
+
+
 def explain_scores(
     predictor: Predictor, rows: Sequence[Mapping[str, float]], probabilities: Sequence[float] | None = None,
 ) -> list[list[str]]:
-    """explain() against the predictor's own reference (its training medians)."""
-    return explain(predictor.estimator, predictor.feature_names, rows, probabilities,
-                   reference=predictor.reference or TYPICAL_CUSTOMER)
+    """explain() against the predictor's own reference."""
+    return explain(predictor.estimator, predictor.feature_names, rows, probabilities, reference=reference_of(predictor))
+
+
+def score_and_explain(
+    estimator: Any, feature_names: Sequence[str], rows: Sequence[Mapping[str, float]],
+    reference: Mapping[str, float] = TYPICAL_CUSTOMER,
+) -> tuple[list[float], list[list[str]]]:
+    """The churn probabilities of `rows` (what model.Predictor.predict gives, to the last bit or
+    so) and their reasons
+    (what `explain` gives with those probabilities), from ONE predict_proba call over the
+    perturbed copies and the rows themselves: the model's fixed cost per call (a few ms for a
+    calibrated boosted-tree model, however few the rows) is paid once per batch, not twice.
+    Observes churnguard_scoring_explain_seconds once per batch."""
+    if not rows:
+        return [], []
+    started = time.perf_counter()
+    try:
+        X = np.array([feature_vector(row, feature_names) for row in rows], dtype=float)
+        ref = np.array([float(reference[name]) for name in feature_names], dtype=float)
+        rows_at, features_at = np.nonzero(X != ref)
+        stacked = X[rows_at].copy()
+        stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
+        parts = _tree_parts(estimator) if len(rows) >= SHORTCUT_MIN_ROWS else None
+        if parts is not None and np.isfinite(X).all():
+            scored = _perturbed_proba(parts, X, stacked, rows_at, features_at)
+        else:
+            with single_threaded():  # as Predictor.predict
+                scored = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
+        # Predictor.predict's clipping. A row's probability does not depend on the rows it is
+        # scored with (up to the last bit where vectorised math treats a batch's tail apart)
+        base = np.clip(scored[len(rows_at):], 0.0, 1.0)
+        weights = np.zeros((len(rows), len(feature_names)))
+        weights[rows_at, features_at] = base[rows_at] - scored[: len(rows_at)]
+        probabilities = [float(p) for p in base]
+        return probabilities, [
+            [text for _, _, text in top_reasons(row, feature_names, weights[i])] for i, row in enumerate(rows)
+        ]
+    finally:
+        metrics.EXPLAIN_SECONDS.observe(time.perf_counter() - started)
+
+
+# --- the same predictions, faster, for a calibrated boosted-tree model ------------------------
+#
+# A perturbed copy differs from its row in ONE feature, so in every tree that does not split on
+# that feature it lands in the same leaf as the row. For CalibratedClassifierCV over
+# HistGradientBoostingClassifier (what training usually picks), the copies' raw predictions are
+# summed tree by tree exactly as sklearn sums them (baseline, then each tree's leaf value in
+# order), taking the row's leaf value where the tree does not use the feature and predicting
+# only the copies of features the tree splits on; then each fold's calibrator and the mean over
+# folds, as CalibratedClassifierCV.predict_proba. Same numbers (up to vectorised math's last
+# bit, see score_and_explain), about half the tree evaluations. Any other model: predict_proba.
+
+
+SHORTCUT_MIN_ROWS = 200
+"""The shortcut makes ~10x more (smaller) calls into the trees: it pays from about 200 rows on
+(measured: 1 row 30 ms against 8 ms, 100 rows 36 against 30, 1,000 rows 154 against 211)."""
+
+
+@dataclass(frozen=True)
+class _Fold:
+    baseline: float
+    trees: tuple[tuple[Any, tuple[int, ...]], ...]  # (tree predictor, features it splits on)
+    bitsets: Any
+    f_idx_map: Any
+    calibrator: Any
+
+
+_PARTS: weakref.WeakKeyDictionary[Any, tuple[_Fold, ...] | None] = weakref.WeakKeyDictionary()
+
+
+def _tree_parts(estimator: Any) -> tuple[_Fold, ...] | None:
+    try:
+        return _PARTS[estimator]
+    except (KeyError, TypeError):
+        pass
+    parts = None
+    try:
+        parts = _fold_parts(estimator)
+    except Exception:  # an sklearn whose internals differ: the generic path
+        parts = None
+    try:
+        _PARTS[estimator] = parts
+    except TypeError:
+        pass
+    return parts
+
+
+def _fold_parts(estimator: Any) -> tuple[_Fold, ...] | None:
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    if not isinstance(estimator, CalibratedClassifierCV) or len(estimator.classes_) != 2:
+        return None
+    folds = []
+    for calibrated in estimator.calibrated_classifiers_:
+        model = calibrated.estimator
+        if (type(model) is not HistGradientBoostingClassifier or model.n_trees_per_iteration_ != 1
+                or model.is_categorical_ is not None or len(calibrated.calibrators) != 1
+                or list(model.classes_) != list(estimator.classes_)
+                or calibrated.method not in ("sigmoid", "isotonic")):
+            return None
+        bitsets, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
+        trees = []
+        for (tree,) in model._predictors:
+            nodes = tree.nodes
+            used = np.unique(nodes["feature_idx"][nodes["is_leaf"] == 0])
+            trees.append((tree, tuple(int(j) for j in used)))
+        folds.append(_Fold(float(model._baseline_prediction.ravel()[0]), tuple(trees), bitsets, f_idx_map,
+                           calibrated.calibrators[0]))
+    return tuple(folds)
+
+
+def _perturbed_proba(
+    folds: tuple[_Fold, ...], X: np.ndarray, stacked: np.ndarray, rows_at: np.ndarray, features_at: np.ndarray
+) -> np.ndarray:
+    """predict_proba(vstack([stacked, X]))[:, 1] for a calibrated boosted-tree model, where
+    stacked[i] is X[rows_at[i]] with feature features_at[i] replaced."""
+    order = np.argsort(features_at, kind="stable")  # copies grouped by the feature they change
+    copies = np.ascontiguousarray(stacked[order])
+    copy_rows = rows_at[order]
+    bounds = np.searchsorted(features_at[order], np.arange(X.shape[1] + 1))
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    m, n = len(copies), len(X)
+    total = np.zeros(m + n)
+    for fold in folds:
+        raw_rows = np.zeros(n) + fold.baseline
+        raw_copies = np.zeros(m) + fold.baseline
+        for tree, used in fold.trees:
+            leaf = tree.predict(X, fold.bitsets, fold.f_idx_map, 1)
+            raw_rows += leaf
+            values = leaf[copy_rows]
+            for j in used:  # the copies of features this tree splits on (contiguous blocks)
+                lo, hi = bounds[j], bounds[j + 1]
+                if hi > lo:
+                    values[lo:hi] = tree.predict(copies[lo:hi], fold.bitsets, fold.f_idx_map, 1)
+            raw_copies += values
+        raw = np.empty(m + n)
+        raw[:m][order] = raw_copies
+        raw[m:] = raw_rows
+        total += fold.calibrator.predict(raw)
+    total /= len(folds)
+    return total

@@ -20,10 +20,12 @@ from services.scoring import reasons, repository
 from services.scoring.features import (
     FLAGGABLE_TYPES,
     MAIN_CURRENCY,
+    HistoryEvent,
     as_utc,
-    compute_features,
     event_flags,
+    features_as_of,
 )
+from services.scoring.history_cache import BatchHistories
 from services.scoring.model import (
     ModelLoadError,
     Predictor,
@@ -78,46 +80,82 @@ def _event_row(record: EventRecord) -> dict[str, Any]:
     event = record.event
     return {
         "tenant_id": record.tenant_id, "event_id": event.id, "customer_id": event.customer_id,
-        "type": event.type, "occurred_at": event.occurred_at, "received_at": record.received_at,
+        "type": event.type, "occurred_at": as_utc(event.occurred_at), "received_at": as_utc(record.received_at),
         "payload": event.data.model_dump(mode="json"),
     }
 
 
+def _history_event(row: Mapping[str, Any]) -> HistoryEvent:
+    """The stored row as load_histories would read it back."""
+    return HistoryEvent(type=row["type"], occurred_at=row["occurred_at"], data=row["payload"], id=row["event_id"])
+
+
 def process_batch(
-    session: Session, records: Sequence[EventRecord], predictor: Predictor, bands: Bands, as_of: datetime
+    session: Session, records: Sequence[EventRecord], predictor: Predictor, bands: Bands, as_of: datetime,
+    *, histories: BatchHistories | None = None, partitions: Sequence[int] | None = None,
 ) -> BatchOutcome:
     """Store the events (insert-if-absent), recompute the affected customers' features from
     their history as of `as_of`, score them, store features and scores. Returns one score
-    per distinct event; a duplicate event is re-scored under its original score_id."""
+    per distinct event; a duplicate event is re-scored under its original score_id.
+
+    A customer's history comes from `histories` (the consumer's cache, by the partition the
+    record came on: `partitions`, parallel to `records`) plus the events this batch stored,
+    or else from the database; either way it is the stored history, and the features are
+    compute_features(stored history, as_of). The histories used are left in `histories`
+    for the caller to keep once the transaction committed."""
+    histories = histories if histories is not None else BatchHistories()
     distinct: dict[tuple[str, str], EventRecord] = {}
-    for record in records:
-        distinct.setdefault((record.tenant_id, record.event.id), record)
-    inserted = repository.insert_events(session, [_event_row(r) for r in distinct.values()])
+    partition_of: dict[tuple[str, str], int] = {}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for i, record in enumerate(records):
+        key = (record.tenant_id, record.event.id)
+        if key not in distinct:
+            distinct[key] = record
+            rows[key] = _event_row(record)
+        partition_of.setdefault((record.tenant_id, record.event.customer_id), partitions[i] if partitions else -1)
+    inserted = repository.insert_events(session, list(rows.values()))
     outcome = BatchOutcome(
         scores=[],
         events_by_type=Counter(r.event.type for r in records),
         duplicates=len(records) - len(inserted),
     )
 
-    affected: dict[str, set[str]] = defaultdict(set)
-    for (tenant_id, _), record in distinct.items():
-        affected[tenant_id].add(record.event.customer_id)
+    new_events: dict[tuple[str, str], list[HistoryEvent]] = defaultdict(list)
+    for key in inserted:
+        row = rows[key]
+        new_events[(row["tenant_id"], row["customer_id"])].append(_history_event(row))
 
     started = time.perf_counter()
-    keys: list[tuple[str, str]] = []
+    customers = sorted(partition_of)
+    current: dict[tuple[str, str], list[HistoryEvent]] = {}
+    missing: dict[str, list[str]] = defaultdict(list)
+    for key in customers:
+        cached = histories.get(key, partition_of[key])
+        if cached is None:
+            missing[key[0]].append(key[1])
+        elif key in new_events:  # the cache has the history before this batch: add what it stored
+            current[key] = sorted([*cached, *new_events[key]], key=HistoryEvent.sort_key)
+        else:
+            current[key] = cached
+    for tenant_id, ids in missing.items():  # the stored history, this batch's events included
+        loaded = repository.load_histories(session, tenant_id, ids)
+        for customer in ids:
+            current[(tenant_id, customer)] = sorted(loaded.get(customer, []), key=HistoryEvent.sort_key)
     vectors: list[dict[str, float]] = []
-    for tenant_id, customers in sorted(affected.items()):
-        histories = repository.load_histories(session, tenant_id, customers)
-        for customer in sorted(customers):
-            keys.append((tenant_id, customer))
-            vectors.append(compute_features(histories.get(customer, []), as_of))
-    probabilities = predictor.predict(vectors)
+    for key in customers:
+        histories.put(key, partition_of[key], current[key])
+        vectors.append(features_as_of(current[key], as_of))
+    # one model call for the scores and their reasons (= predictor.predict, then reasons.explain)
+    probabilities, explanations = reasons.score_and_explain(
+        predictor.estimator, predictor.feature_names, vectors, reference=reasons.reference_of(predictor))
     outcome.scoring_seconds = time.perf_counter() - started
-    explanations = reasons.explain_scores(predictor, vectors, probabilities)
-    scored = {key: (p, v, r) for key, p, v, r in zip(keys, probabilities, vectors, explanations, strict=True)}
+    scored = {key: (p, v, r) for key, p, v, r in zip(customers, probabilities, vectors, explanations, strict=True)}
 
-    for tenant_id, customers in affected.items():
-        repository.upsert_features(session, tenant_id, {c: scored[(tenant_id, c)][1] for c in customers}, as_of)
+    by_tenant: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for (tenant_id, customer), (_, vector, _) in scored.items():
+        by_tenant[tenant_id][customer] = vector
+    for tenant_id, features in by_tenant.items():
+        repository.upsert_features(session, tenant_id, features, as_of)
     for (tenant_id, event_id), record in distinct.items():
         probability, vector, why = scored[(tenant_id, record.event.customer_id)]
         outcome.scores.append(ScoreRecord(

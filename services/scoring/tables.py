@@ -152,7 +152,18 @@ class ScoringErasure(SQLModel, table=True):
     erased_at: datetime = _ts()
 
 
+class ScoringHistoryMark(SQLModel, table=True):
+    """Bumped whenever a tenant's stored history changes other than by the event consumer (a
+    history import, the retention purge): consumers then drop their cached histories of that
+    tenant (services.scoring.history_cache). No customer data."""
+
+    __tablename__ = "scoring_history_marks"
+
+    tenant_id: str = Field(max_length=128, primary_key=True)
+    generation: int = 0
+
+
 TABLES: tuple[type[SQLModel], ...] = (
     ScoringEvent, ScoringCustomerFeatures, ScoringScore, ScoringModel, ScoringEventFlag, ScoringSweepLease,
-    ScoringErasure,
+    ScoringErasure, ScoringHistoryMark,
 )

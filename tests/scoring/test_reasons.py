@@ -353,3 +353,65 @@ def test_a_reference_that_lacks_a_feature_is_refused_at_load(trained_model: Trai
     reference = {name: 0.0 for name in names[1:]}
     with pytest.raises(ModelLoadError, match=f"reasons reference lacks {names[0]}"):
         load_predictor("m-x", names, dump_artifact(trained_model.estimator), 0.8, reference=reference)
+
+
+def test_score_and_explain_is_predict_then_explain_in_one_model_call(trained_model: TrainedModel) -> None:
+    from services.scoring.features import compute_features
+    from services.scoring.reasons import score_and_explain
+
+    from .conftest import SIM_END, simulated_histories
+
+    names = trained_model.report.feature_names
+    rows = [compute_features(events, SIM_END - timedelta(days=d))
+            for d in (0, 40, 200) for events in simulated_histories(120, seed=5).values()]
+    rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
+    predictor = Predictor("v", names, trained_model.estimator, 0.8)
+    expected_probabilities = predictor.predict(rows)
+    expected_reasons = explain(trained_model.estimator, names, rows, expected_probabilities)
+    counting = _Counting(trained_model.estimator)
+    probabilities, why = score_and_explain(counting, names, rows)
+    assert len(counting.calls) == 1
+    # the same per-row computations; only vectorised math may round a row's last bit differently
+    # by its position in the batch (as it already could between predict and explain)
+    assert np.allclose(probabilities, expected_probabilities, rtol=0, atol=1e-12)
+    assert why == expected_reasons
+    assert sum(bool(r) for r in why) > len(rows) // 4  # many rows do have reasons
+    assert score_and_explain(counting, names, []) == ([], [])
+
+
+def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives() -> None:
+    """reasons._perturbed_proba (copies evaluated only in trees that split on the changed
+    feature) against sklearn's predict_proba over the same stacked rows, for a calibrated
+    boosted-tree model like training's: realistic rows at several cutoffs, hand-built ones,
+    and random ones far outside the training range."""
+    from sklearn.calibration import CalibratedClassifierCV
+
+    names = list(FEATURE_NAMES)
+    rows = [compute_features(events, datetime(2026, 6, 1, tzinfo=timezone.utc) - timedelta(days=d))
+            for d in (0, 90, 200) for events in simulated_histories(150, seed=8).values()]
+    X_fit = np.array([[row[name] for name in names] for row in rows], dtype=float)
+    rng = np.random.default_rng(3)
+    y = ((X_fit[:, 0] > 30) ^ (rng.random(len(X_fit)) < 0.2)).astype(int)
+    estimator = CalibratedClassifierCV(
+        HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method="sigmoid", cv=3
+    ).fit(X_fit, y)
+    folds = reasons._tree_parts(estimator)
+    assert folds is not None and len(folds) == 3
+
+    rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
+    rows += [{name: float(rng.choice([TYPICAL_CUSTOMER[name], rng.normal(0, 500)])) for name in names}
+             for _ in range(50)]
+    X = np.array([[row[name] for name in names] for row in rows], dtype=float)
+    ref = np.array([TYPICAL_CUSTOMER[name] for name in names])
+    rows_at, features_at = np.nonzero(X != ref)
+    stacked = X[rows_at].copy()
+    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
+    expected = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
+    got = reasons._perturbed_proba(folds, X, stacked, rows_at, features_at)
+    assert got.shape == expected.shape
+    assert np.allclose(got, expected, rtol=0, atol=1e-12)
+    probabilities, why = reasons.score_and_explain(estimator, names, rows)  # takes the shortcut
+    assert why == explain(estimator, names, rows, Predictor("v", tuple(names), estimator, 0.8).predict(rows))
+    assert sum(bool(r) for r in why) > 10
+    # a model the shortcut does not know takes the generic path
+    assert reasons._tree_parts(Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())])) is None
