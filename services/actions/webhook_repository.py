@@ -46,6 +46,17 @@ def active_subscriptions(session: Session, tenant_id: str) -> Sequence[ActionsWe
     ).all()
 
 
+def active_subscription_events(session: Session, tenant_id: str) -> list[tuple[str, list[str]]]:
+    """(id, event types) of the tenant's active subscriptions, oldest first (no secrets read)."""
+    s = ActionsWebhookSubscription
+    rows = session.exec(
+        select(s.id, s.event_types)
+        .where(s.tenant_id == tenant_id, col(s.active).is_(True))
+        .order_by(col(s.created_at), col(s.id))
+    ).all()
+    return [(row[0], list(row[1] or [])) for row in rows]
+
+
 def subscriptions_by_id(
     session: Session, ids: Sequence[str]
 ) -> dict[str, ActionsWebhookSubscription]:

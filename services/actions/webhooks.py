@@ -198,26 +198,48 @@ def enqueue(
     """One outbox row per active subscription of the tenant that wants `event_type`, in the
     caller's transaction. `payload` is the exact JSON text that is signed and sent on every
     attempt. Returns how many rows were written."""
-    count = 0
-    for subscription in repo.active_subscriptions(session, tenant_id):
-        if event_type not in subscription.event_types:
-            continue
-        session.add(
-            ActionsDelivery(
-                delivery_id=f"msg_{new_id()}",
-                tenant_id=tenant_id,
-                subscription_id=subscription.id,
-                offer_id=offer_id,
-                event_type=event_type,
-                payload=payload,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
+    rows = outbox_rows(
+        subscribers(session, tenant_id, event_type),
+        tenant_id=tenant_id, offer_id=offer_id, payload=payload, now=now, event_type=event_type,
+    )
+    session.add_all(rows)
+    return len(rows)
+
+
+def subscribers(session: Session, tenant_id: str, event_type: str) -> list[str]:
+    """Ids of the tenant's active subscriptions that want `event_type`, oldest first."""
+    return [
+        subscription_id
+        for subscription_id, event_types in repo.active_subscription_events(session, tenant_id)
+        if event_type in event_types
+    ]
+
+
+def outbox_rows(
+    subscription_ids: Sequence[str],
+    *,
+    tenant_id: str,
+    offer_id: str,
+    payload: str,
+    now: datetime,
+    event_type: str = OFFER_CREATED_EVENT,
+) -> list[ActionsDelivery]:
+    """The outbox rows of one event, one per subscription (not added to a session yet)."""
+    return [
+        ActionsDelivery(
+            delivery_id=f"msg_{new_id()}",
+            tenant_id=tenant_id,
+            subscription_id=subscription_id,
+            offer_id=offer_id,
+            event_type=event_type,
+            payload=payload,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
         )
-        count += 1
-    return count
+        for subscription_id in subscription_ids
+    ]
 
 
 # --- the deliveries API -----------------------------------------------------------------
