@@ -335,6 +335,98 @@ async def outbox_latency(engine: Engine, receiver: Receiver, rate: float, durati
     }
 
 
+# --- the decision path ---------------------------------------------------------------------
+
+DECISION_DOCUMENT: dict[str, Any] = {
+    "customer_cooldown_days": 30,
+    "offers": {
+        "discount-15": {"kind": "discount", "discount_percent": 15, "validity_days": 14, "cost": 8.0},
+        "survey": {"kind": "feedback_survey", "service": True, "validity_days": 14, "cost": 0.5},
+    },
+    "policies": [
+        {"name": "high-risk-discount", "priority": 100, "triggers": ["score"], "when": {"score": {"min": 0.7}},
+         "offer": "discount-15", "cooldown_days": 30, "budget": {"period": "month", "max_count": 1_000_000}},
+        {"name": "medium-risk-survey", "priority": 200, "triggers": ["score"], "when": {"score": {"min": 0.4}},
+         "offer": "survey", "cooldown_days": 7},
+    ],
+}
+
+
+class StatementCounter:
+    """Counts statements sent to the database (an executemany counts once)."""
+
+    def __init__(self, engine: Engine) -> None:
+        from sqlalchemy import event
+
+        self.count = 0
+
+        def before(*_: Any) -> None:
+            self.count += 1
+
+        event.listen(engine, "before_cursor_execute", before)
+
+
+def decision_path(engine: Engine, customers: int, batch: int) -> dict[str, Any]:
+    """Scores and customer events through the consumers' own batch handlers (one transaction
+    per batch, as the Kafka consumers run them), in this process: SQL statements and CPU time per
+    decision and per event. Each customer gets a profile event, then two scores in different
+    batches (the second meets the first's cooldown), probabilities spread over 0.1-0.95 so some
+    decisions are offers (and outbox rows), some are suppressions."""
+    import random
+
+    from services.actions.consumer import apply_events, decide_scores
+    from services.actions.policies import PolicyDocument
+    from services.actions.service import PolicyCache, Rules
+    from shared.events import EventRecord, ScoreRecord, parse_event
+
+    rules = Rules(default_document=PolicyDocument.model_validate(DECISION_DOCUMENT), consent_required=False,
+                  holdout_percent=10.0, cache=PolicyCache(60.0))
+    tenant = f"dec-{uuid.uuid4().hex[:6]}"
+    with session_scope(engine) as session:
+        webhooks.create_subscription(session, tenant, "http://127.0.0.1:9/hooks", datetime.now(timezone.utc),
+                                     UrlPolicy(allow_local=True))
+    clock = SystemClock()
+    rng = random.Random(5)
+    names = [f"c-{i}" for i in range(customers)]
+    now = datetime.now(timezone.utc)
+    events = [
+        EventRecord(tenant_id=tenant, received_at=now, event=parse_event({
+            "id": new_id(), "type": "customer.profile_updated", "customer_id": name,
+            "occurred_at": now.isoformat(), "data": {"segment": "retail", "attributes": {"clv": 300}}}, now=now))
+        for name in names
+    ]
+
+    def score(name: str) -> ScoreRecord:
+        p = rng.uniform(0.1, 0.95)
+        return ScoreRecord(score_id=new_id(), tenant_id=tenant, customer_id=name, probability=p,
+                           band="high" if p >= 0.7 else "medium" if p >= 0.4 else "low", model_version="bench",
+                           scored_at=datetime.now(timezone.utc), features={"spend_365d": 120.0},
+                           reasons=["no order for 74 days"])
+
+    scores = [score(name) for name in names] + [score(name) for name in names]
+    counter = StatementCounter(engine)
+    out: dict[str, Any] = {"customers": customers, "batch": batch}
+    def handle_events(batch: list[Any]) -> Any:
+        return apply_events(engine, batch, rules, clock, timedelta(hours=48))[0]
+
+    def handle_scores(batch: list[Any]) -> Any:
+        return decide_scores(engine, batch, rules, clock)
+
+    for what, items, handle in (("events", events, handle_events), ("scores", scores, handle_scores)):
+        before_statements, cpu, wall = counter.count, time.process_time(), time.perf_counter()
+        offers = 0
+        for start in range(0, len(items), batch):
+            offers += sum(1 for r in handle(items[start:start + batch]) if r.deliveries)
+        n = len(items)
+        out[what] = {
+            "count": n, "offers": offers,
+            "statements_per_item": round((counter.count - before_statements) / n, 2),
+            "cpu_ms_per_item": round((time.process_time() - cpu) * 1000 / n, 3),
+            "wall_ms_per_item": round((time.perf_counter() - wall) * 1000 / n, 3),
+        }
+    return out
+
+
 # --- report --------------------------------------------------------------------------------
 
 
