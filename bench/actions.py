@@ -391,8 +391,8 @@ def decision_path(engine: Engine, customers: int, batch: int) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
     events = [
         EventRecord(tenant_id=tenant, received_at=now, event=parse_event({
-            "id": new_id(), "type": "customer.profile_updated", "customer_id": name,
-            "occurred_at": now.isoformat(), "data": {"segment": "retail", "attributes": {"clv": 300}}}, now=now))
+            "id": new_id(), "type": "session.recorded", "customer_id": name,
+            "occurred_at": now.isoformat(), "data": {"duration_seconds": 60}}, now=now))
         for name in names
     ]
 

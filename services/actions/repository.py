@@ -5,12 +5,14 @@ Tenant-facing queries always filter by tenant_id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timezone
 from typing import Any
 
-from sqlalchemy import delete, func, text, tuple_
+from sqlalchemy import JSON, delete, func, insert, text, tuple_
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
 from services.actions.tables import (
@@ -24,7 +26,7 @@ from services.actions.tables import (
     ActionsOfferResponse,
     ActionsPolicyDocument,
 )
-from shared.db import dialect_insert
+from shared.db import JSON_CODEC, dialect_insert
 
 # --- decisions and offers -----------------------------------------------------------
 
@@ -123,6 +125,62 @@ def _by_tenant(keys: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     return grouped
 
 
+def insert_rows(
+    session: Session, model: Any, rows: Sequence[dict[str, Any]], ignore_existing: bool = False
+) -> None:
+    """Rows (every column's value) into `model`'s table in one statement. `ignore_existing`:
+    ON CONFLICT DO NOTHING.
+
+    PostgreSQL: `INSERT ... SELECT FROM unnest(<one array per column>)`, a short statement whose
+    parameters are one array per column. The alternatives measured worse on the decision path:
+    SQLAlchemy's executemany sends one INSERT per row (psycopg pipelines them, the server still
+    runs each), and its multi-row VALUES ("insertmanyvalues") makes a statement of 10-25 kB that
+    psycopg parses again on every call (its query cache stops at 4 kB): 40% of a decision's CPU.
+    SQLite: executemany (in-process, no round trips)."""
+    if not rows:
+        return
+    table = model.__table__
+    if session.get_bind().dialect.name != "postgresql":
+        statement = dialect_insert(session, table).on_conflict_do_nothing() if ignore_existing else insert(table)
+        session.execute(statement, list(rows))
+        return
+    sql, columns = _unnest_insert(table, ignore_existing)
+    params: dict[str, list[Any]] = {column.name: [] for column in columns}
+    for row in rows:
+        for column in columns:
+            value = row.get(column.name)
+            if isinstance(column.type, JSON) and value is not None:
+                value = JSON_CODEC["json_serializer"](value)
+            elif isinstance(value, datetime):
+                if value.tzinfo is None:
+                    raise ValueError("naive datetime: domain times must be timezone-aware")
+                value = value.astimezone(timezone.utc)
+            params[column.name].append(value)
+    session.connection().exec_driver_sql(sql, params)
+
+
+@functools.lru_cache(maxsize=None)
+def _unnest_insert(table: Any, ignore_existing: bool) -> tuple[str, list[Any]]:
+    columns = list(table.columns)
+    dialect = postgresql.dialect()
+    arrays, selected = [], []
+    for column in columns:
+        if isinstance(column.type, JSON):
+            arrays.append(f"%({column.name})s::text[]")
+            selected.append(f"{column.name}::json")
+        else:
+            arrays.append(f"%({column.name})s::{column.type.compile(dialect=dialect)}[]")
+            selected.append(column.name)
+    names = ", ".join(column.name for column in columns)
+    sql = (
+        f"INSERT INTO {table.name} ({names}) SELECT {', '.join(selected)} "
+        f"FROM unnest({', '.join(arrays)}) AS rows({names})"
+    )
+    if ignore_existing:
+        sql += " ON CONFLICT DO NOTHING"
+    return sql, columns
+
+
 def lock_customers(
     session: Session, keys: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], ActionsCustomer]:
@@ -147,11 +205,9 @@ def lock_customers(
     lock(ordered)
     missing = [key for key in ordered if key not in found]
     if missing:
-        session.execute(
-            dialect_insert(session, ActionsCustomer.__table__)  # type: ignore[attr-defined]
-            .on_conflict_do_nothing(index_elements=["tenant_id", "customer_id"]),
-            [{"tenant_id": t, "customer_id": c, "attributes": {}} for t, c in missing],
-        )
+        insert_rows(session, ActionsCustomer, [
+            {"tenant_id": t, "customer_id": c, "attributes": {}} for t, c in missing
+        ], ignore_existing=True)
         lock(missing)
     return found
 
@@ -259,21 +315,13 @@ def contracts_by_id(
 
 
 def add_activity_days(session: Session, days: Sequence[tuple[str, str, date]]) -> None:
-    for chunk in _chunks(days):
-        session.execute(
-            dialect_insert(session, ActionsActivityDay.__table__)  # type: ignore[attr-defined]
-            .on_conflict_do_nothing(),
-            [{"tenant_id": t, "customer_id": c, "day": d} for t, c, d in chunk],
-        )
+    insert_rows(session, ActionsActivityDay, [
+        {"tenant_id": t, "customer_id": c, "day": d} for t, c, d in days
+    ], ignore_existing=True)
 
 
-def add_offer_responses(session: Session, rows: Sequence[dict[str, object]]) -> None:
-    for chunk in _chunks(rows):
-        session.execute(
-            dialect_insert(session, ActionsOfferResponse.__table__)  # type: ignore[attr-defined]
-            .on_conflict_do_nothing(),
-            chunk,
-        )
+def add_offer_responses(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    insert_rows(session, ActionsOfferResponse, rows, ignore_existing=True)
 
 
 def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetime) -> None:

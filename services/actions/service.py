@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm.attributes import set_committed_value
@@ -48,6 +49,7 @@ from services.actions.tables import (
     ActionsContract,
     ActionsCustomer,
     ActionsDecision,
+    ActionsDelivery,
     ActionsOffer,
 )
 from services.actions.webhooks import (  # noqa: F401  (re-exported)
@@ -195,23 +197,27 @@ def decide_many(
 
 @dataclass
 class _Batch:
-    """What one batch of decisions reads once, and keeps current as it decides."""
+    """What one batch of decisions reads once, and keeps current as it decides. The offer
+    history, budgets and subscriptions are read when the first trigger needs them (for the
+    whole batch at once): a batch in which no policy matches reads none of them."""
 
     now: datetime
     rules: Rules
+    items: Sequence[TriggerInput]
     states: dict[tuple[str, str], ActionsCustomer]
     existing: dict[tuple[str, str], ActionsDecision]
     documents: dict[str, PolicyDocument]
     contracts: dict[tuple[str, str], list[ActionsContract]]
     # per customer: {(policy, service): when its latest offer was created}
-    history: dict[tuple[str, str], dict[tuple[str, bool], datetime]]
+    history: dict[tuple[str, str], dict[tuple[str, bool], datetime]] | None = None
     # per (tenant, policy): [offers this period, their summed cost]
-    budgets: dict[tuple[str, str], list[float]]
+    budgets: dict[tuple[str, str], list[float]] | None = None
     subscriptions: dict[str, list[str]] = field(default_factory=dict)  # per tenant: subscription ids
     decided: dict[tuple[str, str], ActionRecord] = field(default_factory=dict)
-    offers: list[ActionsOffer] = field(default_factory=list)
     scored: dict[tuple[str, str], ActionsCustomer] = field(default_factory=dict)
-    rows: list[object] = field(default_factory=list)  # outbox rows and decisions
+    offers: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def load(
@@ -229,26 +235,33 @@ class _Batch:
         contracts = repository.contracts_of_customers(session, sorted({
             (t.tenant_id, t.customer_id) for t in live if _needs_contracts(documents[t.tenant_id], t)
         }))
-        listening = [t for t in live if any(t.trigger in p.triggers for p in documents[t.tenant_id].ordered())]
-        history = repository.offer_history(
-            session, sorted({(t.tenant_id, t.customer_id) for t in listening})
-        )
-        budgeted = sorted({
-            (t.tenant_id, p.name)
-            for t in listening
-            for p in documents[t.tenant_id].ordered()
-            if p.budget is not None and t.trigger in p.triggers
-        })
-        repository.lock_budgets(session, budgeted)
-        budgets: dict[tuple[str, str], list[float]] = {}
-        for tenant, name in budgeted:
-            policy = next(p for p in documents[tenant].ordered() if p.name == name)
-            assert policy.budget is not None
-            count, cost = repository.budget_used(
-                session, tenant, name, period_start(now, policy.budget.period)
+        return cls(now, rules, live, states, existing, documents, contracts)
+
+    def _history(self, session: Session) -> dict[tuple[str, str], dict[tuple[str, bool], datetime]]:
+        if self.history is None:
+            self.history = repository.offer_history(
+                session, sorted({(t.tenant_id, t.customer_id) for t in self.items})
             )
-            budgets[(tenant, name)] = [float(count), cost]
-        return cls(now, rules, states, existing, documents, contracts, history, budgets)
+        return self.history
+
+    def _budgets(self, session: Session) -> dict[tuple[str, str], list[float]]:
+        """Every budget a trigger of this batch may spend, locked in key order (no deadlock
+        between two consumers) and read under the lock."""
+        if self.budgets is None:
+            wanted: dict[tuple[str, str], Policy] = {}
+            for t in self.items:
+                for policy in self.documents[t.tenant_id].ordered():
+                    if policy.budget is not None and t.trigger in policy.triggers:
+                        wanted[(t.tenant_id, policy.name)] = policy
+            repository.lock_budgets(session, sorted(wanted))
+            self.budgets = {}
+            for (tenant, name), policy in sorted(wanted.items()):
+                assert policy.budget is not None
+                count, cost = repository.budget_used(
+                    session, tenant, name, period_start(self.now, policy.budget.period)
+                )
+                self.budgets[(tenant, name)] = [float(count), cost]
+        return self.budgets
 
     def decide(self, session: Session, trigger: TriggerInput) -> DecisionResult:
         now, tenant, customer = self.now, trigger.tenant_id, trigger.customer_id
@@ -259,60 +272,69 @@ class _Batch:
             return DecisionResult(self.decided[key], created=False, deliveries=0)
         state = self.states[(tenant, customer)]
         if state.erased_at is not None:
-            return DecisionResult(action_record(ActionsDecision(
+            return DecisionResult(ActionRecord(
                 decision_id=new_id(), tenant_id=tenant, score_id=trigger.trigger_id,
-                customer_id=customer, trigger=trigger.trigger, outcome=SUPPRESSED, reason=ERASED,
-                decided_at=now,
-            )), created=False, deliveries=0, stored=False)
+                customer_id=customer, trigger=trigger.trigger,  # type: ignore[arg-type]
+                outcome=SUPPRESSED, reason=ERASED, decided_at=now,  # type: ignore[arg-type]
+            ), created=False, deliveries=0, stored=False)
         document = self.documents[tenant]
         facts = _facts(trigger, state, now, self.contracts.get((tenant, customer), []))
-        decision = ActionsDecision(
-            decision_id=new_id(),
-            tenant_id=tenant,
-            score_id=trigger.trigger_id,
-            customer_id=customer,
-            trigger=trigger.trigger,
-            policy=None,
-            outcome=SUPPRESSED,
-            reason=NO_MATCH,
-            churn_probability=facts.probability,
-            band=facts.band,
-            model_version=trigger.score.model_version if trigger.score else state.last_model_version,
-            customer_value=facts.customer_value,
-            decided_at=now,
-        )
+        decision: dict[str, Any] = {
+            "decision_id": new_id(),
+            "tenant_id": tenant,
+            "score_id": trigger.trigger_id,
+            "customer_id": customer,
+            "trigger": trigger.trigger,
+            "policy": None,
+            "outcome": SUPPRESSED,
+            "reason": NO_MATCH,
+            "offer_id": None,
+            "offer_key": None,
+            "offer_kind": None,
+            "service": None,
+            "offer_cost": None,
+            "customer_value": facts.customer_value,
+            "churn_probability": facts.probability,
+            "band": facts.band,
+            "model_version": trigger.score.model_version if trigger.score else state.last_model_version,
+            "decided_at": now,
+        }
         deliveries = 0
         policy = first_match(document.ordered(), facts)
         if policy is not None:
             offer_spec = document.offers[policy.offer]
-            decision.policy = policy.name
-            decision.offer_key = policy.offer
-            decision.offer_kind = offer_spec.kind
-            decision.service = offer_spec.service
-            decision.offer_cost = offer_spec.cost
-            decision.reason = self._guardrail(trigger, state, facts, policy, offer_spec, document)
-            if decision.reason == MATCHED:
-                offer = _create_offer(trigger, decision, policy, offer_spec, now)
+            decision["policy"] = policy.name
+            decision["offer_key"] = policy.offer
+            decision["offer_kind"] = offer_spec.kind
+            decision["service"] = offer_spec.service
+            decision["offer_cost"] = offer_spec.cost
+            decision["reason"] = self._guardrail(
+                session, trigger, state, facts, policy, offer_spec, document
+            )
+            if decision["reason"] == MATCHED:
+                offer = _offer_row(trigger, decision, policy, offer_spec, now)
                 self.offers.append(offer)
-                decision.outcome = OFFER_CREATED
-                decision.offer_id = offer.offer_id
-                history = self.history.setdefault((tenant, customer), {})
-                history[(policy.name, offer_spec.service)] = now
+                decision["outcome"] = OFFER_CREATED
+                decision["offer_id"] = offer["offer_id"]
+                self._history(session).setdefault((tenant, customer), {})[
+                    (policy.name, offer_spec.service)
+                ] = now
                 if policy.budget is not None:
-                    used = self.budgets[(tenant, policy.name)]
+                    used = self._budgets(session)[(tenant, policy.name)]
                     used[0] += 1
                     used[1] += offer_spec.cost
                 reasons = trigger.score.reasons if trigger.score else ()
                 deliveries = self._enqueue_webhooks(session, offer, reasons)
         if trigger.score is not None and _remember_score(state, trigger.score, committed=True):
             self.scored[(tenant, customer)] = state
-        self.rows.append(decision)
-        record = action_record(decision)
+        self.decisions.append(decision)
+        record = _record(decision)
         self.decided[key] = record
         return DecisionResult(record, created=True, deliveries=deliveries)
 
     def _guardrail(
         self,
+        session: Session,
         trigger: TriggerInput,
         state: ActionsCustomer,
         facts: Facts,
@@ -327,16 +349,20 @@ class _Batch:
             consent = state.marketing_consent
             if consent is False or (consent is None and rules.consent_required):
                 return CONSENT
-        history = self.history.get((tenant, customer), {})
-        last_of_policy = max((at for (name, _), at in history.items() if name == policy.name), default=None)
+        history = self._history(session).get((tenant, customer), {})
+        last_of_policy = max(
+            (at for (name, _), at in history.items() if name == policy.name), default=None
+        )
         if in_cooldown(last_of_policy, now, timedelta(days=policy.cooldown_days)):
             return COOLDOWN
         if not offer.service and policy.respect_customer_cooldown:
-            last_marketing = max((at for (_, service), at in history.items() if not service), default=None)
+            last_marketing = max(
+                (at for (_, service), at in history.items() if not service), default=None
+            )
             if in_cooldown(last_marketing, now, timedelta(days=document.customer_cooldown_days)):
                 return COOLDOWN
         if policy.budget is not None:
-            used_count, used_cost = self.budgets[(tenant, policy.name)]
+            used_count, used_cost = self._budgets(session)[(tenant, policy.name)]
             if not within_budget(policy.budget, int(used_count), used_cost, offer.cost):
                 return BUDGET
         if policy.value_gate is not None and not passes_value_gate(
@@ -348,34 +374,28 @@ class _Batch:
         return MATCHED
 
     def _enqueue_webhooks(
-        self, session: Session, offer: ActionsOffer, reasons: Sequence[str]
+        self, session: Session, offer: dict[str, Any], reasons: Sequence[str]
     ) -> int:
         """The offer's outbox rows (one per subscribed endpoint), in the decision's transaction;
         the tenant's subscriptions are read once per batch."""
-        tenant = offer.tenant_id
+        tenant = offer["tenant_id"]
         if tenant not in self.subscriptions:
             self.subscriptions[tenant] = webhooks.subscribers(session, tenant, OFFER_CREATED_EVENT)
-        rows = webhooks.outbox_rows(
-            self.subscriptions[tenant],
-            tenant_id=tenant,
-            offer_id=offer.offer_id,
-            payload=offer_payload(offer, reasons),
-            now=self.now,
-            event_type=OFFER_CREATED_EVENT,
-        )
-        self.rows.extend(rows)
-        return len(rows)
+        payload = _payload(offer, reasons)
+        for subscription_id in self.subscriptions[tenant]:
+            self.deliveries.append(webhooks.outbox_row(
+                subscription_id, tenant_id=tenant, offer_id=offer["offer_id"], payload=payload,
+                now=self.now, event_type=OFFER_CREATED_EVENT,
+            ))
+        return len(self.subscriptions[tenant])
 
     def write(self, session: Session) -> None:
-        """Offers, then (they reference them) outbox rows and decisions: one multi-row INSERT per
-        table (the ORM batches the rows of one table whose keys are set), and the customers'
-        latest scores."""
-        if self.offers:
-            session.add_all(self.offers)
-            session.flush()
-        session.add_all(self.rows)
-        session.flush()
-        if self.scored:  # one executemany UPDATE, whichever of the columns changed
+        """Offers, then (they reference them) outbox rows, and decisions: one multi-row INSERT
+        per table; and the customers' latest scores in one executemany UPDATE."""
+        repository.insert_rows(session, ActionsOffer, self.offers)
+        repository.insert_rows(session, ActionsDelivery, self.deliveries)
+        repository.insert_rows(session, ActionsDecision, self.decisions)
+        if self.scored:
             session.execute(update(ActionsCustomer), [
                 {"tenant_id": state.tenant_id, "customer_id": state.customer_id,
                  **{name: getattr(state, name) for name in _SCORE_COLUMNS}}
@@ -432,33 +452,32 @@ def _facts(
     )
 
 
-def _create_offer(
+def _offer_row(
     trigger: TriggerInput,
-    decision: ActionsDecision,
+    decision: dict[str, Any],
     policy: Policy,
     spec: Offer,
     now: datetime,
-) -> ActionsOffer:
-    offer = ActionsOffer(
-        offer_id=new_id(),
-        tenant_id=trigger.tenant_id,
-        customer_id=trigger.customer_id,
-        policy=policy.name,
-        kind=spec.kind,
-        discount_percent=spec.discount_percent,
-        valid_until=now + timedelta(days=spec.validity_days),
-        churn_probability=decision.churn_probability,
-        band=decision.band,
-        model_version=decision.model_version,
-        score_id=trigger.trigger_id,
-        created_at=now,
-        trigger=trigger.trigger,
-        offer_key=policy.offer,
-        service=spec.service,
-        cost=spec.cost,
-        details=spec.details(),
-    )
-    return offer
+) -> dict[str, Any]:
+    return {
+        "offer_id": new_id(),
+        "tenant_id": trigger.tenant_id,
+        "customer_id": trigger.customer_id,
+        "policy": policy.name,
+        "kind": spec.kind,
+        "discount_percent": spec.discount_percent,
+        "valid_until": now + timedelta(days=spec.validity_days),
+        "churn_probability": decision["churn_probability"],
+        "band": decision["band"],
+        "model_version": decision["model_version"],
+        "score_id": trigger.trigger_id,
+        "created_at": now,
+        "trigger": trigger.trigger,
+        "offer_key": policy.offer,
+        "service": spec.service,
+        "cost": spec.cost,
+        "details": spec.details(),
+    }
 
 
 _SCORE_COLUMNS = (
@@ -503,26 +522,46 @@ def offer_payload(offer: ActionsOffer, reasons: Sequence[str] = ()) -> str:
     (no tenant id, no secrets). Stored as text so every retry signs the same bytes.
     `reasons` are the score's plain-language reasons (ScoreRecord.reasons), copied so the
     marketing tool can personalise the offer."""
+    return _payload({name: getattr(offer, name) for name in _PAYLOAD_FIELDS}, reasons)
+
+
+_PAYLOAD_FIELDS = (
+    "created_at", "offer_id", "customer_id", "kind", "discount_percent", "valid_until", "policy",
+    "churn_probability", "band", "model_version", "trigger", "service", "details",
+)
+
+
+def _payload(offer: Mapping[str, Any], reasons: Sequence[str] = ()) -> str:
     body = {
         "type": OFFER_CREATED_EVENT,
-        "timestamp": offer.created_at.isoformat(),
+        "timestamp": offer["created_at"].isoformat(),
         "data": {
-            "offer_id": offer.offer_id,
-            "customer_id": offer.customer_id,
-            "kind": offer.kind,
-            "discount_percent": offer.discount_percent,
-            "valid_until": offer.valid_until.isoformat(),
-            "policy": offer.policy,
-            "churn_probability": offer.churn_probability,
-            "band": offer.band,
-            "model_version": offer.model_version,
+            "offer_id": offer["offer_id"],
+            "customer_id": offer["customer_id"],
+            "kind": offer["kind"],
+            "discount_percent": offer["discount_percent"],
+            "valid_until": offer["valid_until"].isoformat(),
+            "policy": offer["policy"],
+            "churn_probability": offer["churn_probability"],
+            "band": offer["band"],
+            "model_version": offer["model_version"],
             "reasons": list(reasons),
-            "trigger": offer.trigger,
-            "service": offer.service,
-            "offer": dict(offer.details or {}),
+            "trigger": offer["trigger"],
+            "service": offer["service"],
+            "offer": dict(offer["details"] or {}),
         },
     }
     return json.dumps(body, separators=(",", ":"))
+
+
+_RECORD_FIELDS = (
+    "decision_id", "tenant_id", "customer_id", "score_id", "outcome", "reason", "policy",
+    "offer_id", "decided_at", "trigger", "offer_kind", "service", "churn_probability", "band",
+)
+
+
+def _record(decision: Mapping[str, Any]) -> ActionRecord:
+    return ActionRecord(**{name: decision[name] for name in _RECORD_FIELDS})
 
 
 def action_record(decision: ActionsDecision) -> ActionRecord:

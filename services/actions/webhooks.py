@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import insert
 from sqlmodel import Session
@@ -226,20 +226,39 @@ def outbox_rows(
 ) -> list[ActionsDelivery]:
     """The outbox rows of one event, one per subscription (not added to a session yet)."""
     return [
-        ActionsDelivery(
-            delivery_id=f"msg_{new_id()}",
-            tenant_id=tenant_id,
-            subscription_id=subscription_id,
-            offer_id=offer_id,
+        ActionsDelivery(**outbox_row(
+            subscription_id, tenant_id=tenant_id, offer_id=offer_id, payload=payload, now=now,
             event_type=event_type,
-            payload=payload,
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
+        ))
         for subscription_id in subscription_ids
     ]
+
+
+def outbox_row(
+    subscription_id: str,
+    *,
+    tenant_id: str,
+    offer_id: str,
+    payload: str,
+    now: datetime,
+    event_type: str = OFFER_CREATED_EVENT,
+) -> dict[str, Any]:
+    """One outbox row as column values (a new delivery: due now, no attempts yet)."""
+    return {
+        "delivery_id": f"msg_{new_id()}",
+        "tenant_id": tenant_id,
+        "subscription_id": subscription_id,
+        "offer_id": offer_id,
+        "event_type": event_type,
+        "payload": payload,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "last_error": None,
+        "last_status_code": None,
+        "delivered_at": None,
+        "created_at": now,
+    }
 
 
 # --- the deliveries API -----------------------------------------------------------------
