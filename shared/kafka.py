@@ -252,6 +252,11 @@ class ConsumeLoop(Generic[T]):
     retry_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     max_attempts: int = 3
+    whole_poll: bool = False
+    """Hand the records of all partitions of one fetch to `handle` at once (one call, then one
+    commit of every partition's offset) instead of partition after partition: fewer, bigger
+    batches at low rates. A poll with an undecodable record, or whose batch fails, is handled
+    partition by partition as without this option (and from there record by record)."""
     stats: ConsumeStats = field(default_factory=ConsumeStats)
     _consumer: AIOKafkaConsumer | None = None
     _task: asyncio.Task[None] | None = None
@@ -304,6 +309,22 @@ class ConsumeLoop(Generic[T]):
         backoff = self.retry_backoff_s
         while self._running:
             batches = await consumer.getmany(timeout_ms=200)
+            if self.whole_poll and sum(1 for records in batches.values() if records) > 1:
+                try:
+                    if await self._process_poll(consumer, batches):
+                        backoff = self.retry_backoff_s
+                        continue
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except TRANSIENT_ERRORS as exc:  # the whole poll again, after a backoff
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.exception("consumer %s: batch failed; will retry it", self.group_id)
+                    for tp, records in batches.items():
+                        if records:
+                            consumer.seek(tp, records[0].offset)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                    continue
             for tp, records in batches.items():
                 if not records:
                     continue
@@ -319,6 +340,37 @@ class ConsumeLoop(Generic[T]):
                     consumer.seek(tp, records[0].offset)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def _process_poll(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> bool:
+        """`whole_poll`: every partition's records in one `handle` call, then one commit.
+        False (nothing handled, nothing committed) when a record does not decode or the batch
+        fails with a non-transient error: the caller then goes partition by partition."""
+        batches = {tp: records for tp, records in batches.items() if records}
+        good: list[Decoded[T]] = []
+        for records in batches.values():
+            for record in records:
+                try:
+                    good.append(Decoded(record, self.decode(record.value)))
+                except Exception:
+                    return False
+        try:
+            await self.handle(good)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception:
+            log.info("consumer %s: a batch of several partitions failed; one partition at a time",
+                     self.group_id)
+            return False
+        await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        self.stats.processed += len(good)
+        for tp, records in batches.items():
+            self.stats.batches += 1
+            if self.on_batch:
+                highwater = consumer.highwater(tp)
+                self.on_batch(tp, len(records), None if highwater is None else max(0, highwater - records[-1].offset - 1))
+        return True
 
     async def _process_partition(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]

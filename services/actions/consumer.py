@@ -105,6 +105,9 @@ class _Consumer:
             publisher=publisher,
             on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
             on_batch=metrics.CONSUMER.on_batch,
+            # One transaction (and one publish, one commit) per fetch rather than per partition:
+            # the decisions are set-based, so the bigger batch costs little more than a small one.
+            whole_poll=True,
         )
 
     @staticmethod
