@@ -382,12 +382,27 @@ def tables(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {rest[name]:,.0f} | {peak:,.0f} | {'yes' if peak < RSS_LIMIT_MB else '**no**'} |")
     lines += ["", "| events/s (one per new customer) | sent | answers | event-to-score p50 / p95 / p99 ms | "
               "event-to-webhook p50 / p95 / p99 ms | webhooks |", "|---:|---:|---|---|---|---:|"]
+    fmt = lambda m: f"{m['p50']:,.0f} / {m['p95']:,.0f} / {m['p99']:,.0f}" if m.get("count") else "-"  # noqa: E731
     for row in results["latency"]:
         score, hook = row["event_to_score_ms"], row["event_to_webhook_ms"]
-        fmt = lambda m: f"{m['p50']:,.0f} / {m['p95']:,.0f} / {m['p99']:,.0f}" if m.get("count") else "-"  # noqa: E731
         answers = ", ".join(f"{k}: {v:,}" for k, v in sorted(row["statuses"].items()))
         lines.append(f"| {row['rate']:,.0f} | {row['sent']:,} | {answers} | {fmt(score)} | {fmt(hook)} | "
                      f"{hook.get('count', 0):,} |")
+    if any("score_to_decision_ms" in row for row in results["latency"]):
+        lines += ["", "Where the time goes, per stage (each from the previous one's arrival, p50 / p95 / p99 ms; "
+                  "the decision is its ActionRecord on retention-actions) and CPU (cores used during the run; "
+                  "actions' CPU per event, which covers folding the event, deciding its score and delivering "
+                  "its webhook):", "",
+                  "| events/s | event -> score | score -> decision | decision -> webhook | actions CPU ms per event | "
+                  "cores: scoring / actions / broker / ingest / gateway |", "|---:|---|---|---|---:|---|"]
+        for row in results["latency"]:
+            if "score_to_decision_ms" not in row:
+                continue
+            cores = row["cpu_cores"]
+            lines.append(f"| {row['rate']:,.0f} | {fmt(row['event_to_score_ms'])} | {fmt(row['score_to_decision_ms'])} | "
+                         f"{fmt(row['decision_to_webhook_ms'])} | {row['actions_cpu_ms_per_event']:.2f} | "
+                         f"{cores['scoring']:.2f} / {cores['actions']:.2f} / {cores['broker']:.2f} / "
+                         f"{cores['ingest']:.2f} / {cores['gateway']:.2f} |")
     if results.get("soak"):
         s = results["soak"]
         lines += ["", f"Soak: {s['rate']:,.0f} events/s for {s['seconds']:,.0f} s (RSS after the first minute to the end):",
