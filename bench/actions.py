@@ -18,7 +18,14 @@ and dropped by the run; SQLite with `--backend sqlite`):
    receiver's arrival time (same machine, wall clock) from the scheduled write and from its
    commit (the writers share this process, so their own lag is reported apart). Run again with
    a second subscription on /hang (each attempt times out after 2 s) to see what it costs the
-   healthy one.
+   healthy one;
+4. decision path: customer events and scores through the consumers' own batch handlers
+   (`services.actions.consumer.apply_events` / `decide_scores`, one transaction per batch) at
+   several batch sizes: SQL statements, CPU and wall time per decision and per event.
+
+Besides deliveries/s, every throughput row reports this process's CPU per request (bare clients)
+or per delivery (the outbox path: claim, sign, send, book) and the SQL statements per delivery:
+figures that move much less than rates when other work shares the machine.
 
 The whole event-to-webhook path (ingest -> scoring -> actions) at a fixed event rate is not
 measured here: it needs the whole stack (see tests/e2e for how it starts).
@@ -206,7 +213,17 @@ def sample_request() -> tuple[bytes, dict[str, str]]:
     return claimed.payload.encode(), signed_headers(claimed, SystemClock())
 
 
+_CPU_MARK: list[float] = [0.0]
+
+
+def _cpu_us_since(mark: float | None, count: int) -> float:
+    """CPU microseconds of this process per item since `mark` (None: since closed_loop began)."""
+    start = _CPU_MARK[0] if mark is None else mark
+    return (time.process_time() - start) * 1e6 / max(1, count)
+
+
 async def closed_loop(post: Any, total: int, concurrency: int) -> float:
+    _CPU_MARK[0] = time.process_time()
     remaining = total
     failures = 0
 
@@ -233,7 +250,7 @@ async def bare_httpx(url: str, total: int, concurrency: int) -> float:
             return (await client.post(url, content=body, headers=headers)).status_code
 
         await closed_loop(post, min(total, 50), concurrency)  # warm-up: connections open
-        return await closed_loop(post, total, concurrency)
+        return await closed_loop(post, total, concurrency), _cpu_us_since(None, total)
 
 
 async def bare_aiohttp(url: str, total: int, concurrency: int) -> float:
@@ -246,27 +263,31 @@ async def bare_aiohttp(url: str, total: int, concurrency: int) -> float:
                 return response.status
 
         await closed_loop(post, min(total, 50), concurrency)
-        return await closed_loop(post, total, concurrency)
+        return await closed_loop(post, total, concurrency), _cpu_us_since(None, total)
 
 
-async def outbox_path(engine: Engine, url: str, total: int, concurrency: int) -> float:
+async def outbox_path(engine: Engine, url: str, total: int, concurrency: int) -> tuple[float, float, float]:
+    """(deliveries/s, CPU us per delivery of this process, SQL statements per delivery)."""
     subscription_id = await asyncio.to_thread(subscribe, engine, url)
     await asyncio.to_thread(fill_outbox, engine, subscription_id, total)
     worker = make_worker(engine, concurrency)
     target = delivered_count() + total
-    began = time.perf_counter()
-    worker.start()
-    try:
-        deadline = began + 600
-        while delivered_count() < target:
-            if time.perf_counter() > deadline:
-                raise RuntimeError("outbox path did not finish within 10 minutes")
-            await asyncio.sleep(0.005)
-        elapsed = time.perf_counter() - began
-    finally:
-        await worker.stop()
-        await asyncio.to_thread(unsubscribe, engine, subscription_id)
-    return total / elapsed
+    with StatementCounter(engine) as statements:
+        began, cpu = time.perf_counter(), time.process_time()
+        worker.start()
+        try:
+            deadline = began + 600
+            while delivered_count() < target:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError("outbox path did not finish within 10 minutes")
+                await asyncio.sleep(0.005)
+            elapsed = time.perf_counter() - began
+            cpu_us = _cpu_us_since(cpu, total)
+            count = statements.count
+        finally:
+            await worker.stop()
+    await asyncio.to_thread(unsubscribe, engine, subscription_id)
+    return total / elapsed, cpu_us, count / total
 
 
 # --- latency -------------------------------------------------------------------------------
@@ -335,6 +356,108 @@ async def outbox_latency(engine: Engine, receiver: Receiver, rate: float, durati
     }
 
 
+# --- the decision path ---------------------------------------------------------------------
+
+DECISION_DOCUMENT: dict[str, Any] = {
+    "customer_cooldown_days": 30,
+    "offers": {
+        "discount-15": {"kind": "discount", "discount_percent": 15, "validity_days": 14, "cost": 8.0},
+        "survey": {"kind": "feedback_survey", "service": True, "validity_days": 14, "cost": 0.5},
+    },
+    "policies": [
+        {"name": "high-risk-discount", "priority": 100, "triggers": ["score"], "when": {"score": {"min": 0.7}},
+         "offer": "discount-15", "cooldown_days": 30, "budget": {"period": "month", "max_count": 1_000_000}},
+        {"name": "medium-risk-survey", "priority": 200, "triggers": ["score"], "when": {"score": {"min": 0.4}},
+         "offer": "survey", "cooldown_days": 7},
+    ],
+}
+
+
+class StatementCounter:
+    """Counts statements sent to the database through `engine` while in use (an executemany
+    counts once; BEGIN and COMMIT are not counted)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.count = 0
+
+    def _before(self, *_: Any) -> None:
+        self.count += 1
+
+    def __enter__(self) -> StatementCounter:
+        from sqlalchemy import event
+
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        from sqlalchemy import event
+
+        event.remove(self.engine, "before_cursor_execute", self._before)
+
+
+def decision_path(engine: Engine, customers: int, batch: int) -> dict[str, Any]:
+    """Scores and customer events through the consumers' own batch handlers (one transaction
+    per batch, as the Kafka consumers run them), in this process: SQL statements and CPU time per
+    decision and per event. Each customer gets a profile event, then two scores in different
+    batches (the second meets the first's cooldown), probabilities spread over 0.1-0.95 so some
+    decisions are offers (and outbox rows), some are suppressions."""
+    import random
+
+    from services.actions.consumer import apply_events, decide_scores
+    from services.actions.policies import PolicyDocument
+    from services.actions.service import PolicyCache, Rules
+    from shared.events import EventRecord, ScoreRecord, parse_event
+
+    rules = Rules(default_document=PolicyDocument.model_validate(DECISION_DOCUMENT), consent_required=False,
+                  holdout_percent=10.0, cache=PolicyCache(60.0))
+    tenant = f"dec-{uuid.uuid4().hex[:6]}"
+    with session_scope(engine) as session:
+        webhooks.create_subscription(session, tenant, "http://127.0.0.1:9/hooks", datetime.now(timezone.utc),
+                                     UrlPolicy(allow_local=True))
+    clock = SystemClock()
+    rng = random.Random(5)
+    names = [f"c-{i}" for i in range(customers)]
+    now = datetime.now(timezone.utc)
+    events = [
+        EventRecord(tenant_id=tenant, received_at=now, event=parse_event({
+            "id": new_id(), "type": "session.recorded", "customer_id": name,
+            "occurred_at": now.isoformat(), "data": {"duration_seconds": 60}}, now=now))
+        for name in names
+    ]
+
+    def score(name: str) -> ScoreRecord:
+        p = rng.uniform(0.1, 0.95)
+        return ScoreRecord(score_id=new_id(), tenant_id=tenant, customer_id=name, probability=p,
+                           band="high" if p >= 0.7 else "medium" if p >= 0.4 else "low", model_version="bench",
+                           scored_at=datetime.now(timezone.utc), features={"spend_365d": 120.0},
+                           reasons=["no order for 74 days"])
+
+    scores = [score(name) for name in names] + [score(name) for name in names]
+    out: dict[str, Any] = {"customers": customers, "batch": batch}
+
+    def handle_events(batch: list[Any]) -> Any:
+        return apply_events(engine, batch, rules, clock, timedelta(hours=48))[0]
+
+    def handle_scores(batch: list[Any]) -> Any:
+        return decide_scores(engine, batch, rules, clock)
+
+    for what, items, handle in (("events", events, handle_events), ("scores", scores, handle_scores)):
+        cpu, wall = time.process_time(), time.perf_counter()
+        offers = 0
+        with StatementCounter(engine) as counter:
+            for start in range(0, len(items), batch):
+                offers += sum(1 for r in handle(items[start:start + batch]) if r.deliveries)
+        n = len(items)
+        out[what] = {
+            "count": n, "offers": offers,
+            "statements_per_item": round(counter.count / n, 2),
+            "cpu_ms_per_item": round((time.process_time() - cpu) * 1000 / n, 3),
+            "wall_ms_per_item": round((time.perf_counter() - wall) * 1000 / n, 3),
+        }
+    return out
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -343,11 +466,21 @@ def fmt(value: Any, spec: str = ",.0f") -> str:
 
 
 def tables(results: dict[str, Any]) -> str:
-    out = ["| concurrency | bare httpx /s | bare aiohttp /s | outbox path /s | outbox / fastest bare |",
-           "|---:|---:|---:|---:|---:|"]
+    out = ["| concurrency | bare httpx /s | bare aiohttp /s | outbox path /s | outbox / fastest bare | "
+           "CPU us per request: httpx / aiohttp / outbox | SQL statements per delivery |",
+           "|---:|---:|---:|---:|---:|---|---:|"]
     for r in results["throughput"]:
         out.append(f"| {r['concurrency']} | {fmt(r['httpx'])} | {fmt(r['aiohttp'])} | {fmt(r['outbox'])} | "
-                   f"{fmt(r['ratio'], '.2f')} |")
+                   f"{fmt(r['ratio'], '.2f')} | {fmt(r.get('httpx_cpu_us'))} / {fmt(r.get('aiohttp_cpu_us'))} / "
+                   f"{fmt(r.get('outbox_cpu_us'))} | {fmt(r.get('outbox_statements'), '.2f')} |")
+    if results.get("decisions"):
+        out += ["", "| decision path, batch of | per decision: SQL statements | CPU ms | wall ms | "
+                "per customer event: SQL statements | CPU ms | wall ms |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["decisions"]:
+            d, e = r["scores"], r["events"]
+            out.append(f"| {r['batch']} | {d['statements_per_item']:.2f} | {d['cpu_ms_per_item']:.2f} | "
+                       f"{d['wall_ms_per_item']:.2f} | {e['statements_per_item']:.2f} | {e['cpu_ms_per_item']:.2f} | "
+                       f"{e['wall_ms_per_item']:.2f} |")
     if results["latency"]:
         out += ["", "| offers + outbox rows written at | delivered | scheduled -> receiver p50 / p99 ms | "
                 "commit -> receiver p50 / p99 ms | writers' lag p99 ms |",
@@ -421,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="latency: outbox rows per second")
     parser.add_argument("--latency-duration", type=float, default=10.0)
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--decision-batches", type=ints, default=[1, 10, 50, 200],
+                        help="decision path: batch sizes (scores/events per transaction)")
+    parser.add_argument("--decision-customers", type=int, default=1000,
+                        help="decision path: customers (one event and two scores each)")
     parser.add_argument("--backend", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-doc", action="store_true")
@@ -433,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "backend": args.backend,
         "settings": {"deliveries": args.deliveries, "concurrency": args.concurrency, "rate": args.rate,
                      "latency_seconds": args.latency_duration},
-        "throughput": [], "latency": [],
+        "throughput": [], "latency": [], "decisions": [],
     }
     workdir = Path(tempfile.mkdtemp(prefix="churnguard-bench-actions-"))
     pg_name: str | None = None
@@ -451,13 +588,19 @@ def main(argv: list[str] | None = None) -> int:
         target = receiver.url("/ok")
         for concurrency in args.concurrency:
             row: dict[str, Any] = {"concurrency": concurrency}
-            row["httpx"] = asyncio.run(bare_httpx(target, args.deliveries, concurrency))
-            row["aiohttp"] = asyncio.run(bare_aiohttp(target, args.deliveries, concurrency))
-            row["outbox"] = asyncio.run(outbox_path(engine, target, args.deliveries, concurrency))
+            row["httpx"], row["httpx_cpu_us"] = asyncio.run(bare_httpx(target, args.deliveries, concurrency))
+            row["aiohttp"], row["aiohttp_cpu_us"] = asyncio.run(bare_aiohttp(target, args.deliveries, concurrency))
+            row["outbox"], row["outbox_cpu_us"], row["outbox_statements"] = asyncio.run(
+                outbox_path(engine, target, args.deliveries, concurrency))
             row["ratio"] = row["outbox"] / max(row["httpx"], row["aiohttp"])
             results["throughput"].append(row)
             print(f"concurrency {concurrency}: httpx {row['httpx']:,.0f}/s, aiohttp {row['aiohttp']:,.0f}/s, "
                   f"outbox {row['outbox']:,.0f}/s ({row['ratio']:.2f} of the fastest bare client)", flush=True)
+        for batch in args.decision_batches:
+            decisions = decision_path(engine, args.decision_customers, batch)
+            results["decisions"].append(decisions)
+            print(f"decision path, batches of {batch}: per decision {decisions['scores']}, "
+                  f"per event {decisions['events']}", flush=True)
         if not args.no_latency:
             for hanging in (False, True):
                 lat = asyncio.run(outbox_latency(engine, receiver, args.rate, args.latency_duration, hanging))

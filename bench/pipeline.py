@@ -43,13 +43,13 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.common import replace_generated_block
-from bench.ingest import children, machine, percentile
+from bench.ingest import children, cpu_seconds, machine, percentile
 from services.gateway import manage as gateway_ops
 from services.scoring import cli_ops as scoring_ops
 from shared.broker import free_port, start_broker
-from shared.events import ScoreRecord
+from shared.events import ActionRecord, ScoreRecord
 from shared.settings import KafkaSettings
-from shared.topics import CHURN_SCORES
+from shared.topics import CHURN_SCORES, RETENTION_ACTIONS
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -181,6 +181,10 @@ class Stack:
     def rss(self) -> dict[str, float]:
         return {name: round(rss_mb(self.processes[name].pid), 1) for name in SERVICES}
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the broker and each service (with uvicorn's children)."""
+        return {name: cpu_seconds(process.pid) for name, process in self.processes.items()}
+
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
@@ -207,11 +211,13 @@ async def configure_tenant(stack: Stack, receiver: Receiver) -> None:
 
 
 class ScoreWatcher:
-    """Reads churn-scores from the end (no group) and notes when each event's score arrived."""
+    """Reads churn-scores and retention-actions from the end (no group) and notes when each
+    event's score arrived, and when each customer's offer decision was published."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
         self.kafka = kafka
         self.arrivals: dict[str, float] = {}
+        self.decisions: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -219,19 +225,25 @@ class ScoreWatcher:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap_servers, group_id=None,
                                           enable_auto_commit=False, fetch_max_wait_ms=10)
         await self._consumer.start()
-        name = self.kafka.topic(CHURN_SCORES)
-        partitions = [TopicPartition(name, p) for p in range(self.kafka.partitions)]
+        partitions = [TopicPartition(self.kafka.topic(topic), p)
+                      for topic in (CHURN_SCORES, RETENTION_ACTIONS) for p in range(self.kafka.partitions)]
         self._consumer.assign(partitions)
         await self._consumer.seek_to_end(*partitions)
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         assert self._consumer is not None
+        actions = self.kafka.topic(RETENTION_ACTIONS)
         while True:
             batches = await self._consumer.getmany(timeout_ms=100)
             now = time.monotonic()
-            for records in batches.values():
+            for tp, records in batches.items():
                 for record in records:
+                    if tp.topic == actions:
+                        action = ActionRecord.model_validate_json(record.value)
+                        if action.outcome == "offer_created":
+                            self.decisions.setdefault(action.customer_id, now)
+                        continue
                     score = ScoreRecord.model_validate_json(record.value)
                     if score.event_id:
                         self.arrivals.setdefault(score.event_id, now)
@@ -300,6 +312,7 @@ async def measure_rate(stack: Stack, receiver: Receiver, watcher: ScoreWatcher, 
         for name, value in stack.rss().items():
             peaks[name] = max(peaks[name], value)
 
+    cpu_before, began = stack.cpu(), time.monotonic()
     load = await steady_load(stack, rate, seconds, run, on_tick=sample)
     scheduled = load["scheduled"]
     customers = {f"{run}-c{key.rsplit('-', 1)[1]}": sent for key, sent in scheduled.items()}
@@ -310,10 +323,25 @@ async def measure_rate(stack: Stack, receiver: Receiver, watcher: ScoreWatcher, 
     ):
         await asyncio.sleep(0.2)
         sample()
+    elapsed = time.monotonic() - began
+    cpu_after = stack.cpu()
+    cpu_used = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    # Stages, per customer: event scheduled -> score on churn-scores -> decision published on
+    # retention-actions -> webhook at the receiver.
+    by_customer = {f"{run}-c{key.rsplit('-', 1)[1]}": key for key in scheduled}
+    score_at = {c: watcher.arrivals[k] for c, k in by_customer.items() if k in watcher.arrivals}
+    decided = {c: t for c, t in watcher.decisions.items() if c in customers}
+    webhooks = len([c for c in customers if c in receiver.arrivals])
     return {
         "rate": rate, "seconds": seconds, "sent": len(scheduled), "statuses": load["statuses"],
         "event_to_score_ms": latencies_ms(scheduled, watcher.arrivals),
         "event_to_webhook_ms": latencies_ms(customers, receiver.arrivals),
+        "score_to_decision_ms": latencies_ms(score_at, decided),
+        "decision_to_webhook_ms": latencies_ms(decided, receiver.arrivals),
+        "cpu_seconds": {name: round(value, 2) for name, value in cpu_used.items()},
+        "cpu_cores": {name: round(value / elapsed, 2) for name, value in cpu_used.items()},
+        "actions_cpu_ms_per_event": round(cpu_used["actions"] * 1000 / max(1, len(scheduled)), 2),
+        "actions_cpu_ms_per_webhook": round(cpu_used["actions"] * 1000 / max(1, webhooks), 2),
         "rss_peak_mb": peaks,
     }
 
@@ -354,12 +382,27 @@ def tables(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {rest[name]:,.0f} | {peak:,.0f} | {'yes' if peak < RSS_LIMIT_MB else '**no**'} |")
     lines += ["", "| events/s (one per new customer) | sent | answers | event-to-score p50 / p95 / p99 ms | "
               "event-to-webhook p50 / p95 / p99 ms | webhooks |", "|---:|---:|---|---|---|---:|"]
+    fmt = lambda m: f"{m['p50']:,.0f} / {m['p95']:,.0f} / {m['p99']:,.0f}" if m.get("count") else "-"  # noqa: E731
     for row in results["latency"]:
         score, hook = row["event_to_score_ms"], row["event_to_webhook_ms"]
-        fmt = lambda m: f"{m['p50']:,.0f} / {m['p95']:,.0f} / {m['p99']:,.0f}" if m.get("count") else "-"  # noqa: E731
         answers = ", ".join(f"{k}: {v:,}" for k, v in sorted(row["statuses"].items()))
         lines.append(f"| {row['rate']:,.0f} | {row['sent']:,} | {answers} | {fmt(score)} | {fmt(hook)} | "
                      f"{hook.get('count', 0):,} |")
+    if any("score_to_decision_ms" in row for row in results["latency"]):
+        lines += ["", "Where the time goes, per stage (each from the previous one's arrival, p50 / p95 / p99 ms; "
+                  "the decision is its ActionRecord on retention-actions) and CPU (cores used during the run; "
+                  "actions' CPU per event, which covers folding the event, deciding its score and delivering "
+                  "its webhook):", "",
+                  "| events/s | event -> score | score -> decision | decision -> webhook | actions CPU ms per event | "
+                  "cores: scoring / actions / broker / ingest / gateway |", "|---:|---|---|---|---:|---|"]
+        for row in results["latency"]:
+            if "score_to_decision_ms" not in row:
+                continue
+            cores = row["cpu_cores"]
+            lines.append(f"| {row['rate']:,.0f} | {fmt(row['event_to_score_ms'])} | {fmt(row['score_to_decision_ms'])} | "
+                         f"{fmt(row['decision_to_webhook_ms'])} | {row['actions_cpu_ms_per_event']:.2f} | "
+                         f"{cores['scoring']:.2f} / {cores['actions']:.2f} / {cores['broker']:.2f} / "
+                         f"{cores['ingest']:.2f} / {cores['gateway']:.2f} |")
     if results.get("soak"):
         s = results["soak"]
         lines += ["", f"Soak: {s['rate']:,.0f} events/s for {s['seconds']:,.0f} s (RSS after the first minute to the end):",
@@ -404,7 +447,10 @@ async def run(stack: Stack, args: argparse.Namespace, results: dict[str, Any]) -
             row = await measure_rate(stack, receiver, watcher, rate, args.duration, args.settle)
             results["latency"].append(row)
             print(f"  {rate:5.0f} events/s: score p99 {row['event_to_score_ms'].get('p99')} ms, "
+                  f"score->decision p99 {row['score_to_decision_ms'].get('p99')} ms, "
+                  f"decision->webhook p99 {row['decision_to_webhook_ms'].get('p99')} ms, "
                   f"webhook p99 {row['event_to_webhook_ms'].get('p99')} ms "
+                  f"(actions CPU {row['actions_cpu_ms_per_event']} ms/event, cores {row['cpu_cores']}) "
                   f"({row['event_to_webhook_ms'].get('count', 0)}/{row['sent']} webhooks), answers {row['statuses']}, "
                   f"peak RSS {row['rss_peak_mb']}", flush=True)
         if args.soak_seconds:

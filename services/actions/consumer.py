@@ -132,6 +132,9 @@ class _Consumer:
             publisher=publisher,
             on_dead_letter=lambda topic, reason: metrics.DEAD_LETTERS.labels(reason).inc(),
             on_batch=metrics.CONSUMER.on_batch,
+            # One transaction (and one publish, one commit) per fetch rather than per partition:
+            # the decisions are set-based, so the bigger batch costs little more than a small one.
+            whole_poll=True,
         )
 
     @staticmethod
@@ -150,19 +153,84 @@ class _Consumer:
         raise NotImplementedError
 
 
+def decide_scores(
+    engine: Engine, scores: Sequence[ScoreRecord], rules: Rules, clock: Clock
+) -> list[DecisionResult]:
+    """A batch of scores in one transaction, decided set-based (service.decide_many). If any
+    score of the batch fails, nothing of it is committed and the consume loop retries the
+    scores one by one (each then in its own transaction)."""
+    with session_scope(engine) as session:
+        results = service.decide_many(session, scores, rules, clock.now())
+    count_decisions(results)
+    return results
+
+
+def apply_events(
+    engine: Engine,
+    records: Sequence[CustomerRecord],
+    rules: Rules,
+    clock: Clock,
+    trigger_max_age: timedelta,
+) -> tuple[list[DecisionResult], list[ErasureRecord]]:
+    """A batch of customer events in one transaction: the events between two erasure records
+    are folded into the customer state together (customers.fold_events), then the triggers
+    they raised are decided together (service.decide_many), then the erasure is applied. So
+    a trigger is decided knowing everything its batch says about the customer up to the next
+    erasure (a consent withdrawal right after a complaint, say)."""
+    results: list[DecisionResult] = []
+    erased: list[ErasureRecord] = []
+    suppressed: list[bool] = []
+    with session_scope(engine) as session:  # one transaction per batch, as for scores
+        segment: list[EventRecord] = []
+
+        def flush_segment() -> None:
+            if not segment:
+                return
+            now = clock.now()
+            folded = customers.fold_events(session, segment, now, trigger_max_age)
+            suppressed.extend(f.suppressed for f in folded)
+            triggers = [
+                TriggerInput(
+                    raised.trigger,
+                    raised.tenant_id,
+                    raised.customer_id,
+                    service.trigger_id(raised.trigger, raised.tenant_id, raised.event_id),
+                )
+                for raised in (f.trigger for f in folded)
+                if raised is not None
+            ]
+            results.extend(service.decide_many(session, triggers, rules, now))
+            segment.clear()
+
+        for record in records:
+            if isinstance(record, ErasureRecord):
+                flush_segment()
+                service.mark_erased(session, record.tenant_id, record.customer_id, clock.now())
+                erased.append(record)
+            else:
+                segment.append(record)
+        flush_segment()
+    events = [record for record in records if not isinstance(record, ErasureRecord)]
+    for record, was_suppressed in zip(events, suppressed, strict=True):
+        if was_suppressed:
+            metrics.ERASED_SUPPRESSED.labels("event").inc()
+        else:
+            metrics.CUSTOMER_EVENTS.labels(record.event.type).inc()
+    count_decisions(results)
+    if erased:
+        # decisions of this batch about customers erased later in it are deleted already
+        gone = {(r.tenant_id, r.customer_id) for r in erased}
+        results = [r for r in results if (r.record.tenant_id, r.record.customer_id) not in gone]
+    return results, erased
+
+
 class ScoreConsumer(_Consumer):
     topic = CHURN_SCORES
     decode = staticmethod(decode_score)
     check = staticmethod(check_score)
 
     def _handle_all(self, scores: list[ScoreRecord]) -> list[DecisionResult]:
-        # One transaction per batch: a commit per score was most of a decision's cost. If any
-        # score of the batch fails, nothing of it is committed and the consume loop retries
-        # the scores one by one (each then in its own transaction).
-        with session_scope(self._engine) as session:
-            results = [service.decide(session, score, self._rules, self._clock.now()) for score in scores]
-        count_decisions(results)
-        return results
+        return decide_scores(self._engine, scores, self._rules, self._clock)
 
 
 class EventConsumer(_Consumer):
@@ -190,36 +258,4 @@ class EventConsumer(_Consumer):
             metrics.ERASURES.inc(len(erased))
 
     def _apply_all(self, records: list[CustomerRecord]) -> tuple[list[DecisionResult], list[ErasureRecord]]:
-        results: list[DecisionResult] = []
-        erased: list[ErasureRecord] = []
-        suppressed: list[bool] = []
-        with session_scope(self._engine) as session:  # one transaction per batch, as for scores
-            for record in records:
-                now = self._clock.now()
-                if isinstance(record, ErasureRecord):
-                    service.mark_erased(session, record.tenant_id, record.customer_id, now)
-                    erased.append(record)
-                    continue
-                folded = customers.fold_event(session, record, now, self._trigger_max_age)
-                suppressed.append(folded.suppressed)
-                raised = folded.trigger
-                if raised is not None:
-                    trigger = TriggerInput(
-                        raised.trigger,
-                        raised.tenant_id,
-                        raised.customer_id,
-                        service.trigger_id(raised.trigger, raised.tenant_id, raised.event_id),
-                    )
-                    results.append(service.decide(session, trigger, self._rules, now))
-        events = [record for record in records if not isinstance(record, ErasureRecord)]
-        for record, was_suppressed in zip(events, suppressed, strict=True):
-            if was_suppressed:
-                metrics.ERASED_SUPPRESSED.labels("event").inc()
-            else:
-                metrics.CUSTOMER_EVENTS.labels(record.event.type).inc()
-        count_decisions(results)
-        if erased:
-            # decisions of this batch about customers erased later in it are deleted already
-            gone = {(r.tenant_id, r.customer_id) for r in erased}
-            results = [r for r in results if (r.record.tenant_id, r.record.customer_id) not in gone]
-        return results, erased
+        return apply_events(self._engine, records, self._rules, self._clock, self._trigger_max_age)

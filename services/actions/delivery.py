@@ -55,6 +55,9 @@ USER_AGENT = "churnguard-webhooks/0.2"
 LEASE_MARGIN_S = 30.0
 MAX_RESPONSE_BYTES = 64 * 1024  # read (and drop) at most this much of a receiver's answer
 GAUGE_REFRESH_S = 0.5
+# Results wait this long to be booked together (one transaction for many), unless a claim's
+# worth is waiting already. The receiver has them already; only the booking waits.
+BOOK_WINDOW_S = 0.01
 DEFER_EVERY_S = 0.5
 
 
@@ -112,6 +115,7 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+@functools.lru_cache(maxsize=4096)
 def refusal_before_connect(url: str, allow_local: bool) -> str | None:
     """What the resolver cannot see: the scheme, and hosts given as IP literals (aiohttp does
     not resolve those)."""
@@ -132,6 +136,11 @@ class WebhookSender(Protocol):
     ) -> AttemptResult: ...
 
     async def close(self) -> None: ...
+
+
+@functools.lru_cache(maxsize=16)
+def _timeout(total_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total_s)
 
 
 class AiohttpSender:
@@ -173,7 +182,7 @@ class AiohttpSender:
                 data=body,
                 headers=headers,
                 allow_redirects=False,  # a 3xx is a failed attempt, never followed
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                timeout=_timeout(timeout_s),
             ) as response:
                 await response.content.read(MAX_RESPONSE_BYTES)
                 return AttemptResult(
@@ -453,6 +462,8 @@ class DeliveryWorker:
             self._results_ready.set()
         finally:
             self.guard.finished(claimed.subscription_id, success, gone=gone)
+            if len(self._queues.get(claimed.subscription_id, ())) <= self.queue_per_endpoint // 2:
+                self._wakeup.set()  # room for at least half a queue: claim more now
 
     async def attempt(self, claimed: ClaimedDelivery) -> AttemptResult:
         started = time.perf_counter()
@@ -475,6 +486,8 @@ class DeliveryWorker:
     async def _book_loop(self) -> None:
         while True:
             await self._results_ready.wait()
+            if len(self._results) < self._batch_size:
+                await asyncio.sleep(BOOK_WINDOW_S)
             self._results_ready.clear()
             try:
                 await self._book_pending()
@@ -494,7 +507,6 @@ class DeliveryWorker:
             raise
         for (claimed, result), outcome in zip(batch, outcomes, strict=True):
             self._observe(claimed, result, outcome)
-        self._wakeup.set()
 
     def _book(self, batch: list[tuple[ClaimedDelivery, AttemptResult]]) -> list[AttemptOutcome]:
         now = self._clock.now()

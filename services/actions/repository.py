@@ -5,10 +5,14 @@ Tenant-facing queries always filter by tenant_id.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import hashlib
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timezone
+from typing import Any
 
-from sqlalchemy import case, delete, func, tuple_
+from sqlalchemy import JSON, delete, func, insert, text, tuple_
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
 from services.actions.tables import (
@@ -22,7 +26,7 @@ from services.actions.tables import (
     ActionsOfferResponse,
     ActionsPolicyDocument,
 )
-from shared.db import dialect_insert
+from shared.db import JSON_CODEC, dialect_insert
 
 # --- decisions and offers -----------------------------------------------------------
 
@@ -31,14 +35,6 @@ def get_decision(session: Session, tenant_id: str, score_id: str) -> ActionsDeci
     return session.exec(
         select(ActionsDecision).where(
             ActionsDecision.tenant_id == tenant_id, ActionsDecision.score_id == score_id
-        )
-    ).first()
-
-
-def last_offer_at(session: Session, tenant_id: str, customer_id: str) -> datetime | None:
-    return session.exec(
-        select(func.max(ActionsOffer.created_at)).where(
-            ActionsOffer.tenant_id == tenant_id, ActionsOffer.customer_id == customer_id
         )
     ).first()
 
@@ -70,19 +66,6 @@ def list_decisions(
 
 def get_policy_document(session: Session, tenant_id: str) -> ActionsPolicyDocument | None:
     return session.get(ActionsPolicyDocument, tenant_id)
-
-
-def last_offers(
-    session: Session, tenant_id: str, customer_id: str, policy: str
-) -> tuple[datetime | None, datetime | None]:
-    """When this customer last got an offer of `policy`, and any marketing offer (one query)."""
-    of_policy, marketing = session.execute(
-        select(
-            func.max(case((ActionsOffer.policy == policy, ActionsOffer.created_at))),
-            func.max(case((col(ActionsOffer.service).is_(False), ActionsOffer.created_at))),
-        ).where(ActionsOffer.tenant_id == tenant_id, ActionsOffer.customer_id == customer_id)
-    ).one()
-    return _aware(of_policy), _aware(marketing)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -130,6 +113,176 @@ def lock_customer(session: Session, tenant_id: str, customer_id: str) -> Actions
     return session.exec(query).one()
 
 
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(values), size):
+        yield list(values[start:start + size])
+
+
+def _by_tenant(keys: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for tenant_id, value in keys:
+        grouped.setdefault(tenant_id, []).append(value)
+    return grouped
+
+
+def insert_rows(
+    session: Session, model: Any, rows: Sequence[dict[str, Any]], ignore_existing: bool = False
+) -> None:
+    """Rows (every column's value) into `model`'s table in one statement. `ignore_existing`:
+    ON CONFLICT DO NOTHING.
+
+    PostgreSQL: `INSERT ... SELECT FROM unnest(<one array per column>)`, a short statement whose
+    parameters are one array per column. The alternatives measured worse on the decision path:
+    SQLAlchemy's executemany sends one INSERT per row (psycopg pipelines them, the server still
+    runs each), and its multi-row VALUES ("insertmanyvalues") makes a statement of 10-25 kB that
+    psycopg parses again on every call (its query cache stops at 4 kB): 40% of a decision's CPU.
+    SQLite: executemany (in-process, no round trips)."""
+    if not rows:
+        return
+    table = model.__table__
+    if session.get_bind().dialect.name != "postgresql":
+        statement = dialect_insert(session, table).on_conflict_do_nothing() if ignore_existing else insert(table)
+        session.execute(statement, list(rows))
+        return
+    sql, columns = _unnest_insert(table, ignore_existing)
+    params: dict[str, list[Any]] = {column.name: [] for column in columns}
+    for row in rows:
+        for column in columns:
+            value = row.get(column.name)
+            if isinstance(column.type, JSON) and value is not None:
+                value = JSON_CODEC["json_serializer"](value)
+            elif isinstance(value, datetime):
+                if value.tzinfo is None:
+                    raise ValueError("naive datetime: domain times must be timezone-aware")
+                value = value.astimezone(timezone.utc)
+            params[column.name].append(value)
+    session.connection().exec_driver_sql(sql, params)
+
+
+@functools.lru_cache(maxsize=None)
+def _unnest_insert(table: Any, ignore_existing: bool) -> tuple[str, list[Any]]:
+    columns = list(table.columns)
+    dialect = postgresql.dialect()
+    arrays, selected = [], []
+    for column in columns:
+        if isinstance(column.type, JSON):
+            arrays.append(f"%({column.name})s::text[]")
+            selected.append(f"{column.name}::json")
+        else:
+            arrays.append(f"%({column.name})s::{column.type.compile(dialect=dialect)}[]")
+            selected.append(column.name)
+    names = ", ".join(column.name for column in columns)
+    sql = (
+        f"INSERT INTO {table.name} ({names}) SELECT {', '.join(selected)} "
+        f"FROM unnest({', '.join(arrays)}) AS rows({names})"
+    )
+    if ignore_existing:
+        sql += " ON CONFLICT DO NOTHING"
+    return sql, columns
+
+
+def lock_customers(
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], ActionsCustomer]:
+    """`lock_customer` for many (tenant, customer) keys: the known rows locked in key order in
+    one query per tenant (and 500 customers); the missing ones created empty, then locked."""
+    ordered = sorted(set(keys))
+    found: dict[tuple[str, str], ActionsCustomer] = {}
+
+    def lock(wanted: Sequence[tuple[str, str]]) -> None:
+        for tenant_id, customer_ids in _by_tenant(wanted).items():
+            for chunk in _chunks(customer_ids):
+                rows = session.exec(
+                    select(ActionsCustomer)
+                    .where(ActionsCustomer.tenant_id == tenant_id,
+                           col(ActionsCustomer.customer_id).in_(chunk))
+                    .order_by(col(ActionsCustomer.customer_id))
+                    .with_for_update()
+                ).all()
+                for row in rows:
+                    found[(row.tenant_id, row.customer_id)] = row
+
+    lock(ordered)
+    missing = [key for key in ordered if key not in found]
+    if missing:
+        insert_rows(session, ActionsCustomer, [
+            {"tenant_id": t, "customer_id": c, "attributes": {}} for t, c in missing
+        ], ignore_existing=True)
+        lock(missing)
+    return found
+
+
+def decisions_by_trigger(
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], ActionsDecision]:
+    """Stored decisions by (tenant, trigger id = score_id)."""
+    found: dict[tuple[str, str], ActionsDecision] = {}
+    for tenant_id, score_ids in _by_tenant(keys).items():
+        for chunk in _chunks(score_ids):
+            for row in session.exec(
+                select(ActionsDecision).where(
+                    ActionsDecision.tenant_id == tenant_id, col(ActionsDecision.score_id).in_(chunk)
+                )
+            ).all():
+                found[(row.tenant_id, row.score_id)] = row
+    return found
+
+
+def contracts_of_customers(
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], list[ActionsContract]]:
+    """Contracts by (tenant, customer), each list in contract id order."""
+    found: dict[tuple[str, str], list[ActionsContract]] = {}
+    for tenant_id, customer_ids in _by_tenant(keys).items():
+        for chunk in _chunks(customer_ids):
+            for row in session.exec(
+                select(ActionsContract)
+                .where(ActionsContract.tenant_id == tenant_id,
+                       col(ActionsContract.customer_id).in_(chunk))
+                .order_by(col(ActionsContract.customer_id), col(ActionsContract.contract_id))
+            ).all():
+                found.setdefault((row.tenant_id, row.customer_id), []).append(row)
+    return found
+
+
+def offer_history(
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], dict[tuple[str, bool], datetime]]:
+    """Per (tenant, customer): when the latest offer of each (policy, service flag) was made
+    (the cooldowns: per policy, and any marketing offer)."""
+    found: dict[tuple[str, str], dict[tuple[str, bool], datetime]] = {}
+    o = ActionsOffer
+    for tenant_id, customer_ids in _by_tenant(keys).items():
+        for chunk in _chunks(customer_ids):
+            rows = session.execute(
+                select(o.customer_id, o.policy, o.service, func.max(o.created_at))
+                .where(o.tenant_id == tenant_id, col(o.customer_id).in_(chunk))
+                .group_by(o.customer_id, o.policy, o.service)
+            ).all()
+            for customer_id, policy, service_flag, at in rows:
+                when = _aware(at)
+                if when is not None:
+                    found.setdefault((tenant_id, customer_id), {})[(policy, bool(service_flag))] = when
+    return found
+
+
+def lock_budgets(session: Session, keys: Sequence[tuple[str, str]]) -> None:
+    """Serialise budget spending per (tenant, policy) until the transaction ends: a
+    transaction-scoped advisory lock on PostgreSQL, taken in key order (no deadlocks between
+    consumers). SQLite has one writer at a time anyway."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for tenant_id, policy in sorted(set(keys)):
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                        {"key": budget_lock_key(tenant_id, policy)})
+
+
+def budget_lock_key(tenant_id: str, policy: str) -> int:
+    """A stable signed 64-bit key for (tenant, policy) (no Python hash randomisation)."""
+    digest = hashlib.sha256(f"actions-budget\x1f{tenant_id}\x1f{policy}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def get_customer(session: Session, tenant_id: str, customer_id: str) -> ActionsCustomer | None:
     return session.get(ActionsCustomer, (tenant_id, customer_id))
 
@@ -144,24 +297,31 @@ def customer_contracts(
     ).all()
 
 
-def get_contract(session: Session, tenant_id: str, contract_id: str) -> ActionsContract | None:
-    return session.get(ActionsContract, (tenant_id, contract_id))
+def contracts_by_id(
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], ActionsContract | None]:
+    """Contracts by (tenant, contract id); None for the ones not stored yet."""
+    found: dict[tuple[str, str], ActionsContract | None] = dict.fromkeys(keys)
+    for tenant_id, contract_ids in _by_tenant(keys).items():
+        for chunk in _chunks(contract_ids):
+            for row in session.exec(
+                select(ActionsContract).where(
+                    ActionsContract.tenant_id == tenant_id,
+                    col(ActionsContract.contract_id).in_(chunk),
+                )
+            ).all():
+                found[(row.tenant_id, row.contract_id)] = row
+    return found
 
 
-def add_activity_day(session: Session, tenant_id: str, customer_id: str, day: date) -> None:
-    session.execute(
-        dialect_insert(session, ActionsActivityDay.__table__)  # type: ignore[attr-defined]
-        .on_conflict_do_nothing(),
-        [{"tenant_id": tenant_id, "customer_id": customer_id, "day": day}],
-    )
+def add_activity_days(session: Session, days: Sequence[tuple[str, str, date]]) -> None:
+    insert_rows(session, ActionsActivityDay, [
+        {"tenant_id": t, "customer_id": c, "day": d} for t, c, d in days
+    ], ignore_existing=True)
 
 
-def add_offer_response(session: Session, row: dict[str, object]) -> None:
-    session.execute(
-        dialect_insert(session, ActionsOfferResponse.__table__)  # type: ignore[attr-defined]
-        .on_conflict_do_nothing(),
-        [row],
-    )
+def add_offer_responses(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    insert_rows(session, ActionsOfferResponse, rows, ignore_existing=True)
 
 
 def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetime) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from sqlalchemy import update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
 from services.actions import repository, webhooks
@@ -46,6 +49,7 @@ from services.actions.tables import (
     ActionsContract,
     ActionsCustomer,
     ActionsDecision,
+    ActionsDelivery,
     ActionsOffer,
 )
 from services.actions.webhooks import (  # noqa: F401  (re-exported)
@@ -157,71 +161,246 @@ def policy_document(session: Session, tenant_id: str, rules: Rules) -> PolicyDoc
 def decide(
     session: Session, trigger: ScoreRecord | TriggerInput, rules: Rules, now: datetime
 ) -> DecisionResult:
-    """Decide once per trigger: match the first policy, apply the guardrails, and create the
-    offer and its outbox rows, or record why not.
+    """Decide once per trigger (`decide_many` of one)."""
+    return decide_many(session, [trigger], rules, now)[0]
 
-    A trigger already decided returns the stored decision (so the caller may re-publish it)
-    and writes nothing. The UNIQUE(tenant_id, score_id) constraint backs this up if two
-    consumers race on one trigger: the loser's transaction fails and is retried as a duplicate.
-    An erased customer gets a "suppressed: erased" answer that is not stored (stored=False).
+
+def decide_many(
+    session: Session,
+    triggers: Sequence[ScoreRecord | TriggerInput],
+    rules: Rules,
+    now: datetime,
+) -> list[DecisionResult]:
+    """Decide once per trigger, in order: match the first policy, apply the guardrails, and
+    create the offer and its outbox rows, or record why not. One result per trigger.
+
+    Set-based: the customers are locked, and their earlier decisions, contracts and offer
+    history, the budgets and the subscriptions are read, in a few queries for the whole batch;
+    the batch's own offers count for the cooldowns and budgets of the triggers after them; the
+    offers, outbox rows and decisions are written in one INSERT per table at the end.
+
+    A trigger already decided (before, or earlier in this batch) returns the stored decision
+    (so the caller may re-publish it) and writes nothing. The customer row locks serialise
+    decisions about one customer across consumers; a policy's budget is read under a lock of
+    its own (PostgreSQL advisory lock, until the commit), so two consumers never both spend its
+    last unit; UNIQUE(tenant_id, score_id) backs the dedup up. An erased customer gets a
+    "suppressed: erased" answer that is not stored (stored=False).
     """
-    if isinstance(trigger, ScoreRecord):
-        trigger = score_trigger(trigger)
-    tenant, customer = trigger.tenant_id, trigger.customer_id
-    existing = repository.get_decision(session, tenant, trigger.trigger_id)
-    if existing is not None:
-        return DecisionResult(action_record(existing), created=False, deliveries=0)
+    items = [score_trigger(t) if isinstance(t, ScoreRecord) else t for t in triggers]
+    if not items:
+        return []
+    batch = _Batch.load(session, items, rules, now)
+    results = [batch.decide(session, trigger) for trigger in items]
+    batch.write(session)
+    return results
 
-    document = policy_document(session, tenant, rules)
-    locked = repository.lock_customer(session, tenant, customer)
-    if locked.erased_at is not None:
-        return DecisionResult(action_record(ActionsDecision(
-            decision_id=new_id(), tenant_id=tenant, score_id=trigger.trigger_id, customer_id=customer,
-            trigger=trigger.trigger, outcome=SUPPRESSED, reason=ERASED, decided_at=now,
-        )), created=False, deliveries=0, stored=False)
-    state = locked
-    facts = _facts(session, trigger, state, now, _needs_contracts(document, trigger))
-    decision = ActionsDecision(
-        decision_id=new_id(),
-        tenant_id=tenant,
-        score_id=trigger.trigger_id,
-        customer_id=customer,
-        trigger=trigger.trigger,
-        policy=None,
-        outcome=SUPPRESSED,
-        reason=NO_MATCH,
-        churn_probability=facts.probability,
-        band=facts.band,
-        model_version=trigger.score.model_version if trigger.score else (
-            state.last_model_version if state else None
-        ),
-        customer_value=facts.customer_value,
-        decided_at=now,
-    )
-    deliveries = 0
-    policy = first_match(document.ordered(), facts)
-    if policy is not None:
-        offer_spec = document.offers[policy.offer]
-        decision.policy = policy.name
-        decision.offer_key = policy.offer
-        decision.offer_kind = offer_spec.kind
-        decision.service = offer_spec.service
-        decision.offer_cost = offer_spec.cost
-        decision.reason = _guardrail(
-            session, trigger, state, facts, policy, offer_spec, document, rules, now
+
+@dataclass
+class _Batch:
+    """What one batch of decisions reads once, and keeps current as it decides. The offer
+    history, budgets and subscriptions are read when the first trigger needs them (for the
+    whole batch at once): a batch in which no policy matches reads none of them."""
+
+    now: datetime
+    rules: Rules
+    items: Sequence[TriggerInput]
+    states: dict[tuple[str, str], ActionsCustomer]
+    existing: dict[tuple[str, str], ActionsDecision]
+    documents: dict[str, PolicyDocument]
+    contracts: dict[tuple[str, str], list[ActionsContract]]
+    # per customer: {(policy, service): when its latest offer was created}
+    history: dict[tuple[str, str], dict[tuple[str, bool], datetime]] | None = None
+    # per (tenant, policy): [offers this period, their summed cost]
+    budgets: dict[tuple[str, str], list[float]] | None = None
+    subscriptions: dict[str, list[str]] = field(default_factory=dict)  # per tenant: subscription ids
+    decided: dict[tuple[str, str], ActionRecord] = field(default_factory=dict)
+    scored: dict[tuple[str, str], ActionsCustomer] = field(default_factory=dict)
+    offers: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(
+        cls, session: Session, items: Sequence[TriggerInput], rules: Rules, now: datetime
+    ) -> _Batch:
+        keys = sorted({(t.tenant_id, t.customer_id) for t in items})
+        states = repository.lock_customers(session, keys)
+        tenants = sorted({t.tenant_id for t in items})
+        existing = repository.decisions_by_trigger(
+            session, sorted({(t.tenant_id, t.trigger_id) for t in items})
         )
-        if decision.reason == MATCHED:
-            offer = _create_offer(session, trigger, decision, policy, offer_spec, now)
-            decision.outcome = OFFER_CREATED
-            decision.offer_id = offer.offer_id
-            reasons = trigger.score.reasons if trigger.score else ()
-            deliveries = _enqueue_webhooks(session, offer, now, reasons)
-    if state is not None and trigger.score is not None:
-        _remember_score(state, trigger.score)
-        session.add(state)
-    session.add(decision)
-    session.flush()
-    return DecisionResult(action_record(decision), created=True, deliveries=deliveries)
+        documents = {tenant: policy_document(session, tenant, rules) for tenant in tenants}
+        live = [t for t in items if states[(t.tenant_id, t.customer_id)].erased_at is None
+                and (t.tenant_id, t.trigger_id) not in existing]
+        contracts = repository.contracts_of_customers(session, sorted({
+            (t.tenant_id, t.customer_id) for t in live if _needs_contracts(documents[t.tenant_id], t)
+        }))
+        return cls(now, rules, live, states, existing, documents, contracts)
+
+    def _history(self, session: Session) -> dict[tuple[str, str], dict[tuple[str, bool], datetime]]:
+        if self.history is None:
+            self.history = repository.offer_history(
+                session, sorted({(t.tenant_id, t.customer_id) for t in self.items})
+            )
+        return self.history
+
+    def _budgets(self, session: Session) -> dict[tuple[str, str], list[float]]:
+        """Every budget a trigger of this batch may spend, locked in key order (no deadlock
+        between two consumers) and read under the lock."""
+        if self.budgets is None:
+            wanted: dict[tuple[str, str], Policy] = {}
+            for t in self.items:
+                for policy in self.documents[t.tenant_id].ordered():
+                    if policy.budget is not None and t.trigger in policy.triggers:
+                        wanted[(t.tenant_id, policy.name)] = policy
+            repository.lock_budgets(session, sorted(wanted))
+            self.budgets = {}
+            for (tenant, name), policy in sorted(wanted.items()):
+                assert policy.budget is not None
+                count, cost = repository.budget_used(
+                    session, tenant, name, period_start(self.now, policy.budget.period)
+                )
+                self.budgets[(tenant, name)] = [float(count), cost]
+        return self.budgets
+
+    def decide(self, session: Session, trigger: TriggerInput) -> DecisionResult:
+        now, tenant, customer = self.now, trigger.tenant_id, trigger.customer_id
+        key = (tenant, trigger.trigger_id)
+        if key in self.existing:
+            return DecisionResult(action_record(self.existing[key]), created=False, deliveries=0)
+        if key in self.decided:  # the same trigger twice in one batch
+            return DecisionResult(self.decided[key], created=False, deliveries=0)
+        state = self.states[(tenant, customer)]
+        if state.erased_at is not None:
+            return DecisionResult(ActionRecord(
+                decision_id=new_id(), tenant_id=tenant, score_id=trigger.trigger_id,
+                customer_id=customer, trigger=trigger.trigger,  # type: ignore[arg-type]
+                outcome=SUPPRESSED, reason=ERASED, decided_at=now,  # type: ignore[arg-type]
+            ), created=False, deliveries=0, stored=False)
+        document = self.documents[tenant]
+        facts = _facts(trigger, state, now, self.contracts.get((tenant, customer), []))
+        decision: dict[str, Any] = {
+            "decision_id": new_id(),
+            "tenant_id": tenant,
+            "score_id": trigger.trigger_id,
+            "customer_id": customer,
+            "trigger": trigger.trigger,
+            "policy": None,
+            "outcome": SUPPRESSED,
+            "reason": NO_MATCH,
+            "offer_id": None,
+            "offer_key": None,
+            "offer_kind": None,
+            "service": None,
+            "offer_cost": None,
+            "customer_value": facts.customer_value,
+            "churn_probability": facts.probability,
+            "band": facts.band,
+            "model_version": trigger.score.model_version if trigger.score else state.last_model_version,
+            "decided_at": now,
+        }
+        deliveries = 0
+        policy = first_match(document.ordered(), facts)
+        if policy is not None:
+            offer_spec = document.offers[policy.offer]
+            decision["policy"] = policy.name
+            decision["offer_key"] = policy.offer
+            decision["offer_kind"] = offer_spec.kind
+            decision["service"] = offer_spec.service
+            decision["offer_cost"] = offer_spec.cost
+            decision["reason"] = self._guardrail(
+                session, trigger, state, facts, policy, offer_spec, document
+            )
+            if decision["reason"] == MATCHED:
+                offer = _offer_row(trigger, decision, policy, offer_spec, now)
+                self.offers.append(offer)
+                decision["outcome"] = OFFER_CREATED
+                decision["offer_id"] = offer["offer_id"]
+                self._history(session).setdefault((tenant, customer), {})[
+                    (policy.name, offer_spec.service)
+                ] = now
+                if policy.budget is not None:
+                    used = self._budgets(session)[(tenant, policy.name)]
+                    used[0] += 1
+                    used[1] += offer_spec.cost
+                reasons = trigger.score.reasons if trigger.score else ()
+                deliveries = self._enqueue_webhooks(session, offer, reasons)
+        if trigger.score is not None and _remember_score(state, trigger.score, committed=True):
+            self.scored[(tenant, customer)] = state
+        self.decisions.append(decision)
+        record = _record(decision)
+        self.decided[key] = record
+        return DecisionResult(record, created=True, deliveries=deliveries)
+
+    def _guardrail(
+        self,
+        session: Session,
+        trigger: TriggerInput,
+        state: ActionsCustomer,
+        facts: Facts,
+        policy: Policy,
+        offer: Offer,
+        document: PolicyDocument,
+    ) -> str:
+        """MATCHED when the offer may be sent, else the first guardrail that stops it."""
+        now, rules = self.now, self.rules
+        tenant, customer = trigger.tenant_id, trigger.customer_id
+        if not offer.service:
+            consent = state.marketing_consent
+            if consent is False or (consent is None and rules.consent_required):
+                return CONSENT
+        history = self._history(session).get((tenant, customer), {})
+        last_of_policy = max(
+            (at for (name, _), at in history.items() if name == policy.name), default=None
+        )
+        if in_cooldown(last_of_policy, now, timedelta(days=policy.cooldown_days)):
+            return COOLDOWN
+        if not offer.service and policy.respect_customer_cooldown:
+            last_marketing = max(
+                (at for (_, service), at in history.items() if not service), default=None
+            )
+            if in_cooldown(last_marketing, now, timedelta(days=document.customer_cooldown_days)):
+                return COOLDOWN
+        if policy.budget is not None:
+            used_count, used_cost = self._budgets(session)[(tenant, policy.name)]
+            if not within_budget(policy.budget, int(used_count), used_cost, offer.cost):
+                return BUDGET
+        if policy.value_gate is not None and not passes_value_gate(
+            facts.probability, facts.customer_value, policy.value_gate, offer
+        ):
+            return VALUE_GATE
+        if in_holdout(tenant, customer, rules.holdout_salt, rules.holdout_percent):
+            return HOLDOUT
+        return MATCHED
+
+    def _enqueue_webhooks(
+        self, session: Session, offer: dict[str, Any], reasons: Sequence[str]
+    ) -> int:
+        """The offer's outbox rows (one per subscribed endpoint), in the decision's transaction;
+        the tenant's subscriptions are read once per batch."""
+        tenant = offer["tenant_id"]
+        if tenant not in self.subscriptions:
+            self.subscriptions[tenant] = webhooks.subscribers(session, tenant, OFFER_CREATED_EVENT)
+        payload = _payload(offer, reasons)
+        for subscription_id in self.subscriptions[tenant]:
+            self.deliveries.append(webhooks.outbox_row(
+                subscription_id, tenant_id=tenant, offer_id=offer["offer_id"], payload=payload,
+                now=self.now, event_type=OFFER_CREATED_EVENT,
+            ))
+        return len(self.subscriptions[tenant])
+
+    def write(self, session: Session) -> None:
+        """Offers, then (they reference them) outbox rows, and decisions: one multi-row INSERT
+        per table; and the customers' latest scores in one executemany UPDATE."""
+        repository.insert_rows(session, ActionsOffer, self.offers)
+        repository.insert_rows(session, ActionsDelivery, self.deliveries)
+        repository.insert_rows(session, ActionsDecision, self.decisions)
+        if self.scored:
+            session.execute(update(ActionsCustomer), [
+                {"tenant_id": state.tenant_id, "customer_id": state.customer_id,
+                 **{name: getattr(state, name) for name in _SCORE_COLUMNS}}
+                for _, state in sorted(self.scored.items())
+            ])
 
 
 def _needs_contracts(document: PolicyDocument, trigger: TriggerInput) -> bool:
@@ -239,18 +418,12 @@ def _needs_contracts(document: PolicyDocument, trigger: TriggerInput) -> bool:
 
 
 def _facts(
-    session: Session,
     trigger: TriggerInput,
     state: ActionsCustomer | None,
     now: datetime,
-    with_contracts: bool = True,
+    contracts: list[ActionsContract],
 ) -> Facts:
     score = trigger.score
-    contracts = (
-        list(repository.customer_contracts(session, trigger.tenant_id, trigger.customer_id))
-        if state is not None and with_contracts
-        else []
-    )
     days_to_end, auto_renew, notice = contract_facts(contracts, now.date())
     if trigger.contract is not None and trigger.contract.end_date is not None:
         days_to_end = float((trigger.contract.end_date - now.date()).days)
@@ -279,90 +452,61 @@ def _facts(
     )
 
 
-def _guardrail(
-    session: Session,
+def _offer_row(
     trigger: TriggerInput,
-    state: ActionsCustomer | None,
-    facts: Facts,
-    policy: Policy,
-    offer: Offer,
-    document: PolicyDocument,
-    rules: Rules,
-    now: datetime,
-) -> str:
-    """MATCHED when the offer may be sent, else the first guardrail that stops it."""
-    tenant, customer = trigger.tenant_id, trigger.customer_id
-    if not offer.service:
-        consent = state.marketing_consent if state else None
-        if consent is False or (consent is None and rules.consent_required):
-            return CONSENT
-    last_of_policy, last_marketing = repository.last_offers(session, tenant, customer, policy.name)
-    if in_cooldown(last_of_policy, now, timedelta(days=policy.cooldown_days)):
-        return COOLDOWN
-    if (
-        not offer.service
-        and policy.respect_customer_cooldown
-        and in_cooldown(last_marketing, now, timedelta(days=document.customer_cooldown_days))
-    ):
-        return COOLDOWN
-    if policy.budget is not None:
-        used_count, used_cost = repository.budget_used(
-            session, tenant, policy.name, period_start(now, policy.budget.period)
-        )
-        if not within_budget(policy.budget, used_count, used_cost, offer.cost):
-            return BUDGET
-    if policy.value_gate is not None and not passes_value_gate(
-        facts.probability, facts.customer_value, policy.value_gate, offer
-    ):
-        return VALUE_GATE
-    if in_holdout(tenant, customer, rules.holdout_salt, rules.holdout_percent):
-        return HOLDOUT
-    return MATCHED
-
-
-def _create_offer(
-    session: Session,
-    trigger: TriggerInput,
-    decision: ActionsDecision,
+    decision: dict[str, Any],
     policy: Policy,
     spec: Offer,
     now: datetime,
-) -> ActionsOffer:
-    offer = ActionsOffer(
-        offer_id=new_id(),
-        tenant_id=trigger.tenant_id,
-        customer_id=trigger.customer_id,
-        policy=policy.name,
-        kind=spec.kind,
-        discount_percent=spec.discount_percent,
-        valid_until=now + timedelta(days=spec.validity_days),
-        churn_probability=decision.churn_probability,
-        band=decision.band,
-        model_version=decision.model_version,
-        score_id=trigger.trigger_id,
-        created_at=now,
-        trigger=trigger.trigger,
-        offer_key=policy.offer,
-        service=spec.service,
-        cost=spec.cost,
-        details=spec.details(),
-    )
-    session.add(offer)
-    session.flush()  # the outbox rows reference the offer
-    return offer
+) -> dict[str, Any]:
+    return {
+        "offer_id": new_id(),
+        "tenant_id": trigger.tenant_id,
+        "customer_id": trigger.customer_id,
+        "policy": policy.name,
+        "kind": spec.kind,
+        "discount_percent": spec.discount_percent,
+        "valid_until": now + timedelta(days=spec.validity_days),
+        "churn_probability": decision["churn_probability"],
+        "band": decision["band"],
+        "model_version": decision["model_version"],
+        "score_id": trigger.trigger_id,
+        "created_at": now,
+        "trigger": trigger.trigger,
+        "offer_key": policy.offer,
+        "service": spec.service,
+        "cost": spec.cost,
+        "details": spec.details(),
+    }
 
 
-def _remember_score(state: ActionsCustomer, score: ScoreRecord) -> None:
-    """Keep the latest score (by scored_at) for score-change conditions and later triggers."""
+_SCORE_COLUMNS = (
+    "last_score_id", "last_probability", "last_band", "last_model_version", "last_scored_at",
+    "spend_365d",
+)
+
+
+def _remember_score(state: ActionsCustomer, score: ScoreRecord, committed: bool = False) -> bool:
+    """Keep the latest score (by scored_at) for score-change conditions and later triggers.
+    Returns whether it changed the state. `committed`: set the values without marking them for
+    the ORM's flush (the caller writes them itself, in one statement for the batch)."""
     if state.last_scored_at is not None and score.scored_at < state.last_scored_at:
-        return
-    state.last_score_id = score.score_id
-    state.last_probability = score.probability
-    state.last_band = score.band
-    state.last_model_version = score.model_version
-    state.last_scored_at = score.scored_at
+        return False
+    values: dict[str, object] = {
+        "last_score_id": score.score_id,
+        "last_probability": score.probability,
+        "last_band": score.band,
+        "last_model_version": score.model_version,
+        "last_scored_at": score.scored_at,
+    }
     if "spend_365d" in score.features:
-        state.spend_365d = float(score.features["spend_365d"])
+        values["spend_365d"] = float(score.features["spend_365d"])
+    for name, value in values.items():
+        if committed:
+            set_committed_value(state, name, value)
+        else:
+            setattr(state, name, value)
+    return True
 
 
 def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetime) -> None:
@@ -373,45 +517,51 @@ def mark_erased(session: Session, tenant_id: str, customer_id: str, now: datetim
     repository.mark_erased(session, tenant_id, customer_id, now)
 
 
-def _enqueue_webhooks(
-    session: Session, offer: ActionsOffer, now: datetime, reasons: Sequence[str] = ()
-) -> int:
-    """The offer's outbox rows (one per subscribed endpoint), in the decision's transaction."""
-    return webhooks.enqueue(
-        session,
-        tenant_id=offer.tenant_id,
-        offer_id=offer.offer_id,
-        payload=offer_payload(offer, reasons),
-        now=now,
-        event_type=OFFER_CREATED_EVENT,
-    )
-
-
 def offer_payload(offer: ActionsOffer, reasons: Sequence[str] = ()) -> str:
     """The webhook body: what the receiver needs to deliver the offer, and nothing else
     (no tenant id, no secrets). Stored as text so every retry signs the same bytes.
     `reasons` are the score's plain-language reasons (ScoreRecord.reasons), copied so the
     marketing tool can personalise the offer."""
+    return _payload({name: getattr(offer, name) for name in _PAYLOAD_FIELDS}, reasons)
+
+
+_PAYLOAD_FIELDS = (
+    "created_at", "offer_id", "customer_id", "kind", "discount_percent", "valid_until", "policy",
+    "churn_probability", "band", "model_version", "trigger", "service", "details",
+)
+
+
+def _payload(offer: Mapping[str, Any], reasons: Sequence[str] = ()) -> str:
     body = {
         "type": OFFER_CREATED_EVENT,
-        "timestamp": offer.created_at.isoformat(),
+        "timestamp": offer["created_at"].isoformat(),
         "data": {
-            "offer_id": offer.offer_id,
-            "customer_id": offer.customer_id,
-            "kind": offer.kind,
-            "discount_percent": offer.discount_percent,
-            "valid_until": offer.valid_until.isoformat(),
-            "policy": offer.policy,
-            "churn_probability": offer.churn_probability,
-            "band": offer.band,
-            "model_version": offer.model_version,
+            "offer_id": offer["offer_id"],
+            "customer_id": offer["customer_id"],
+            "kind": offer["kind"],
+            "discount_percent": offer["discount_percent"],
+            "valid_until": offer["valid_until"].isoformat(),
+            "policy": offer["policy"],
+            "churn_probability": offer["churn_probability"],
+            "band": offer["band"],
+            "model_version": offer["model_version"],
             "reasons": list(reasons),
-            "trigger": offer.trigger,
-            "service": offer.service,
-            "offer": dict(offer.details or {}),
+            "trigger": offer["trigger"],
+            "service": offer["service"],
+            "offer": dict(offer["details"] or {}),
         },
     }
     return json.dumps(body, separators=(",", ":"))
+
+
+_RECORD_FIELDS = (
+    "decision_id", "tenant_id", "customer_id", "score_id", "outcome", "reason", "policy",
+    "offer_id", "decided_at", "trigger", "offer_kind", "service", "churn_probability", "band",
+)
+
+
+def _record(decision: Mapping[str, Any]) -> ActionRecord:
+    return ActionRecord(**{name: decision[name] for name in _RECORD_FIELDS})
 
 
 def action_record(decision: ActionsDecision) -> ActionRecord:

@@ -7,11 +7,13 @@ deliveries, counting the outbox) are system-wide by nature and say so in their d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, text, update
+from sqlalchemy import func, text, update
 from sqlmodel import Session, col, select
 
 from services.actions.tables import (
@@ -20,6 +22,7 @@ from services.actions.tables import (
     ActionsWebhookSecret,
     ActionsWebhookSubscription,
 )
+from shared.secret_box import box
 
 # --- subscriptions and secrets -------------------------------------------------------
 
@@ -46,6 +49,17 @@ def active_subscriptions(session: Session, tenant_id: str) -> Sequence[ActionsWe
     ).all()
 
 
+def active_subscription_events(session: Session, tenant_id: str) -> list[tuple[str, list[str]]]:
+    """(id, event types) of the tenant's active subscriptions, oldest first (no secrets read)."""
+    s = ActionsWebhookSubscription
+    rows = session.exec(
+        select(s.id, s.event_types)
+        .where(s.tenant_id == tenant_id, col(s.active).is_(True))
+        .order_by(col(s.created_at), col(s.id))
+    ).all()
+    return [(row[0], list(row[1] or [])) for row in rows]
+
+
 def subscriptions_by_id(
     session: Session, ids: Sequence[str]
 ) -> dict[str, ActionsWebhookSubscription]:
@@ -64,6 +78,13 @@ def live_previous_secrets(
     """Previous secrets still inside their rotation overlap, newest first, per subscription."""
     if not subscription_ids:
         return {}
+    if _postgres(session):
+        found: dict[str, list[str]] = {}
+        for subscription_id, secret in _driver(
+            session, _PG_PREVIOUS_SECRETS, {"ids": list(subscription_ids), "now": now}
+        ):
+            found.setdefault(subscription_id, []).append(_decrypt(secret))
+        return found
     rows = session.exec(
         select(ActionsWebhookSecret)
         .where(
@@ -177,10 +198,117 @@ def lock_due_deliveries(
     ).all()
 
 
+# The worker's hot path on PostgreSQL is plain SQL through the driver: building, caching and
+# compiling SQLAlchemy statements and ORM objects cost more CPU per delivery than sending it.
+
+_PG_DUE = """
+SELECT delivery_id, subscription_id, tenant_id, payload, attempts, created_at
+FROM actions_deliveries
+WHERE status = 'pending' AND next_attempt_at <= %(now)s
+  AND NOT (subscription_id = ANY(%(blocked)s::varchar[]))
+ORDER BY next_attempt_at, delivery_id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+_PG_SUBSCRIPTIONS = """
+SELECT id, url, secret, active, disabled_reason FROM actions_webhook_subscriptions
+WHERE id = ANY(%(ids)s::varchar[])
+"""
+_PG_PREVIOUS_SECRETS = """
+SELECT subscription_id, secret FROM actions_webhook_secrets
+WHERE subscription_id = ANY(%(ids)s::varchar[]) AND expires_at > %(now)s
+ORDER BY created_at DESC
+"""
+_PG_LEASE = """
+UPDATE actions_deliveries SET next_attempt_at = %(at)s WHERE delivery_id = ANY(%(ids)s::varchar[])
+"""
+_PG_DELIVERED = """
+WITH booked AS (
+  UPDATE actions_deliveries AS d
+  SET status = 'delivered', attempts = d.attempts + 1, delivered_at = %(now)s,
+      last_status_code = r.status_code, last_error = NULL
+  FROM unnest(%(ids)s::varchar[], %(attempts)s::int[], %(codes)s::int[], %(latency)s::float8[])
+       AS r(delivery_id, attempts, status_code, latency_ms)
+  WHERE d.delivery_id = r.delivery_id AND d.status = 'pending' AND d.attempts = r.attempts
+  RETURNING d.delivery_id, d.tenant_id, r.status_code, r.latency_ms
+)
+INSERT INTO actions_delivery_attempts
+  (delivery_id, tenant_id, outcome, status_code, error, latency_ms, attempted_at)
+SELECT delivery_id, tenant_id, 'delivered', status_code, NULL, latency_ms, %(now)s FROM booked
+RETURNING delivery_id
+"""
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _driver(session: Session, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    result = session.connection().exec_driver_sql(sql, params)
+    return [tuple(row) for row in result] if result.returns_rows else []
+
+
+@functools.lru_cache(maxsize=1024)
+def _decrypt(stored: str) -> str:
+    return box().decrypt(stored)
+
+
+@dataclass(frozen=True)
+class ClaimSubscription:
+    """What the worker needs of a subscription to send (or park) its deliveries."""
+
+    id: str
+    url: str
+    secret: str
+    active: bool
+    disabled_reason: str | None
+
+
+def claim_subscriptions(session: Session, ids: Sequence[str]) -> dict[str, ClaimSubscription]:
+    """System-wide (the worker): the subscriptions of claimed rows, secrets decrypted."""
+    if not ids:
+        return {}
+    if _postgres(session):
+        rows = _driver(session, _PG_SUBSCRIPTIONS, {"ids": list(ids)})
+        return {
+            row[0]: ClaimSubscription(row[0], row[1], _decrypt(row[2]), bool(row[3]), row[4])
+            for row in rows
+        }
+    return {
+        sid: ClaimSubscription(s.id, s.url, s.secret, s.active, s.disabled_reason)
+        for sid, s in subscriptions_by_id(session, ids).items()
+    }
+
+
+def book_delivered(
+    session: Session, booked: Sequence[tuple[str, int, int, float]], now: datetime
+) -> set[str] | None:
+    """Book successful attempts (delivery id, attempts before, status code, latency ms) and
+    their attempt-log rows in one statement; only rows still pending with the attempt count the
+    worker claimed them at. Returns the ids of the booked ones; None when the database is not
+    PostgreSQL (the caller books them the portable way)."""
+    if not _postgres(session):
+        return None
+    if not booked:
+        return set()
+    rows = _driver(session, _PG_DELIVERED, {
+        "now": now, "ids": [b[0] for b in booked], "attempts": [b[1] for b in booked],
+        "codes": [b[2] for b in booked], "latency": [b[3] for b in booked],
+    })
+    return {row[0] for row in rows}
+
+
 def lock_due_delivery_rows(
     session: Session, now: datetime, limit: int, exclude_subscriptions: Sequence[str] = ()
-) -> Sequence[Row[Any]]:
+) -> Sequence[Any]:
     """`lock_due_deliveries` as plain rows (no ORM objects: the worker's hot path)."""
+    if _postgres(session):
+        return [
+            _DueRow(*row)
+            for row in _driver(session, _PG_DUE, {
+                "now": now, "limit": limit, "blocked": list(exclude_subscriptions),
+            })
+        ]
     d = ActionsDelivery
     query = select(
         d.delivery_id, d.subscription_id, d.tenant_id, d.payload, d.attempts, d.created_at
@@ -192,6 +320,26 @@ def lock_due_delivery_rows(
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
+
+
+@dataclass(frozen=True)
+class _DueRow:
+    delivery_id: str
+    subscription_id: str
+    tenant_id: str
+    payload: str
+    attempts: int
+    created_at: datetime
+
+
+def lease_deliveries(session: Session, delivery_ids: Sequence[str], until: datetime) -> None:
+    """Claimed rows are due again only at `until` (their lease)."""
+    if not delivery_ids:
+        return
+    if _postgres(session):
+        _driver(session, _PG_LEASE, {"at": until, "ids": list(delivery_ids)})
+    else:
+        set_deliveries(session, delivery_ids, next_attempt_at=until)
 
 
 def set_deliveries(session: Session, delivery_ids: Sequence[str], **values: Any) -> None:

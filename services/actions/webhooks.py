@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import insert
 from sqlmodel import Session
@@ -198,26 +198,67 @@ def enqueue(
     """One outbox row per active subscription of the tenant that wants `event_type`, in the
     caller's transaction. `payload` is the exact JSON text that is signed and sent on every
     attempt. Returns how many rows were written."""
-    count = 0
-    for subscription in repo.active_subscriptions(session, tenant_id):
-        if event_type not in subscription.event_types:
-            continue
-        session.add(
-            ActionsDelivery(
-                delivery_id=f"msg_{new_id()}",
-                tenant_id=tenant_id,
-                subscription_id=subscription.id,
-                offer_id=offer_id,
-                event_type=event_type,
-                payload=payload,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
-        count += 1
-    return count
+    rows = outbox_rows(
+        subscribers(session, tenant_id, event_type),
+        tenant_id=tenant_id, offer_id=offer_id, payload=payload, now=now, event_type=event_type,
+    )
+    session.add_all(rows)
+    return len(rows)
+
+
+def subscribers(session: Session, tenant_id: str, event_type: str) -> list[str]:
+    """Ids of the tenant's active subscriptions that want `event_type`, oldest first."""
+    return [
+        subscription_id
+        for subscription_id, event_types in repo.active_subscription_events(session, tenant_id)
+        if event_type in event_types
+    ]
+
+
+def outbox_rows(
+    subscription_ids: Sequence[str],
+    *,
+    tenant_id: str,
+    offer_id: str,
+    payload: str,
+    now: datetime,
+    event_type: str = OFFER_CREATED_EVENT,
+) -> list[ActionsDelivery]:
+    """The outbox rows of one event, one per subscription (not added to a session yet)."""
+    return [
+        ActionsDelivery(**outbox_row(
+            subscription_id, tenant_id=tenant_id, offer_id=offer_id, payload=payload, now=now,
+            event_type=event_type,
+        ))
+        for subscription_id in subscription_ids
+    ]
+
+
+def outbox_row(
+    subscription_id: str,
+    *,
+    tenant_id: str,
+    offer_id: str,
+    payload: str,
+    now: datetime,
+    event_type: str = OFFER_CREATED_EVENT,
+) -> dict[str, Any]:
+    """One outbox row as column values (a new delivery: due now, no attempts yet)."""
+    return {
+        "delivery_id": f"msg_{new_id()}",
+        "tenant_id": tenant_id,
+        "subscription_id": subscription_id,
+        "offer_id": offer_id,
+        "event_type": event_type,
+        "payload": payload,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "last_error": None,
+        "last_status_code": None,
+        "delivered_at": None,
+        "created_at": now,
+    }
 
 
 # --- the deliveries API -----------------------------------------------------------------
@@ -432,7 +473,7 @@ def claim_due_deliveries(
         repo.defer_due_deliveries(session, subscription_id, until, now)
     rows = repo.lock_due_delivery_rows(session, now, limit, exclude_subscriptions)
     subscription_ids = sorted({r.subscription_id for r in rows})
-    subscriptions = repo.subscriptions_by_id(session, subscription_ids)
+    subscriptions = repo.claim_subscriptions(session, subscription_ids)
     previous = repo.live_previous_secrets(session, subscription_ids, now)
     free: dict[str, int] = {}
     claimed: list[ClaimedDelivery] = []
@@ -461,7 +502,7 @@ def claim_due_deliveries(
                 created_at=row.created_at,
             )
         )
-    repo.set_deliveries(session, [c.delivery_id for c in claimed], next_attempt_at=now + lease)
+    repo.lease_deliveries(session, [c.delivery_id for c in claimed], now + lease)
     for reason, ids in to_park.items():
         repo.set_deliveries(session, ids, status="parked", last_error=reason[:MAX_ERROR_CHARS])
     return claimed, sum(len(ids) for ids in to_park.values())
@@ -499,11 +540,41 @@ def record_attempts(
     if not isinstance(policy, RetryPolicy):
         policy = RetryPolicy(schedule=policy)
     outcomes: dict[int, AttemptOutcome] = {}
-    # Successes (nearly all of them) in one UPDATE per (attempt count, status) and one INSERT.
+    successes = [
+        i for i, (_, result) in enumerate(attempts) if result.ok and result.status_code is not None
+    ]
+    booked_pg = repo.book_delivered(session, [
+        (attempts[i][0].delivery_id, attempts[i][0].attempts, attempts[i][1].status_code or 0,
+         round(attempts[i][1].latency_ms, 3))
+        for i in successes
+    ], now)
+    if booked_pg is not None:  # PostgreSQL: one statement for all successes
+        for i in successes:
+            outcomes[i] = "delivered" if attempts[i][0].delivery_id in booked_pg else "stale"
+    else:
+        _book_successes(session, attempts, successes, now, outcomes)
+    # Failures row by row: each may schedule, park, or disable its subscription.
+    rest = [i for i in range(len(attempts)) if i not in outcomes]
+    rows = repo.lock_deliveries(session, [attempts[i][0].delivery_id for i in rest])
+    for i in rest:
+        claimed, result = attempts[i]
+        outcomes[i] = _book(session, rows.get(claimed.delivery_id), claimed, result, now, policy)
+    return [outcomes[i] for i in range(len(attempts))]
+
+
+def _book_successes(
+    session: Session,
+    attempts: Sequence[tuple[ClaimedDelivery, AttemptResult]],
+    successes: Sequence[int],
+    now: datetime,
+    outcomes: dict[int, AttemptOutcome],
+) -> None:
+    """Successes in one UPDATE per (attempt count, status) and one INSERT (SQLite)."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for index, (claimed, result) in enumerate(attempts):
-        if result.ok and result.status_code is not None:
-            groups.setdefault((claimed.attempts, result.status_code), []).append(index)
+    for index in successes:
+        claimed, result = attempts[index]
+        assert result.status_code is not None
+        groups.setdefault((claimed.attempts, result.status_code), []).append(index)
     log_rows = []
     for (attempts_before, status_code), indexes in groups.items():
         booked = dict(
@@ -534,13 +605,6 @@ def record_attempts(
             )
     if log_rows:
         session.execute(insert(ActionsDeliveryAttempt), log_rows)
-    # Failures row by row: each may schedule, park, or disable its subscription.
-    rest = [i for i in range(len(attempts)) if i not in outcomes]
-    rows = repo.lock_deliveries(session, [attempts[i][0].delivery_id for i in rest])
-    for i in rest:
-        claimed, result = attempts[i]
-        outcomes[i] = _book(session, rows.get(claimed.delivery_id), claimed, result, now, policy)
-    return [outcomes[i] for i in range(len(attempts))]
 
 
 def _book(

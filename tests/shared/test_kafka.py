@@ -72,6 +72,46 @@ async def test_consume_loop_handles_good_records_and_dead_letters_poison(kafka_s
     assert reasons == ["undecodable", "unprocessable"]
 
 
+async def test_whole_poll_hands_several_partitions_at_once_and_falls_back_for_bad_records(
+    kafka_settings: KafkaSettings,
+) -> None:
+    publisher = Publisher(kafka_settings, "test")
+    handled: dict[int, dict] = {}
+    partitions_per_call: list[int] = []
+
+    async def handle(batch: list[Decoded[dict]]) -> None:
+        partitions_per_call.append(len({item.record.partition for item in batch}))
+        for item in batch:
+            if item.value.get("poison"):
+                raise Unprocessable("poison flag set")
+        for item in batch:
+            handled[item.value["n"]] = item.value
+
+    loop = ConsumeLoop(
+        settings=kafka_settings, topic=CUSTOMER_EVENTS, group_id="g-whole", client_id="test",
+        decode=json.loads, handle=handle, publisher=publisher, whole_poll=True,
+    )
+    try:
+        # on the topic before the consumer joins: its first fetch brings every partition
+        await publisher.publish_many(
+            CUSTOMER_EVENTS, [(f"k{n}".encode(), json.dumps({"n": n}).encode()) for n in range(12)]
+        )
+        loop.start()
+        await wait_until(lambda: len(handled) == 12)
+        assert max(partitions_per_call) > 1
+        await publisher.publish_many(CUSTOMER_EVENTS, [
+            (b"k1", json.dumps({"n": 100}).encode()), (b"k1", b"\xff not json"),
+            (b"k2", json.dumps({"poison": True}).encode()), (b"k3", json.dumps({"n": 101}).encode()),
+        ])
+        await wait_until(lambda: {100, 101} <= set(handled) and loop.stats.dead_lettered == 2)
+    finally:
+        await loop.stop()
+        await publisher.close()
+    records = await read_topic(kafka_settings, dead_letter(CUSTOMER_EVENTS), 2, timeout_s=10)
+    reasons = sorted(dict(r.headers)["reason"].decode().split(":")[0] for r in records)
+    assert reasons == ["undecodable", "unprocessable"]
+
+
 async def test_publisher_reports_unreachable_broker_quickly() -> None:
     publisher = Publisher(KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=1000), "t", send_timeout_s=1.0)
     with pytest.raises(BrokerUnavailable):
