@@ -50,11 +50,11 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     return header + "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
 
 
-def write_doc(runs: dict[str, dict[str, Any]], command: str) -> None:
+def write_doc(runs: dict[str, dict[str, Any]], command: str, note: str = "") -> None:
     finished = max(r["finished_at"] for r in runs.values())
     info = machine()
     block = (
-        f"{START}\nLatest run: `{command}`, finished {finished} UTC. Machine: {info['nproc']} CPUs "
+        f"{START}\nLatest run: `{command}`{note}, finished {finished} UTC. Machine: {info['nproc']} CPUs "
         f"({info['cpu']}), Python {info['python']}. Raw JSON: "
         f"`bench/results/chaos.json`.\n\n{table(runs)}\n{END}"
     )
