@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import logging
 import re
 import uuid
@@ -28,6 +29,12 @@ INTERNAL_TOKEN_HEADER = "X-Churnguard-Internal-Token"
 TENANT_HEADER = "X-Churnguard-Tenant"
 
 log = logging.getLogger(__name__)
+# Metrics are Prometheus (shared.metrics); FastAPI's native OpenTelemetry support (newer FastAPI
+# versions) would otherwise look up the global providers on every request.
+_NO_OPENTELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
+)
 # A caller's request id travels to every service and into logs: accept only a plain token.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -44,7 +51,8 @@ def create_service_app(
     """`api_docs=False` drops FastAPI's own /openapi.json, /docs and /redoc (the gateway serves
     a merged description instead; production may turn docs off altogether)."""
     docs = {} if api_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
-    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan, **docs)
+    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan, **docs,
+                  **_NO_OPENTELEMETRY)
     app.state.internal_token = internal_token
     app.state.readiness = {}
     app.add_middleware(_HotRoutes)  # first added: innermost, inside the metrics and request ids
