@@ -47,6 +47,10 @@ class _MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Labelled children by label values: `labels()` takes a lock and checks its arguments on
+        # every call; the label sets are few (route templates x methods x statuses).
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,8 +72,15 @@ class _MetricsMiddleware:
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.requests.labels(route, method, str(status)).inc()
-            self.metrics.duration.labels(route, method).observe(time.perf_counter() - started)
+            counted = self._counted.get((route, method, status))
+            if counted is None:
+                counted = self._counted[(route, method, status)] = self.metrics.requests.labels(
+                    route, method, str(status))
+            counted.inc()
+            timed = self._timed.get((route, method))
+            if timed is None:
+                timed = self._timed[(route, method)] = self.metrics.duration.labels(route, method)
+            timed.observe(time.perf_counter() - started)
 
 
 def instrument(app: FastAPI, service: str) -> None:

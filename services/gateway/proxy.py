@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import quote_from_bytes
 
 import aiohttp
 import httpx
@@ -117,9 +119,10 @@ def forward_headers(
     request: Request, tenant_id: str, request_id: str, internal_token: str, key_id: str | None = None
 ) -> list[tuple[str, str]]:
     headers = [
-        (name, value)
-        for name, value in request.headers.items()
-        if name not in _DROPPED and not name.startswith(_INTERNAL_PREFIX)
+        (name, value.decode("latin-1"))
+        for raw_name, value in request.scope["headers"]
+        if (name := raw_name.decode("latin-1").lower()) not in _DROPPED
+        and not name.startswith(_INTERNAL_PREFIX)
     ]
     headers += [
         (INTERNAL_TOKEN_HEADER, internal_token),
@@ -131,13 +134,35 @@ def forward_headers(
     return headers
 
 
-def upstream_url(base_url: str, request: Request) -> httpx.URL:
-    """Base URL + the path exactly as the caller encoded it + the query string."""
-    base = httpx.URL(base_url)
-    raw_path = request.scope.get("raw_path") or request.url.path.encode()
-    query = without_query_key(request.scope.get("query_string", b""))  # a credential, never forwarded
-    target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + raw_path
-    return base.copy_with(raw_path=target + (b"?" + query if query else b""))
+@functools.lru_cache(maxsize=64)
+def _base_path(base_url: str) -> str:
+    """scheme://host[:port][/prefix] of an upstream's base URL, without query or trailing /."""
+    return base_url.split("?", 1)[0].rstrip("/")
+
+
+def upstream_url(base_url: str, request: Request) -> URL:
+    """Base URL + the path exactly as the caller encoded it + the query string. Built from
+    strings: the path is already encoded (uvicorn hands it on as received) and parsing it
+    into a URL object per request cost more than the rest of forwarding it."""
+    scope = request.scope
+    raw_path: bytes = scope.get("raw_path") or request.url.path.encode()
+    query = without_query_key(scope.get("query_string", b""))  # a credential, never forwarded
+    target = _base_path(base_url) + _ascii(raw_path)
+    if query:
+        target += "?" + _ascii(query)
+    return URL(target, encoded=True)
+
+
+# Printable ASCII stays as the caller sent it (existing %-escapes included); other bytes are
+# %-escaped, so a raw UTF-8 byte in a request target reaches the upstream as the same byte.
+_KEEP = "".join(chr(c) for c in range(0x21, 0x7F))
+_NOT_PRINTABLE_ASCII = re.compile(rb"[^\x21-\x7e]")
+
+
+def _ascii(raw: bytes) -> str:
+    if _NOT_PRINTABLE_ASCII.search(raw) is None:
+        return raw.decode("ascii")
+    return quote_from_bytes(raw, safe=_KEEP)
 
 
 def public_location(location: str, base_url: str) -> str:
@@ -178,6 +203,9 @@ class UpstreamClient(httpx.AsyncClient):
             # Forward the caller's Content-Type or none, never aiohttp's application/octet-stream.
             skip_auto_headers=("Content-Type",),
             trust_env=False,
+            # Cookies an upstream might set must never travel with later calls (other callers,
+            # other tenants); no jar also spares a cookie lookup per request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def aclose(self) -> None:
@@ -210,8 +238,7 @@ async def forward(
             answer = await _send_within(
                 client.pool,
                 request.method,
-                # already encoded: the path goes on exactly as the caller encoded it
-                URL(str(upstream_url(base_url, request)), encoded=True),
+                upstream_url(base_url, request),  # the path exactly as the caller encoded it
                 forward_headers(request, tenant_id, request_id, internal_token, key_id),
                 body,
                 timeout_s,

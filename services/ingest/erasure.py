@@ -209,6 +209,9 @@ def _view_json(view: ErasureView) -> dict[str, Any]:
     }
 
 
+STATUS_FETCH_WAIT_MS = 500
+
+
 class StatusConsumer:
     """erasure-status -> the erasure record (idempotent: the first report per service wins).
 
@@ -244,7 +247,13 @@ class StatusConsumer:
     async def _run(self) -> None:
         topic = self._settings.topic(ERASURE_STATUS)
         while True:
-            consumer = AIOKafkaConsumer(**{**consumer_options(self._settings, "", self._client_id), "group_id": None})
+            consumer = AIOKafkaConsumer(**{
+                **consumer_options(self._settings, "", self._client_id), "group_id": None,
+                # Reports may wait half a second; a fetch every 10 ms (the services' setting,
+                # see DESIGN.md on the embedded broker) cost each idle ingest process and the
+                # broker about 5% of a core each.
+                "fetch_max_wait_ms": max(self._settings.fetch_max_wait_ms, STATUS_FETCH_WAIT_MS),
+            })
             try:
                 await consumer.start()
                 partitions = sorted(consumer.partitions_for_topic(topic) or ())

@@ -79,8 +79,7 @@ class EventIdLedger:
 
     def add(self, tenant_id: str, events: Sequence[Any], received_at: datetime) -> None:
         """Remember acknowledged events (anything with `.id` and `.type`)."""
-        for event in events:
-            self._pending[(tenant_id, event.id)] = (event.type, received_at)
+        self._pending.update(((tenant_id, event.id), (event.type, received_at)) for event in events)
         self._writes_due.set()
 
     async def _lookup_rounds(self) -> None:

@@ -42,7 +42,13 @@ class IdWriter:
         placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
         self._sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
                      f"VALUES ({', '.join([placeholder] * len(columns))}) ON CONFLICT DO NOTHING")
-        self._bind_time = table.c.received_at.type.bind_processor(dialect) or (lambda value: value)
+        bind = table.c.received_at.type.bind_processor(dialect) or (lambda value: value)
+        if dialect.name == "sqlite":
+            # sqlite3 would adapt the (naive UTC) datetime once per row in Python; done once per
+            # distinct time here, to the very text its default adapter writes (isoformat(" ")).
+            self._bind_time = lambda value: _sqlite_text(bind(value))
+        else:
+            self._bind_time = bind
 
     def write(self, connection: Connection, rows: Iterable[tuple[str, str, str, datetime]]) -> None:
         bound: dict[datetime, Any] = {}
@@ -53,6 +59,10 @@ class IdWriter:
             parameters.append((tenant_id, event_id, type_, bound[received_at]))
         if parameters:
             connection.exec_driver_sql(self._sql, parameters)
+
+
+def _sqlite_text(value: Any) -> Any:
+    return value.isoformat(" ") if isinstance(value, datetime) else value
 
 
 # --- upstream sources (services/ingest/sources) ---------------------------------------

@@ -9,16 +9,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from services.ingest import metrics
-from services.ingest.deps import IngestServiceDep, SettingsDep
+from services.ingest.config import IngestSettings
 from services.ingest.service import (
     FieldError,
+    IngestService,
     MalformedJson,
     decode_json,
     parse_all_or_nothing,
     parse_one_or_nothing,
     validate,
 )
-from shared.app import BodyTooLarge, TenantId, read_body_limited
+from shared.app import BodyTooLarge, TenantId, hot_route, read_body_limited, trusted_tenant
 from shared.events import event_json_schema
 from shared.kafka import BrokerUnavailable
 
@@ -94,6 +95,14 @@ def _decode(body: bytes) -> Any:
         raise _Reject(_problem(400, str(exc))) from exc
 
 
+def _hot_route_context(request: Request) -> tuple[str, IngestService, IngestSettings]:
+    """What the dependencies TenantId, IngestServiceDep and SettingsDep give, without FastAPI's
+    per-request dependency resolution (on these two routes it cost more than the checks)."""
+    tenant_id = trusted_tenant(request)
+    state = request.app.state
+    return tenant_id, state.service, state.settings
+
+
 class _Reject(Exception):
     def __init__(self, response: JSONResponse) -> None:
         self.response = response
@@ -116,7 +125,9 @@ class _Reject(Exception):
         503: {"description": "Broker unavailable; retry after the Retry-After header.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
     },
 )
-async def post_event(request: Request, tenant_id: TenantId, service: IngestServiceDep, settings: SettingsDep) -> JSONResponse:
+@hot_route
+async def post_event(request: Request) -> JSONResponse:
+    tenant_id, service, settings = _hot_route_context(request)
     now = service.clock.now()
     try:
         body = await _read_body(request, settings.max_event_bytes)
@@ -152,7 +163,9 @@ async def post_event(request: Request, tenant_id: TenantId, service: IngestServi
         503: {"description": "Broker unavailable; nothing was accepted.", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
     },
 )
-async def post_batch(request: Request, tenant_id: TenantId, service: IngestServiceDep, settings: SettingsDep) -> JSONResponse:
+@hot_route
+async def post_batch(request: Request) -> JSONResponse:
+    tenant_id, service, settings = _hot_route_context(request)
     now = service.clock.now()
     try:
         body = await _read_body(request, settings.max_batch_bytes)

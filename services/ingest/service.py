@@ -24,6 +24,9 @@ from shared.topics import CUSTOMER_EVENTS
 
 log = logging.getLogger(__name__)
 MAX_NESTING = 16
+# Requests with at most this many new events publish together with concurrent ones
+# (Publisher.publish_joined); larger batches are sent on their own.
+JOIN_AT_MOST = 16
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,10 @@ class IngestService:
             # The events are validated already: build the records without validating them again.
             records = event_records_json(tenant_id, received_at, result.accepted)
             started = time.perf_counter()
-            await self._publisher.publish_many(CUSTOMER_EVENTS, records)
+            if len(records) <= JOIN_AT_MOST:  # single events: concurrent requests share a send
+                await self._publisher.publish_joined(CUSTOMER_EVENTS, records)
+            else:
+                await self._publisher.publish_many(CUSTOMER_EVENTS, records)
             metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
             self._ledger.add(tenant_id, result.accepted, received_at)
         for event_type, count in Counter(event.type for event in result.accepted).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -194,3 +195,35 @@ async def test_publish_many_puts_each_key_where_send_would_and_keeps_its_order(k
     for values in by_key.values():
         assert values == sorted(values)  # per-key order is the send order
     assert [r.value for r in records if r.key == oversized[0]] == [oversized[1]]
+
+
+async def test_concurrent_joined_sends_all_arrive_in_each_callers_order(kafka_settings: KafkaSettings) -> None:
+    """publish_joined: callers arriving while a send is in flight share the next one; each
+    returns once the broker has its records, and a key keeps each caller's order."""
+    publisher = Publisher(kafka_settings, "test-joined")
+    callers = 60
+
+    async def caller(n: int) -> None:
+        await publisher.publish_joined(CUSTOMER_EVENTS, [(f"c-{n % 7}".encode(), f"{n}-{i}".encode()) for i in range(3)])
+
+    try:
+        await asyncio.gather(*(caller(n) for n in range(callers)))
+    finally:
+        await publisher.close()
+
+    records = await read_topic(kafka_settings, CUSTOMER_EVENTS, count=callers * 3)
+    assert len(records) == callers * 3
+    seen: dict[str, list[int]] = {}
+    for record in records:
+        n, i = record.value.decode().split("-")
+        seen.setdefault(n, []).append(int(i))
+    assert all(values == [0, 1, 2] for values in seen.values()) and len(seen) == callers
+
+
+async def test_joined_sends_report_an_unreachable_broker_to_every_caller() -> None:
+    publisher = Publisher(KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=1000), "t", send_timeout_s=1.0)
+    outcomes = await asyncio.gather(
+        *(publisher.publish_joined(CUSTOMER_EVENTS, [(b"k", b"v")]) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, BrokerUnavailable) for outcome in outcomes), outcomes
+    await publisher.close()
