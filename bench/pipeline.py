@@ -48,6 +48,7 @@ from services.gateway import manage as gateway_ops
 from services.scoring import cli_ops as scoring_ops
 from shared.broker import free_port, start_broker
 from shared.events import ActionRecord, ScoreRecord
+from shared.kafka import Publisher, ensure_topics
 from shared.settings import KafkaSettings
 from shared.topics import CHURN_SCORES, RETENTION_ACTIONS
 from tools.stack import SERVICES, ServiceStack
@@ -285,6 +286,57 @@ def latencies_ms(scheduled: dict[str, float], arrived: dict[str, float]) -> dict
             "p99": round(percentile(values, 99), 1), "max": round(values[-1], 1)}
 
 
+RAW_TOPIC = "bench-raw-hop"
+
+
+async def raw_broker_hop(kafka: KafkaSettings, rate: float, seconds: float) -> dict[str, Any]:
+    """The raw reference for the pipeline's latencies, on the same broker in the same run: one
+    hop through it (a producer with the services' settings -> a consumer assigned to the topic,
+    fetching as the services do), open loop at `rate` for `seconds`, timed like the pipeline
+    (from the scheduled send to the arrival). An event crosses the broker twice before its
+    score is published and three times before its decision is."""
+    await ensure_topics(kafka, [RAW_TOPIC])
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, fetch_max_wait_ms=10)
+    await consumer.start()
+    publisher = Publisher(kafka, "bench-raw-hop")
+    arrivals: dict[str, float] = {}
+    try:
+        partitions = [TopicPartition(kafka.topic(RAW_TOPIC), p) for p in range(kafka.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+
+        async def receive() -> None:
+            while True:
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    now = time.monotonic()
+                    for record in records:
+                        arrivals.setdefault(record.key.decode(), now)
+
+        receiving = asyncio.create_task(receive())
+        scheduled: dict[str, float] = {}
+        pending: set[asyncio.Task[None]] = set()
+        body = b"x" * 400  # about an EventRecord's size
+        start, n = time.monotonic(), 0
+        while (due := start + n / rate) < start + seconds:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            key = f"raw-{n}"
+            scheduled[key] = due
+            task = asyncio.create_task(publisher.publish(RAW_TOPIC, key.encode(), body))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+        await asyncio.gather(*pending)
+        deadline = time.monotonic() + 10
+        while len(arrivals) < len(scheduled) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        receiving.cancel()
+        return latencies_ms(scheduled, arrivals)
+    finally:
+        await publisher.close()
+        await consumer.stop()
+
+
 async def measure_rate(stack: Stack, receiver: Receiver, watcher: ScoreWatcher, rate: float,
                        seconds: float, settle_s: float) -> dict[str, Any]:
     run = f"r{int(rate)}x{uuid.uuid4().hex[:4]}"
@@ -325,6 +377,7 @@ async def measure_rate(stack: Stack, receiver: Receiver, watcher: ScoreWatcher, 
         "actions_cpu_ms_per_event": round(cpu_used["actions"] * 1000 / max(1, len(scheduled)), 2),
         "actions_cpu_ms_per_webhook": round(cpu_used["actions"] * 1000 / max(1, webhooks), 2),
         "rss_peak_mb": peaks,
+        "raw_broker_hop_ms": await raw_broker_hop(stack.kafka, rate, min(seconds, 10)),
     }
 
 
@@ -363,13 +416,14 @@ def tables(results: dict[str, Any]) -> str:
         peak = max((row["rss_peak_mb"][name] for row in results["latency"]), default=rest[name])
         lines.append(f"| {name} | {rest[name]:,.0f} | {peak:,.0f} | {'yes' if peak < RSS_LIMIT_MB else '**no**'} |")
     lines += ["", "| events/s (one per new customer) | sent | answers | event-to-score p50 / p95 / p99 ms | "
-              "event-to-webhook p50 / p95 / p99 ms | webhooks |", "|---:|---:|---|---|---|---:|"]
+              "event-to-webhook p50 / p95 / p99 ms | webhooks | raw reference: one broker hop p50 / p95 / p99 ms |",
+              "|---:|---:|---|---|---|---:|---|"]
     fmt = lambda m: f"{m['p50']:,.0f} / {m['p95']:,.0f} / {m['p99']:,.0f}" if m.get("count") else "-"  # noqa: E731
     for row in results["latency"]:
         score, hook = row["event_to_score_ms"], row["event_to_webhook_ms"]
         answers = ", ".join(f"{k}: {v:,}" for k, v in sorted(row["statuses"].items()))
         lines.append(f"| {row['rate']:,.0f} | {row['sent']:,} | {answers} | {fmt(score)} | {fmt(hook)} | "
-                     f"{hook.get('count', 0):,} |")
+                     f"{hook.get('count', 0):,} | {fmt(row.get('raw_broker_hop_ms') or {})} |")
     if any("score_to_decision_ms" in row for row in results["latency"]):
         lines += ["", "Where the time goes, per stage (each from the previous one's arrival, p50 / p95 / p99 ms; "
                   "the decision is its ActionRecord on retention-actions) and CPU (cores used during the run; "

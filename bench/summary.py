@@ -218,8 +218,10 @@ def pipeline_rows(data: dict[str, Any] | None, why: str) -> list[Row]:
                 rows.append(_missing(part, what, goal, f"none of {lat['sent']:,} arrived"))
                 continue
             note = f"{m['count']:,} of {lat['sent']:,} arrived" if m["count"] < lat["sent"] else ""
-            rows.append(Row(part, what, m["p99"], fmt(m), reference_text="none measured in this run",
-                            goal=goal, note=note).judge())
+            raw = (lat.get("raw_broker_hop_ms") or {}).get("p99")
+            rows.append(Row(part, what, m["p99"], fmt(m), raw,
+                            f"{raw:,.0f} ms p99, one raw broker hop at the same rate" if raw is not None
+                            else "none measured in this run", _ratio(m["p99"], raw), goal=goal, note=note).judge())
     if not any(r.goal == "webhook_p99_200" for r in rows):
         rows.append(_missing(part, "event-to-webhook p50 / p95 / p99 ms at 200/s", "webhook_p99_200",
                              "no 200/s row in pipeline.json"))
