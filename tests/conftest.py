@@ -9,6 +9,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -43,11 +44,12 @@ def _pg_url(database: str) -> str:
     return f"{base}/{database}"
 
 
-@pytest.fixture
-def database_url(postgres_available: bool, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database for one test: its own PostgreSQL database, or a SQLite file."""
-    if not postgres_available:
-        yield f"sqlite:///{tmp_path / 'test.db'}"
+@contextmanager
+def fresh_database(postgres: bool, directory: Path) -> Iterator[str]:
+    """A new, empty database: its own PostgreSQL database (dropped afterwards), or a SQLite file
+    in `directory`."""
+    if not postgres:
+        yield f"sqlite:///{directory / 'test.db'}"
         return
     name = f"cg_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
@@ -57,6 +59,13 @@ def database_url(postgres_available: bool, tmp_path: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(postgres_available: bool, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database for one test: its own PostgreSQL database, or a SQLite file."""
+    with fresh_database(postgres_available, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
 from services.gateway.manage import issue_key
 from services.gateway.scopes import ALL_SCOPES
 from shared.settings import KafkaSettings
-from tests.conftest import PG_ADMIN_DSN, _pg_url, _postgres_reachable
+from tests.conftest import fresh_database
 from tools.stack import ServiceStack
 
 UPSTREAMS = ("ingest", "scoring", "actions")
@@ -65,19 +64,10 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def stack_database(postgres_available: bool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One database for the module's stack (the `database_url` fixture is per test)."""
-    if not _postgres_reachable():
-        yield f"sqlite:///{tmp_path_factory.mktemp('stack') / 'stack.db'}"
-        return
-    name = f"cg_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _pg_url(name)
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(postgres_available, tmp_path_factory.mktemp("stack")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
