@@ -40,10 +40,10 @@ class ScoringSettings(BaseSettings):
     retention_enabled: bool = Field(True, description="run the history retention job in this instance")
     retention_interval_s: float = Field(21600.0, gt=0.0, description="how often the retention job runs")
     history_cache_events: int = Field(
-        # 50,000 let a 10-minute soak grow scoring from 226 to 263 MB (about 1.2 KB per cached event
-        # with its customer's entry); 20,000 keeps it under the 250 MB goal.
-        20_000, ge=0, description="customer histories kept in memory by the consumer, at most this many events "
-        "in all (services.scoring.history_cache); 0 turns the cache off; about 1.2 KB of memory each"
+        # A 10-minute soak of new customers grew scoring from 226 MB to 263 MB with 50,000 and to
+        # 254 MB with 20,000 (the 250 MB goal); 10,000 leaves room for the rest of the process.
+        10_000, ge=0, description="customer histories kept in memory by the consumer, at most this many events "
+        "in all (services.scoring.history_cache); 0 turns the cache off; about 1-1.2 KB of memory each"
     )
     max_poll_records: int = Field(
         1000, ge=1, le=100_000, description="records one fetch may return (all partitions together); they are "
