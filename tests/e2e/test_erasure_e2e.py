@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.e2e.test_pipeline import Receiver, Stack, _event, _score, churner_history, receiver, stack  # noqa: F401
+from tests.e2e.test_pipeline import Receiver, Stack, _event, _score, churner_history, e2e_model, receiver, stack  # noqa: F401
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ import pytest
 from services.gateway import manage as gateway_ops
 from services.gateway import service as gateway_service
 from shared.db import make_engine, session_scope
-from tests.e2e.test_pipeline import Receiver, Stack, _event, _score, churner_history, receiver, stack  # noqa: F401
+from tests.e2e.test_pipeline import Receiver, Stack, _event, _score, churner_history, e2e_model, receiver, stack  # noqa: F401
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e

@@ -19,11 +19,12 @@ import pytest
 from standardwebhooks import Webhook
 
 from services.gateway import manage as gateway_ops
-from services.scoring import cli_ops as scoring_ops
+from services.scoring.model import TrainedModel, train
 from shared.broker import free_port
 from shared.settings import KafkaSettings
 from tools import metrics_doc
 from tests.helpers import answers, wait_until
+from tests.scoring.conftest import register, simulated_histories
 from tools.stack import SERVICES, ServiceStack
 
 pytestmark = pytest.mark.e2e
@@ -79,11 +80,16 @@ class Stack:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
+@pytest.fixture(scope="session")
+def e2e_model() -> TrainedModel:
+    """A model trained once per session on simulated history (as `churnguard train` does)."""
+    return train(simulated_histories(1500, seed=11), horizon_days=90)
+
+
 @pytest.fixture
-def stack(broker: str, database_url: str, tmp_path: Path) -> Iterator[Stack]:
-    # A model trained on simulated history, registered in scoring's registry before it starts.
-    scoring_ops.simulate(database_url, "sim", 1500, 11, None, None)
-    scoring_ops.train(database_url, "sim", 90, True, reports_dir=tmp_path / "reports")
+def stack(broker: str, database_url: str, tmp_path: Path, e2e_model: TrainedModel) -> Iterator[Stack]:
+    # The model in scoring's registry, active, before scoring starts.
+    register(database_url, e2e_model)
     _tenant_id, api_key = gateway_ops.create_tenant(database_url, "e2e-shop")
     logs = tmp_path / "logs"
     logs.mkdir()
