@@ -305,13 +305,19 @@ class CandidateSpec:
     build: Any  # () -> unfitted estimator
 
 
+CALIBRATION_ENSEMBLE = False
+"""One model fitted on all training examples, its sigmoid calibrated on 3-fold out-of-fold
+predictions (not an average of 3 fold models): the same validation AUC on simulated histories
+(0.832 against 0.832), a third of the trees to evaluate for every score and its reasons."""
+
+
 def make_logistic() -> CalibratedClassifierCV:
     """L2-regularised logistic regression on standardised features, sigmoid-calibrated."""
     pipeline = Pipeline([
         ("scale", StandardScaler()),
         ("logreg", LogisticRegression(C=0.5, max_iter=2000)),
     ])
-    return CalibratedClassifierCV(pipeline, method="sigmoid", cv=3)
+    return CalibratedClassifierCV(pipeline, method="sigmoid", cv=3, ensemble=CALIBRATION_ENSEMBLE)
 
 
 def make_gradient_boosting() -> CalibratedClassifierCV:
@@ -320,19 +326,19 @@ def make_gradient_boosting() -> CalibratedClassifierCV:
         learning_rate=0.06, max_iter=150, max_leaf_nodes=15, min_samples_leaf=40,
         l2_regularization=1.0, early_stopping=False, random_state=0,
     )
-    return CalibratedClassifierCV(boosting, method="sigmoid", cv=3)
+    return CalibratedClassifierCV(boosting, method="sigmoid", cv=3, ensemble=CALIBRATION_ENSEMBLE)
 
 
 
 CANDIDATES: tuple[CandidateSpec, ...] = (
     CandidateSpec(
         "logistic_regression",
-        "CalibratedClassifierCV(sigmoid, cv=3) over Pipeline(StandardScaler, LogisticRegression(C=0.5))",
+        "CalibratedClassifierCV(sigmoid, cv=3, ensemble=False) over Pipeline(StandardScaler, LogisticRegression(C=0.5))",
         make_logistic,
     ),
     CandidateSpec(
         "hist_gradient_boosting",
-        "CalibratedClassifierCV(sigmoid, cv=3) over HistGradientBoostingClassifier(150 rounds, 15 leaves, l2=1)",
+        "CalibratedClassifierCV(sigmoid, cv=3, ensemble=False) over HistGradientBoostingClassifier(150 rounds, 15 leaves, l2=1)",
         make_gradient_boosting,
     ),
 )
