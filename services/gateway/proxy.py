@@ -115,21 +115,30 @@ KEY_ID_HEADER = "X-Churnguard-Key-Id"  # who asked, for records such as an erasu
 
 def forward_headers(
     request: Request, tenant_id: str, request_id: str, internal_token: str, key_id: str | None = None
-) -> list[tuple[str, str]]:
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers less the dropped ones, plus ours, as raw (lower-case) bytes: the
+    names and values as uvicorn parsed them, so none can hold a line break."""
     headers = [
-        (name, value.decode("latin-1"))
+        (name, value)
         for raw_name, value in request.scope["headers"]
-        if (name := raw_name.decode("latin-1").lower()) not in _DROPPED
-        and not name.startswith(_INTERNAL_PREFIX)
+        if (name := raw_name.lower()) not in _DROPPED_RAW and not name.startswith(_INTERNAL_PREFIX_RAW)
     ]
     headers += [
-        (INTERNAL_TOKEN_HEADER, internal_token),
-        (TENANT_HEADER, tenant_id),
-        (REQUEST_ID_HEADER, request_id),
+        (_INTERNAL_TOKEN_RAW, internal_token.encode("latin-1")),
+        (_TENANT_RAW, tenant_id.encode("latin-1")),
+        (_REQUEST_ID_RAW, request_id.encode("latin-1")),
     ]
     if key_id:
-        headers.append((KEY_ID_HEADER, key_id))
+        headers.append((_KEY_ID_RAW, key_id.encode("latin-1")))
     return headers
+
+
+_DROPPED_RAW = frozenset(name.encode("latin-1") for name in _DROPPED)
+_INTERNAL_PREFIX_RAW = _INTERNAL_PREFIX.encode("latin-1")
+_INTERNAL_TOKEN_RAW, _TENANT_RAW, _REQUEST_ID_RAW, _KEY_ID_RAW = (
+    name.lower().encode("latin-1")
+    for name in (INTERNAL_TOKEN_HEADER, TENANT_HEADER, REQUEST_ID_HEADER, KEY_ID_HEADER)
+)
 
 
 def upstream_target(prefix: str, request: Request) -> str:

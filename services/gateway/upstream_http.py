@@ -156,13 +156,14 @@ class UpstreamPool:
         return known
 
     async def request(self, origin: _Origin, method: str, target: str,
-                      headers: list[tuple[str, str]], body: bytes) -> Answer:
-        """Send one request (`target`: the encoded path and query; `headers` without host and
-        content-length) and read the full answer. Cancelled (a timeout around this call), the
-        connection it was using is closed."""
-        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), b"host: ", origin.host_header, b"\r\n"]
+                      headers: list[tuple[bytes, bytes]], body: bytes) -> Answer:
+        """Send one request (`target`: the encoded path and query; `headers`: raw names and
+        values, neither holding a line break, without host and content-length) and read the
+        full answer. Cancelled (a timeout around this call), its connection is closed."""
+        head = [f"{method} {target} HTTP/1.1\r\nhost: ".encode("latin-1"), origin.host_header]
         for name, value in headers:
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+            head += (b"\r\n", name, b": ", value)
+        head.append(b"\r\n")
         if body or method in ("POST", "PUT", "PATCH"):
             head.append(b"content-length: %d\r\n" % len(body))
         head.append(b"\r\n")

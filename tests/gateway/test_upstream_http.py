@@ -79,7 +79,7 @@ async def test_content_length_answers_reuse_one_connection(serve: Serve) -> None
     origin, prefix = pool.origin(upstream.url)
     for _ in range(3):
         got = await pool.request(origin, "POST", prefix + "/v1/events?x=1",
-                                 [("content-type", "application/json"), ("x-a", "b")], b'{"e":1}')
+                                 [(b"content-type", b"application/json"), (b"x-a", b"b")], b'{"e":1}')
         assert (got.status, got.headers["content-type"], got.content) == (200, "application/json", b'{"ok":true}')
     await pool.close()
     assert upstream.connections == 1
