@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import inspect
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
@@ -61,6 +62,32 @@ def create_service_app(
 
     app.add_middleware(_RequestIdMiddleware)
     return app
+
+
+YOUNG_GC_THRESHOLD = 10_000
+
+
+@contextmanager
+def settled_heap(young_threshold: int = YOUNG_GC_THRESHOLD) -> Iterator[None]:
+    """For a serving process's lifetime (wrap a lifespan's `yield`): what startup built
+    (modules, the app, clients) is frozen out of the cyclic collector's sight, and its youngest
+    generation is collected after `young_threshold` net allocations instead of 700.
+
+    Under load the requests in flight alone hold more than 700 container objects, so the default
+    kept collecting live requests, aging them into older generations and into full collections
+    of the whole heap: measured in the gateway at 64 connections, ~27 us of CPU per request
+    (a tenth of it) and pauses of the whole loop. Requests leave next to no cyclic garbage, so
+    the larger threshold holds back little memory. Undone on exit (tests start many apps in
+    one process; a frozen app would never be collected)."""
+    previous = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(young_threshold, *previous[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+        gc.unfreeze()
 
 
 def hot_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
