@@ -52,6 +52,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers_done = False
         self._until_close = False
+        self._no_body = False  # the answer to HEAD: headers only, whatever they announce
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,6 +83,9 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
         self._until_close = ("content-length" not in self._headers
                              and "transfer-encoding" not in self._headers)
+        if self._no_body and self._parser.get_status_code() >= 200:
+            self._until_close = True  # the parser still expects the body: not reusable
+            self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -90,15 +94,19 @@ class _Connection(asyncio.Protocol):
         answer = self._answer
         if answer is None or answer.done():
             return
+        if self._parser.get_status_code() < 200:  # interim (103 Early Hints): the answer follows
+            self._headers, self._body, self._headers_done = {}, [], False
+            return
         if not self._parser.should_keep_alive() or self._until_close:
             self.close()
         answer.set_result(Answer(self._parser.get_status_code(), self._headers, b"".join(self._body)))
 
     # -- used by the pool
-    def exchange(self, request: bytes) -> asyncio.Future[Answer]:
+    def exchange(self, request: bytes, no_body: bool = False) -> asyncio.Future[Answer]:
         assert self.transport is not None
         self._answer = asyncio.get_running_loop().create_future()
         self._headers, self._body, self._headers_done, self._until_close = {}, [], False, False
+        self._no_body = no_body
         self.transport.write(request)
         return self._answer
 
@@ -170,7 +178,7 @@ class UpstreamPool:
         head.append(body)
         connection = await self._acquire(origin)
         try:
-            return await connection.exchange(b"".join(head))
+            return await connection.exchange(b"".join(head), no_body=method == "HEAD")
         finally:
             self._release(origin, connection)
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 
-from services.gateway.upstream_http import UpstreamBroken, UpstreamPool, UpstreamUnavailable
+from services.gateway.upstream_http import Answer, UpstreamBroken, UpstreamPool, UpstreamUnavailable
 from shared.broker import free_port
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
@@ -96,19 +95,20 @@ async def test_chunked_and_read_until_close_bodies(serve: Serve) -> None:
     until_close = await serve(answer(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it",
                                      keep=False))
     pool = UpstreamPool(10, connect_timeout_s=2)
-    got = await pool.request(*_at(pool, chunked.url, "/c"), "GET", [], b"")
+    got = await fetch(pool, chunked.url, "GET", "/c")
     assert (got.status, got.headers["location"], got.content) == (201, "/x", b"hello world")
     for _ in range(2):  # the connection ends with each answer: a new one each time
-        got = await pool.request(*_at(pool, until_close.url, "/u"), "GET", [], b"")
+        got = await fetch(pool, until_close.url, "GET", "/u")
         assert (got.status, got.content) == (200, b"all of it")
     assert until_close.connections == 2
+    assert chunked.requests[0].startswith(b"GET /base/c HTTP/1.1\r\n")
     assert b"content-length" not in chunked.requests[0]  # a GET without a body has none
     await pool.close()
 
 
-def _at(pool: UpstreamPool, url: str, path: str) -> tuple[Any, str]:
+def fetch(pool: UpstreamPool, url: str, method: str, path: str) -> Awaitable[Answer]:
     origin, prefix = pool.origin(url)
-    return origin, prefix + path
+    return pool.request(origin, method, prefix + path, [], b"")
 
 
 async def test_connection_close_and_stale_idle_connections_are_not_reused(serve: Serve) -> None:
@@ -117,8 +117,8 @@ async def test_connection_close_and_stale_idle_connections_are_not_reused(serve:
     pool = UpstreamPool(10, connect_timeout_s=2)
     stale = UpstreamPool(10, connect_timeout_s=2, idle_s=0)  # every idle connection is too old
     for _ in range(2):
-        assert (await pool.request(*_at(pool, closing.url, "/"), "GET", [], b"")).status == 200
-        assert (await stale.request(*_at(stale, keeping.url, "/"), "GET", [], b"")).status == 200
+        assert (await fetch(pool, closing.url, "GET", "/")).status == 200
+        assert (await fetch(stale, keeping.url, "GET", "/")).status == 200
     assert (closing.connections, keeping.connections) == (2, 2)
     await pool.close()
     await stale.close()
@@ -127,7 +127,7 @@ async def test_connection_close_and_stale_idle_connections_are_not_reused(serve:
 async def test_refused_connection_is_unavailable() -> None:
     pool = UpstreamPool(10, connect_timeout_s=2)
     with pytest.raises(UpstreamUnavailable):
-        await pool.request(*_at(pool, f"http://127.0.0.1:{free_port()}", "/"), "GET", [], b"")
+        await fetch(pool, f"http://127.0.0.1:{free_port()}", "GET", "/")
 
 
 async def test_hang_up_midway_and_garbage_are_broken(serve: Serve) -> None:
@@ -137,7 +137,7 @@ async def test_hang_up_midway_and_garbage_are_broken(serve: Serve) -> None:
     pool = UpstreamPool(10, connect_timeout_s=2)
     for upstream in (short, garbage, silent_close):
         with pytest.raises(UpstreamBroken):
-            await pool.request(*_at(pool, upstream.url, "/"), "GET", [], b"")
+            await fetch(pool, upstream.url, "GET", "/")
     await pool.close()
 
 
@@ -152,13 +152,13 @@ async def test_a_full_pool_makes_callers_wait_then_gives_up_as_unavailable(serve
 
     upstream = await serve(held)
     pool = UpstreamPool(1, connect_timeout_s=0.2)
-    first = asyncio.create_task(pool.request(*_at(pool, upstream.url, "/"), "GET", [], b""))
+    first = asyncio.create_task(fetch(pool, upstream.url, "GET", "/"))
     async with asyncio.timeout(10):
         while not upstream.requests:  # the one connection is taken
             await asyncio.sleep(0.01)
     with pytest.raises(UpstreamUnavailable, match="busy"):
-        await pool.request(*_at(pool, upstream.url, "/"), "GET", [], b"")
-    waiting = asyncio.create_task(pool.request(*_at(pool, upstream.url, "/"), "GET", [], b""))
+        await fetch(pool, upstream.url, "GET", "/")
+    waiting = asyncio.create_task(fetch(pool, upstream.url, "GET", "/"))
     release.set()
     assert (await first).status == 200
     assert (await waiting).status == 200  # it got the connection the first one gave back
@@ -182,8 +182,22 @@ async def test_a_cancelled_exchange_closes_its_connection(serve: Serve) -> None:
     pool = UpstreamPool(1, connect_timeout_s=2)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
-            await pool.request(*_at(pool, upstream.url, "/"), "GET", [], b"")
+            await fetch(pool, upstream.url, "GET", "/")
     # The late answer can never be taken for the next request's: a new connection serves it.
-    assert (await pool.request(*_at(pool, upstream.url, "/"), "GET", [], b"")).status == 200
+    assert (await fetch(pool, upstream.url, "GET", "/")).status == 200
     assert upstream.connections == 2
+    await pool.close()
+
+
+async def test_head_answers_and_interim_answers(serve: Serve) -> None:
+    head = await serve(answer(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"))  # and no body
+    hints = await serve(answer(b"HTTP/1.1 103 Early Hints\r\nlink: </a>; rel=preload\r\n\r\n" + OK))
+    pool = UpstreamPool(10, connect_timeout_s=2)
+    async with asyncio.timeout(10):  # a parser waiting for HEAD's announced body would hang here
+        got = await fetch(pool, head.url, "HEAD", "/")
+    assert (got.status, got.headers["content-length"], got.content) == (200, "1234", b"")
+    got = await fetch(pool, hints.url, "GET", "/")
+    assert (got.status, got.content, "link" in got.headers) == (200, b'{"ok":true}', False)
+    assert (await fetch(pool, hints.url, "GET", "/")).status == 200
+    assert hints.connections == 1
     await pool.close()
