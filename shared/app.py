@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import inspect
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
@@ -17,7 +18,6 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.health import health_router
@@ -36,7 +36,8 @@ _NO_OPENTELEMETRY: dict[str, Any] = (
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
 )
 # A caller's request id travels to every service and into logs: accept only a plain token.
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}\Z")
+_REQUEST_ID_RAW = REQUEST_ID_HEADER.lower().encode("latin-1")
 
 
 def create_service_app(
@@ -61,6 +62,32 @@ def create_service_app(
 
     app.add_middleware(_RequestIdMiddleware)
     return app
+
+
+YOUNG_GC_THRESHOLD = 10_000
+
+
+@contextmanager
+def settled_heap(young_threshold: int = YOUNG_GC_THRESHOLD) -> Iterator[None]:
+    """For a serving process's lifetime (wrap a lifespan's `yield`): what startup built
+    (modules, the app, clients) is frozen out of the cyclic collector's sight, and its youngest
+    generation is collected after `young_threshold` net allocations instead of 700.
+
+    Under load the requests in flight alone hold more than 700 container objects, so the default
+    kept collecting live requests, aging them into older generations and into full collections
+    of the whole heap: measured in the gateway at 64 connections, ~27 us of CPU per request
+    (a tenth of it) and pauses of the whole loop. Requests leave next to no cyclic garbage, so
+    the larger threshold holds back little memory. Undone on exit (tests start many apps in
+    one process; a frozen app would never be collected)."""
+    previous = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(young_threshold, *previous[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+        gc.unfreeze()
 
 
 def hot_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -126,14 +153,18 @@ class _RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        incoming = next((value for name, value in scope["headers"] if name.lower() == _REQUEST_ID_RAW), b"")
+        request_id = incoming.decode("latin-1") if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         bound = request_id_var.set(request_id)  # every log line of this request carries it
+        header = (_REQUEST_ID_RAW, request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                # Ours replaces any the app set (as MutableHeaders would, at a fraction of the cost).
+                message["headers"] = [
+                    *(h for h in message.get("headers", ()) if h[0].lower() != _REQUEST_ID_RAW), header
+                ]
             await send(message)
 
         try:

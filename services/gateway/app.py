@@ -24,7 +24,7 @@ from services.gateway.ratelimit import TokenBuckets
 from services.gateway.routes import add_docs_routes, add_proxy_routes, upstream_probes
 from services.gateway.service import KeyAuthenticator
 from services.gateway.tables import TABLES
-from shared.app import create_service_app
+from shared.app import create_service_app, settled_heap
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, ping
 
@@ -69,7 +69,8 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
             # Retry-After already tells callers what is down.
             app.state.readiness = {"database": lambda: asyncio.to_thread(ping, engine)}
             app.state.diagnostics = {"upstreams": lambda: upstream_probes(app.state.gateway)}
-            yield
+            with settled_heap():
+                yield
         finally:
             await client.aclose()
             engine.dispose()

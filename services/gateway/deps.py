@@ -4,7 +4,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import httpx
@@ -18,7 +18,7 @@ from services.gateway.openapi import MergedOpenApi
 from services.gateway.query_key import accepts_query_key, take_query_key
 from services.gateway.ratelimit import TokenBuckets
 from services.gateway.scopes import ADMIN
-from services.gateway.service import BOOTSTRAP_ACTOR, Caller, KeyAuthenticator, KeyRejected
+from services.gateway.service import BOOTSTRAP_ACTOR, Caller, KeyAuthenticator, KeyRejected, hash_key
 from shared.clock import Clock
 from shared.db import session_scope
 from shared.logs import bind_tenant
@@ -42,6 +42,8 @@ class GatewayState:
     openapi: MergedOpenApi
     limiter: TokenBuckets
     clock: Clock
+    # Key lookups in the database now running, by key hash (see _looked_up).
+    lookups: dict[str, asyncio.Future[Caller]] = field(default_factory=dict)
 
 
 async def _state(request: Request) -> GatewayState:
@@ -70,13 +72,8 @@ async def authenticated_caller(request: Request, gateway: StateDep) -> Caller:
 
 
 async def _caller_of(key: str | None, request: Request, gateway: GatewayState) -> Caller:
-
-    def lookup() -> Caller:
-        with session_scope(gateway.engine) as session:
-            return gateway.authenticator.authenticate(session, key)
-
     try:
-        caller = gateway.authenticator.cached(key) or await asyncio.to_thread(lookup)
+        caller = gateway.authenticator.cached(key) or await _looked_up(gateway, key)
     except KeyRejected as rejected:
         metrics.AUTH_FAILURES.labels(rejected.reason).inc()
         if rejected.reason == "missing":
@@ -97,6 +94,29 @@ async def _caller_of(key: str | None, request: Request, gateway: GatewayState) -
         ) from None
     bind_tenant(caller.tenant_id)
     return caller
+
+
+async def _looked_up(gateway: GatewayState, key: str | None) -> Caller:
+    """The key checked in the database, once at a time per key: requests that arrive while a
+    lookup runs share its answer. Otherwise, when a busy key's remembered entry expires, every
+    request in flight queues for the thread pool and the database with the same question."""
+
+    def lookup() -> Caller:
+        with session_scope(gateway.engine) as session:
+            return gateway.authenticator.authenticate(session, key)
+
+    hashed = hash_key(key or "")
+    running = gateway.lookups.get(hashed)
+    if running is None:
+        running = gateway.lookups[hashed] = asyncio.ensure_future(asyncio.to_thread(lookup))
+        running.add_done_callback(lambda done: _lookup_done(gateway, hashed, done))
+    return await asyncio.shield(running)  # a caller giving up does not cancel it for the others
+
+
+def _lookup_done(gateway: GatewayState, hashed: str, done: asyncio.Future[Caller]) -> None:
+    gateway.lookups.pop(hashed, None)
+    if not done.cancelled():
+        done.exception()  # retrieved here too: every caller may have given up before it ended
 
 
 CallerDep = Annotated[Caller, Depends(authenticated_caller)]

@@ -8,19 +8,17 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote_from_bytes
 
-import aiohttp
 import httpx
-from multidict import CIMultiDictProxy
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from yarl import URL
 
 from services.gateway import metrics
 from services.gateway.scopes import ACTIONS_ADMIN, EVENTS_WRITE, MODELS_ADMIN, SCORES_READ
 from services.gateway.query_key import without_query_key
+from services.gateway.upstream_http import UpstreamBroken, UpstreamPool, UpstreamUnavailable
 from shared.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
 
 log = logging.getLogger(__name__)
@@ -104,11 +102,11 @@ _DROPPED = _HOP_BY_HOP | {
     "authorization", "x-api-key", "cookie", "accept-encoding", REQUEST_ID_HEADER.lower(),
 }
 _INTERNAL_PREFIX = "x-churnguard-"
-# Passed back to the caller from the upstream's answer (the body is already decoded, so no
-# content-encoding/length; X-Request-ID is set by the request-id middleware).
+# Passed back to the caller from the upstream's answer (the body as received: its
+# content-encoding, if any, goes with it; X-Request-ID is set by the request-id middleware).
 _RESPONSE_HEADERS = (
-    "content-type", "retry-after", "location", "etag", "last-modified", "cache-control", "link",
-    "www-authenticate", "allow",
+    "content-type", "content-encoding", "retry-after", "location", "etag", "last-modified",
+    "cache-control", "link", "www-authenticate", "allow",
 )
 
 
@@ -117,40 +115,42 @@ KEY_ID_HEADER = "X-Churnguard-Key-Id"  # who asked, for records such as an erasu
 
 def forward_headers(
     request: Request, tenant_id: str, request_id: str, internal_token: str, key_id: str | None = None
-) -> list[tuple[str, str]]:
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers less the dropped ones, plus ours, as raw (lower-case) bytes: the
+    names and values as uvicorn parsed them, so none can hold a line break."""
     headers = [
-        (name, value.decode("latin-1"))
+        (name, value)
         for raw_name, value in request.scope["headers"]
-        if (name := raw_name.decode("latin-1").lower()) not in _DROPPED
-        and not name.startswith(_INTERNAL_PREFIX)
+        if (name := raw_name.lower()) not in _DROPPED_RAW and not name.startswith(_INTERNAL_PREFIX_RAW)
     ]
     headers += [
-        (INTERNAL_TOKEN_HEADER, internal_token),
-        (TENANT_HEADER, tenant_id),
-        (REQUEST_ID_HEADER, request_id),
+        (_INTERNAL_TOKEN_RAW, internal_token.encode("latin-1")),
+        (_TENANT_RAW, tenant_id.encode("latin-1")),
+        (_REQUEST_ID_RAW, request_id.encode("latin-1")),
     ]
     if key_id:
-        headers.append((KEY_ID_HEADER, key_id))
+        headers.append((_KEY_ID_RAW, key_id.encode("latin-1")))
     return headers
 
 
-@functools.lru_cache(maxsize=64)
-def _base_path(base_url: str) -> str:
-    """scheme://host[:port][/prefix] of an upstream's base URL, without query or trailing /."""
-    return base_url.split("?", 1)[0].rstrip("/")
+_DROPPED_RAW = frozenset(name.encode("latin-1") for name in _DROPPED)
+_INTERNAL_PREFIX_RAW = _INTERNAL_PREFIX.encode("latin-1")
+_INTERNAL_TOKEN_RAW, _TENANT_RAW, _REQUEST_ID_RAW, _KEY_ID_RAW = (
+    name.lower().encode("latin-1")
+    for name in (INTERNAL_TOKEN_HEADER, TENANT_HEADER, REQUEST_ID_HEADER, KEY_ID_HEADER)
+)
 
 
-def upstream_url(base_url: str, request: Request) -> URL:
-    """Base URL + the path exactly as the caller encoded it + the query string. Built from
-    strings: the path is already encoded (uvicorn hands it on as received) and parsing it
-    into a URL object per request cost more than the rest of forwarding it."""
+def upstream_target(prefix: str, request: Request) -> str:
+    """The base URL's path prefix + the path exactly as the caller encoded it + the query
+    string. Built from strings: the path is already encoded (uvicorn hands it on as received)."""
     scope = request.scope
     raw_path: bytes = scope.get("raw_path") or request.url.path.encode()
     query = without_query_key(scope.get("query_string", b""))  # a credential, never forwarded
-    target = _base_path(base_url) + _ascii(raw_path)
+    target = prefix + _ascii(raw_path)
     if query:
         target += "?" + _ascii(query)
-    return URL(target, encoded=True)
+    return target
 
 
 # Printable ASCII stays as the caller sent it (existing %-escapes included); other bytes are
@@ -180,11 +180,12 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
 class UpstreamClient(httpx.AsyncClient):
     """The gateway's connections to its upstream services.
 
-    Proxied requests, the hot path, go through `pool`, an aiohttp session: under concurrency
-    httpx's AsyncClient costs several times the CPU per request (encode/httpx#3215; figures in
-    docs/benchmarks.md). The occasional calls (merged OpenAPI, upstream probes) use the httpx API
-    this class inherits. Create it inside the running event loop (the app's lifespan); `aclose()`
-    closes both pools."""
+    Proxied requests, the hot path, go through `pool` (upstream_http.py: keep-alive connections
+    on asyncio protocols, httptools parsing): httpx's AsyncClient costs several times the CPU
+    per request under concurrency (encode/httpx#3215), aiohttp's ClientSession still about as
+    much as the rest of the gateway (figures in docs/benchmarks.md). The occasional calls
+    (merged OpenAPI, upstream probes, exports) use the httpx API this class inherits. Create it
+    inside the running event loop (the app's lifespan); `aclose()` closes both pools."""
 
     def __init__(self, timeout_s: float, max_connections: int = 200) -> None:
         super().__init__(
@@ -193,20 +194,10 @@ class UpstreamClient(httpx.AsyncClient):
             follow_redirects=False,
             trust_env=False,  # service-to-service calls never go through an environment proxy
         )
-        self.pool = aiohttp.ClientSession(
-            # Idle connections are dropped before uvicorn's own 5 s keep-alive closes them, so a
-            # request is not sent down a connection the upstream is just closing.
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4.0),
-            # connect bounds getting a connection (from the pool or a new one): past it the
-            # upstream counts as unavailable (503), like httpx's connect and pool timeouts.
-            timeout=aiohttp.ClientTimeout(total=None, connect=timeout_s),
-            # Forward the caller's Content-Type or none, never aiohttp's application/octet-stream.
-            skip_auto_headers=("Content-Type",),
-            trust_env=False,
-            # Cookies an upstream might set must never travel with later calls (other callers,
-            # other tenants); no jar also spares a cookie lookup per request.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        # The connect timeout bounds getting a connection (a free one or a new one): past it
+        # the upstream counts as unavailable (503), like httpx's connect and pool timeouts.
+        # No cookies are kept: what an upstream sets never travels with later calls.
+        self.pool = UpstreamPool(max_connections, connect_timeout_s=timeout_s)
 
     async def aclose(self) -> None:
         try:
@@ -234,31 +225,34 @@ async def forward(
     started = time.perf_counter()
     outcome = "error"
     try:
+        origin, prefix = client.pool.origin(base_url)
         try:
-            answer = await _send_within(
-                client.pool,
-                request.method,
-                upstream_url(base_url, request),  # the path exactly as the caller encoded it
-                forward_headers(request, tenant_id, request_id, internal_token, key_id),
-                body,
-                timeout_s,
-            )
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # This bounds the whole exchange, connect to last byte, so an upstream dripping
+            # bytes slowly cannot hold the caller past timeout_s.
+            async with asyncio.timeout(timeout_s):
+                answer = await client.pool.request(
+                    origin,
+                    request.method,
+                    upstream_target(prefix, request),  # the path exactly as the caller encoded it
+                    forward_headers(request, tenant_id, request_id, internal_token, key_id),
+                    body,
+                )
+        except UpstreamUnavailable as exc:
             outcome = "unavailable"
-            log.warning("upstream %s unavailable: %s", upstream, type(exc).__name__)
+            log.warning("upstream %s unavailable: %s", upstream, exc)
             return _problem(
                 503, f"upstream service {upstream} is unavailable; retry later", {"Retry-After": "1"}
             )
-        except TimeoutError:  # asyncio's (3.11+) and aiohttp's read timeouts alike
+        except TimeoutError:
             outcome = "timeout"
             log.warning("upstream %s did not answer within %ss", upstream, timeout_s)
             return _problem(
                 504, f"upstream service {upstream} did not answer within {timeout_s:g} s"
             )
-        except aiohttp.ClientError as exc:
-            log.warning("upstream %s failed: %s: %s", upstream, type(exc).__name__, exc)
+        except UpstreamBroken as exc:
+            log.warning("upstream %s failed: %s", upstream, exc)
             return _problem(502, f"upstream service {upstream} failed: {type(exc).__name__}")
-        outcome = f"{answer.status // 100}xx"
+        outcome = _OUTCOMES.get(answer.status // 100, "error")
         if answer.status == 401 and "www-authenticate" not in answer.headers:
             # Callers are authenticated here, so an upstream 401 means it refused *our* internal
             # token: a deployment error, not the caller's. Do not let it look like a bad API key.
@@ -274,29 +268,19 @@ async def forward(
             headers["location"] = public_location(headers["location"], base_url)
         return Response(content=answer.content, status_code=answer.status, headers=headers)
     finally:
-        metrics.UPSTREAM_REQUESTS.labels(upstream, outcome).inc()
-        metrics.UPSTREAM_DURATION.labels(upstream).observe(time.perf_counter() - started)
+        _upstream_requests(upstream, outcome).inc()
+        _upstream_duration(upstream).observe(time.perf_counter() - started)
 
 
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    headers: CIMultiDictProxy[str]  # case-insensitive, as the upstream sent them
-    content: bytes
+_OUTCOMES = {n: f"{n}xx" for n in range(1, 6)}
 
 
-async def _send_within(
-    pool: aiohttp.ClientSession,
-    method: str,
-    url: URL,
-    headers: list[tuple[str, str]],
-    body: bytes,
-    timeout_s: float,
-) -> _Answer:
-    # This bounds the whole exchange, connect to last byte, so an upstream dripping bytes
-    # slowly cannot hold the caller past timeout_s.
-    async with asyncio.timeout(timeout_s):
-        async with pool.request(
-            method, url, headers=headers, data=body or None, allow_redirects=False
-        ) as answer:
-            return _Answer(answer.status, answer.headers, await answer.read())
+# The labelled children, looked up once: `labels()` takes a lock and checks its arguments.
+@functools.cache
+def _upstream_requests(upstream: str, outcome: str) -> Any:
+    return metrics.UPSTREAM_REQUESTS.labels(upstream, outcome)
+
+
+@functools.cache
+def _upstream_duration(upstream: str) -> Any:
+    return metrics.UPSTREAM_DURATION.labels(upstream)

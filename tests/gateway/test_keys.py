@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -102,3 +103,37 @@ def test_revoke_by_key_id(settings: GatewaySettings, database_url: str) -> None:
     with TestClient(create_app(settings)) as client:
         assert client.get("/v1/models", headers={"X-API-Key": issued.api_key}).status_code == 401
         assert client.get("/v1/models", headers={"X-API-Key": other.api_key}).status_code == 200
+
+
+def test_requests_arriving_during_a_key_lookup_share_it(settings: GatewaySettings, database_url: str) -> None:
+    """When a busy key's remembered entry expires, the requests in flight must not each ask the
+    database (and queue for its threads): one lookup per key at a time, its answer shared."""
+    from sqlalchemy import event
+
+    from services.gateway.deps import _looked_up
+    from services.gateway.service import KeyRejected
+
+    _, key = create_tenant(database_url, "busy")
+    with TestClient(create_app(settings)) as client:
+        gateway = client.app.state.gateway  # type: ignore[attr-defined]
+        lookups: list[str] = []
+
+        def count(_conn, _cursor, statement: str, *_args: object) -> None:  # type: ignore[no-untyped-def]
+            if "gateway_api_keys" in statement and statement.lstrip().upper().startswith("SELECT"):
+                lookups.append(statement)
+
+        event.listen(gateway.engine, "before_cursor_execute", count)
+
+        async def burst(presented: str) -> list[object]:
+            # Created before any of them runs: all of them ask while the first lookup is running.
+            tasks = [asyncio.create_task(_looked_up(gateway, presented)) for _ in range(20)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        callers = client.portal.call(burst, key)
+        assert len(lookups) == 1
+        assert len({c.key_id for c in callers}) == 1  # type: ignore[attr-defined]
+        lookups.clear()
+        refused = client.portal.call(burst, "cg_" + "x" * 40)
+        assert len(lookups) == 1
+        assert all(isinstance(r, KeyRejected) and r.reason == "invalid" for r in refused)
+        assert gateway.lookups == {}  # nothing left behind
