@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from standardwebhooks import Webhook
 
 from services.actions import metrics, webhooks
@@ -212,6 +213,52 @@ class AiohttpSender:
 # --- the worker -------------------------------------------------------------------------
 
 
+class AutocommitConnection:
+    """One connection of `engine` kept outside transactions for the worker's one-statement
+    claims and bookings on PostgreSQL (each statement is atomic by itself): no pool checkout,
+    liveness ping, BEGIN or COMMIT per round, which were most of a claim's round trips. Used
+    from worker threads one at a time (a lock); a failed statement drops the connection (the
+    database may be gone) and the next use opens a new one."""
+
+    def __init__(self, engine: Engine, setup: Sequence[str] = ()) -> None:
+        self._engine = engine
+        self._setup = setup  # statements run once on each new connection (session settings)
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[Connection], Any]) -> Any:
+        with self._lock:
+            if self._connection is None:
+                connection = self._engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT"
+                )
+                try:
+                    for statement in self._setup:
+                        connection.exec_driver_sql(statement)
+                except BaseException:
+                    connection.invalidate()
+                    connection.close()
+                    raise
+                self._connection = connection
+            try:
+                return work(self._connection)
+            except BaseException:
+                self._drop()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
 class DeliveryWorker:
     """Claims due deliveries in batches into a local queue per endpoint (subscription); up to
     `endpoint_concurrency` sender tasks per endpoint drain it; one booking task records the
@@ -240,6 +287,15 @@ class DeliveryWorker:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._engine = engine
+        # PostgreSQL: claims and successful bookings are one statement each, on connections of
+        # their own (claims and bookings run in parallel threads).
+        self._one_statement = engine.dialect.name == "postgresql"
+        # The claim reads the oldest due rows through the (status, next_attempt_at) index in
+        # order and stops at its LIMIT. Estimates for a burst of new rows are often stale
+        # (PostgreSQL then prefers a bitmap scan that reads and sorts every due row: 4 ms for
+        # 3,000 due rows against 0.4 ms); this connection only ever runs the claim.
+        self._claims = AutocommitConnection(engine, setup=["SET enable_bitmapscan = off"])
+        self._bookings = AutocommitConnection(engine)
         self._sender = sender
         self._clock = clock
         self._signing_clock = signing_clock or SystemClock()
@@ -325,6 +381,8 @@ class DeliveryWorker:
                 await self._book_pending()
             if unsent:
                 await asyncio.to_thread(self._release, unsent)
+        await asyncio.to_thread(self._claims.close)
+        await asyncio.to_thread(self._bookings.close)
         await self._sender.close()
 
     # --- claiming --------------------------------------------------------------------
@@ -362,9 +420,7 @@ class DeliveryWorker:
         rooms = {endpoint: self._room(endpoint) for endpoint in known}
         blocked = sorted(e for e, room in rooms.items() if room == 0)
         defer = self._due_deferrals(known)
-        claimed, parked = await asyncio.to_thread(
-            self._claim, blocked, lambda e: rooms.get(e, self.queue_per_endpoint), defer
-        )
+        claimed, parked = await asyncio.to_thread(self._claim, blocked, rooms, defer)
         if parked:
             metrics.WEBHOOK_ATTEMPTS.labels("parked").inc(parked)
         for delivery in claimed:
@@ -389,8 +445,19 @@ class DeliveryWorker:
         return result
 
     def _claim(
-        self, blocked: list[str], room: Callable[[str], int], defer: dict[str, datetime]
+        self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
     ) -> tuple[list[ClaimedDelivery], int]:
+        """Runs in a thread: `rooms` (each known endpoint's room) is the loop's snapshot."""
+        if self._one_statement:
+            now = self._clock.now()
+            if defer:
+                with session_scope(self._engine) as session:
+                    webhooks.defer_open_endpoints(session, defer, now)
+            free = {endpoint: room for endpoint, room in rooms.items() if room > 0}
+            return self._claims.run(lambda connection: webhooks.claim_due_deliveries_pg(
+                connection, now, self._batch_size, self.lease, blocked=blocked, rooms=free,
+                default_room=self.queue_per_endpoint,
+            ))
         with session_scope(self._engine) as session:
             return webhooks.claim_due_deliveries(
                 session,
@@ -398,7 +465,7 @@ class DeliveryWorker:
                 self._batch_size,
                 self.lease,
                 exclude_subscriptions=blocked,
-                capacity=room,
+                capacity=lambda endpoint: rooms.get(endpoint, self.queue_per_endpoint),
                 defer=defer,
             )
 
@@ -500,13 +567,32 @@ class DeliveryWorker:
         batch, self._results = self._results, []
         if not batch:
             return
-        try:
-            outcomes = await asyncio.to_thread(self._book, batch)
-        except BaseException:
-            self._results[:0] = batch
-            raise
-        for (claimed, result), outcome in zip(batch, outcomes, strict=True):
-            self._observe(claimed, result, outcome)
+        parts: list[tuple[list[tuple[ClaimedDelivery, AttemptResult]], Callable[..., Any]]]
+        if self._one_statement:  # successes in one statement, the rest the portable way
+            parts = [
+                ([item for item in batch if item[1].ok], self._book_successes),
+                ([item for item in batch if not item[1].ok], self._book),
+            ]
+        else:
+            parts = [(batch, self._book)]
+        for index, (part, book) in enumerate(parts):
+            if not part:
+                continue
+            try:
+                outcomes = await asyncio.to_thread(book, part)
+            except BaseException:  # what is not booked yet goes back
+                self._results[:0] = [item for rest, _ in parts[index:] for item in rest]
+                raise
+            for (claimed, result), outcome in zip(part, outcomes, strict=True):
+                self._observe(claimed, result, outcome)
+
+    def _book_successes(
+        self, batch: list[tuple[ClaimedDelivery, AttemptResult]]
+    ) -> list[AttemptOutcome]:
+        now = self._clock.now()
+        return self._bookings.run(
+            lambda connection: webhooks.record_successes_pg(connection, batch, now)
+        )
 
     def _book(self, batch: list[tuple[ClaimedDelivery, AttemptResult]]) -> list[AttemptOutcome]:
         now = self._clock.now()
