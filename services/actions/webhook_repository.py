@@ -317,14 +317,14 @@ def claim_due_rows_pg(
 ) -> tuple[list[ClaimedRow], int]:
     """System-wide (the worker), PostgreSQL only, one statement on a connection outside a
     transaction (see _PG_CLAIM). Returns (leased rows, oldest due first; how many were parked)."""
-    result = connection.exec_driver_sql(_PG_CLAIM, {
+    rows = connection.exec_driver_sql(_PG_CLAIM, {
         "now": now, "limit": limit, "until": until, "blocked": list(blocked),
         "room_ids": list(rooms), "rooms": list(rooms.values()), "default_room": default_room,
         "deleted": deleted_reason, "max_error": max_error,
     })
     claimed: list[ClaimedRow] = []
     parked = 0
-    for row in result:
+    for row in rows:
         if row[1] is None:
             parked += 1
             continue
@@ -342,11 +342,12 @@ def book_delivered_pg(
     itself: the deliveries and their attempt-log rows together)."""
     if not booked:
         return set()
-    result = connection.exec_driver_sql(_PG_DELIVERED, {
+    rows = connection.exec_driver_sql(_PG_DELIVERED, {
         "now": now, "ids": [b[0] for b in booked], "attempts": [b[1] for b in booked],
         "codes": [b[2] for b in booked], "latency": [b[3] for b in booked],
     })
-    return {row[0] for row in result}
+    return {row[0] for row in rows}
+
 
 
 def _postgres(session: Session) -> bool:
