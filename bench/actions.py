@@ -284,7 +284,8 @@ async def outbox_path(engine: Engine, url: str, total: int, concurrency: int) ->
                 await asyncio.sleep(0.005)
             elapsed = time.perf_counter() - began
             cpu_us = _cpu_us_since(cpu, total)
-            count = statements.count
+            # plus the worker's own connection on PostgreSQL (not through the engine)
+            count = statements.count + worker.claims.statements + worker.bookings.statements
         finally:
             await worker.stop()
     await asyncio.to_thread(unsubscribe, engine, subscription_id)

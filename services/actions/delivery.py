@@ -24,17 +24,17 @@ import logging
 import math
 import random
 import socket
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import psycopg
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from standardwebhooks import Webhook
 
 from services.actions import metrics, webhooks
@@ -51,6 +51,7 @@ from shared.db import session_scope
 from shared.tasks import stop_gracefully
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 USER_AGENT = "churnguard-webhooks/0.2"
 LEASE_MARGIN_S = 30.0
@@ -214,57 +215,56 @@ class AiohttpSender:
 # --- the worker -------------------------------------------------------------------------
 
 
-class AutocommitConnection:
-    """One connection of `engine` kept outside transactions for the worker's one-statement
-    claims and bookings on PostgreSQL (each statement is atomic by itself): no pool checkout,
-    liveness ping, BEGIN or COMMIT per round, which were most of a claim's round trips. Used
-    from worker threads one at a time (a lock); a failed statement drops the connection (the
-    database may be gone) and the next use opens a new one."""
+class WorkerConnection:
+    """One psycopg connection kept outside transactions, on the event loop, for the worker's
+    one-statement claims and bookings on PostgreSQL (each statement is atomic by itself): no
+    pool checkout, liveness ping, BEGIN or COMMIT per round (a claim was 7 round trips), and no
+    thread: rows are read on the loop, without handing the GIL back and forth with a worker
+    thread (measured: ~15% less CPU per delivery than the same statements from threads).
+
+    Its statements are server-side prepared: parsing and planning the claim took ~1 ms, more
+    than running it; they take arrays, not `IN (...)` lists (the engine's connections do not
+    prepare because of those, see shared.db), and the claim's plan is pinned to the due index.
+    One statement at a time (a lock); a failed one drops the connection (the database may be
+    gone) and the next use opens a new one."""
 
     def __init__(self, engine: Engine, setup: Sequence[str] = ()) -> None:
-        self._engine = engine
+        url = engine.url.set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
         self._setup = setup  # statements run once on each new connection (session settings)
-        self._connection: Connection | None = None
-        self._lock = threading.Lock()
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+        self.statements = 0  # sent so far (the bench reports statements per delivery)
 
-    def run(self, work: Callable[[Connection], Any]) -> Any:
-        with self._lock:
+    async def run(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        async with self._lock:
             if self._connection is None:
-                connection = self._engine.connect().execution_options(
-                    isolation_level="AUTOCOMMIT"
+                connection = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, prepare_threshold=0, connect_timeout=5
                 )
                 try:
-                    # Never back in the pool (dropped by invalidating it), so it may differ from
-                    # the engine's other connections (see shared.db): its few statements are
-                    # server-side prepared. Parsing and planning the claim took ~1 ms, more than
-                    # running it; they take arrays, not `IN (...)` lists, and the claim's plan is
-                    # pinned to the due index, so the generic plan is the right one.
-                    driver = connection.connection.driver_connection
-                    driver.prepare_threshold = 0  # type: ignore[union-attr]
                     for statement in self._setup:
-                        connection.exec_driver_sql(statement)
+                        await connection.execute(statement)
                 except BaseException:
-                    connection.invalidate()
-                    connection.close()
+                    await connection.close()
                     raise
                 self._connection = connection
+            self.statements += 1
             try:
-                return work(self._connection)
+                return await work(self._connection)
             except BaseException:
-                self._drop()
+                await self._drop()
                 raise
 
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
 
-    def _drop(self) -> None:
+    async def _drop(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
-                connection.invalidate()
-            with contextlib.suppress(Exception):
-                connection.close()
+                await connection.close()
 
 
 class DeliveryWorker:
@@ -296,14 +296,14 @@ class DeliveryWorker:
     ) -> None:
         self._engine = engine
         # PostgreSQL: claims and successful bookings are one statement each, on connections of
-        # their own (claims and bookings run in parallel threads).
+        # their own (a claim and a booking may be on their way at the same time).
         self._one_statement = engine.dialect.name == "postgresql"
         # The claim reads the oldest due rows through the (status, next_attempt_at) index in
         # order and stops at its LIMIT. Estimates for a burst of new rows are often stale
         # (PostgreSQL then prefers a bitmap scan that reads and sorts every due row: 4 ms for
         # 3,000 due rows against 0.4 ms); this connection only ever runs the claim.
-        self._claims = AutocommitConnection(engine, setup=["SET enable_bitmapscan = off"])
-        self._bookings = AutocommitConnection(engine)
+        self.claims = WorkerConnection(engine, setup=["SET enable_bitmapscan = off"])
+        self.bookings = WorkerConnection(engine)
         self._sender = sender
         self._clock = clock
         self._signing_clock = signing_clock or SystemClock()
@@ -396,8 +396,8 @@ class DeliveryWorker:
                 await self._book_pending()
             if unsent:
                 await asyncio.to_thread(self._release, unsent)
-        await asyncio.to_thread(self._claims.close)
-        await asyncio.to_thread(self._bookings.close)
+        await self.claims.close()
+        await self.bookings.close()
         await self._sender.close()
 
     # --- claiming --------------------------------------------------------------------
@@ -435,7 +435,10 @@ class DeliveryWorker:
         rooms = {endpoint: self._room(endpoint) for endpoint in known}
         blocked = sorted(e for e, room in rooms.items() if room == 0)
         defer = self._due_deferrals(known)
-        claimed, parked = await asyncio.to_thread(self._claim, blocked, rooms, defer)
+        if self._one_statement:
+            claimed, parked = await self._claim_one_statement(blocked, rooms, defer)
+        else:
+            claimed, parked = await asyncio.to_thread(self._claim, blocked, rooms, defer)
         if parked:
             metrics.WEBHOOK_ATTEMPTS.labels("parked").inc(parked)
         for delivery in claimed:
@@ -459,20 +462,26 @@ class DeliveryWorker:
             del self._deferred_at[endpoint]
         return result
 
+    async def _claim_one_statement(
+        self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
+    ) -> tuple[list[ClaimedDelivery], int]:
+        now = self._clock.now()
+        if defer:  # rare (an open circuit, every DEFER_EVERY_S): the portable way
+            await asyncio.to_thread(self._defer, defer, now)
+        free = {endpoint: room for endpoint, room in rooms.items() if room > 0}
+        return await self.claims.run(lambda connection: webhooks.claim_due_deliveries_pg(
+            connection, now, self._batch_size, self.lease, blocked=blocked, rooms=free,
+            default_room=self.queue_per_endpoint,
+        ))
+
+    def _defer(self, defer: dict[str, datetime], now: datetime) -> None:
+        with session_scope(self._engine) as session:
+            webhooks.defer_open_endpoints(session, defer, now)
+
     def _claim(
         self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
     ) -> tuple[list[ClaimedDelivery], int]:
         """Runs in a thread: `rooms` (each known endpoint's room) is the loop's snapshot."""
-        if self._one_statement:
-            now = self._clock.now()
-            if defer:
-                with session_scope(self._engine) as session:
-                    webhooks.defer_open_endpoints(session, defer, now)
-            free = {endpoint: room for endpoint, room in rooms.items() if room > 0}
-            return self._claims.run(lambda connection: webhooks.claim_due_deliveries_pg(
-                connection, now, self._batch_size, self.lease, blocked=blocked, rooms=free,
-                default_room=self.queue_per_endpoint,
-            ))
         with session_scope(self._engine) as session:
             return webhooks.claim_due_deliveries(
                 session,
@@ -586,28 +595,33 @@ class DeliveryWorker:
         if self._one_statement:  # successes in one statement, the rest the portable way
             parts = [
                 ([item for item in batch if item[1].ok], self._book_successes),
-                ([item for item in batch if not item[1].ok], self._book),
+                ([item for item in batch if not item[1].ok], self._book_in_thread),
             ]
         else:
-            parts = [(batch, self._book)]
+            parts = [(batch, self._book_in_thread)]
         for index, (part, book) in enumerate(parts):
             if not part:
                 continue
             try:
-                outcomes = await asyncio.to_thread(book, part)
+                outcomes = await book(part)
             except BaseException:  # what is not booked yet goes back
                 self._results[:0] = [item for rest, _ in parts[index:] for item in rest]
                 raise
             for (claimed, result), outcome in zip(part, outcomes, strict=True):
                 self._observe(claimed, result, outcome)
 
-    def _book_successes(
+    async def _book_successes(
         self, batch: list[tuple[ClaimedDelivery, AttemptResult]]
     ) -> list[AttemptOutcome]:
         now = self._clock.now()
-        return self._bookings.run(
+        return await self.bookings.run(
             lambda connection: webhooks.record_successes_pg(connection, batch, now)
         )
+
+    async def _book_in_thread(
+        self, batch: list[tuple[ClaimedDelivery, AttemptResult]]
+    ) -> list[AttemptOutcome]:
+        return await asyncio.to_thread(self._book, batch)
 
     def _book(self, batch: list[tuple[ClaimedDelivery, AttemptResult]]) -> list[AttemptOutcome]:
         now = self._clock.now()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, text, update
+from psycopg import AsyncConnection
+from sqlalchemy import func, text, update
 from sqlmodel import Session, col, select
 
 from services.actions.tables import (
@@ -303,8 +304,8 @@ class ClaimedRow:
     previous_secrets: tuple[str, ...]
 
 
-def claim_due_rows_pg(
-    connection: Connection,
+async def claim_due_rows_pg(
+    connection: AsyncConnection[Any],
     now: datetime,
     limit: int,
     until: datetime,
@@ -315,13 +316,14 @@ def claim_due_rows_pg(
     deleted_reason: str,
     max_error: int,
 ) -> tuple[list[ClaimedRow], int]:
-    """System-wide (the worker), PostgreSQL only, one statement on a connection outside a
-    transaction (see _PG_CLAIM). Returns (leased rows, oldest due first; how many were parked)."""
-    rows = connection.exec_driver_sql(_PG_CLAIM, {
+    """System-wide (the worker), PostgreSQL only, one statement on a psycopg connection outside
+    a transaction (see _PG_CLAIM). Returns (leased rows, oldest due first; how many parked)."""
+    cursor = await connection.execute(_PG_CLAIM, {
         "now": now, "limit": limit, "until": until, "blocked": list(blocked),
         "room_ids": list(rooms), "rooms": list(rooms.values()), "default_room": default_room,
         "deleted": deleted_reason, "max_error": max_error,
     })
+    rows = await cursor.fetchall()
     claimed: list[ClaimedRow] = []
     parked = 0
     for row in rows:
@@ -335,18 +337,18 @@ def claim_due_rows_pg(
     return claimed, parked
 
 
-def book_delivered_pg(
-    connection: Connection, booked: Sequence[tuple[str, int, int, float]], now: datetime
+async def book_delivered_pg(
+    connection: AsyncConnection[Any], booked: Sequence[tuple[str, int, int, float]], now: datetime
 ) -> set[str]:
-    """`book_delivered` as one statement on a connection outside a transaction (atomic by
-    itself: the deliveries and their attempt-log rows together)."""
+    """`book_delivered` as one statement on a psycopg connection outside a transaction (atomic
+    by itself: the deliveries and their attempt-log rows together)."""
     if not booked:
         return set()
-    rows = connection.exec_driver_sql(_PG_DELIVERED, {
+    cursor = await connection.execute(_PG_DELIVERED, {
         "now": now, "ids": [b[0] for b in booked], "attempts": [b[1] for b in booked],
         "codes": [b[2] for b in booked], "latency": [b[3] for b in booked],
     })
-    return {row[0] for row in rows}
+    return {row[0] for row in await cursor.fetchall()}
 
 
 

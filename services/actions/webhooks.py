@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, insert
+from psycopg import AsyncConnection
+from sqlalchemy import insert
 from sqlmodel import Session
 
 from services.actions import webhook_repository as repo
@@ -514,8 +515,8 @@ def defer_open_endpoints(session: Session, defer: dict[str, datetime], now: date
         repo.defer_due_deliveries(session, subscription_id, until, now)
 
 
-def claim_due_deliveries_pg(
-    connection: Connection,
+async def claim_due_deliveries_pg(
+    connection: AsyncConnection[Any],
     now: datetime,
     limit: int,
     lease: timedelta,
@@ -524,10 +525,10 @@ def claim_due_deliveries_pg(
     rooms: dict[str, int],
     default_room: int,
 ) -> tuple[list[ClaimedDelivery], int]:
-    """`claim_due_deliveries` in one statement (PostgreSQL, on a connection outside a
+    """`claim_due_deliveries` in one statement (PostgreSQL, on a psycopg connection outside a
     transaction): `rooms` {subscription_id: free room} replaces `capacity`, with `default_room`
     for endpoints not in it; `blocked` endpoints are not looked at. Returns (claimed, parked)."""
-    rows, parked = repo.claim_due_rows_pg(
+    rows, parked = await repo.claim_due_rows_pg(
         connection, now, limit, now + lease, blocked=blocked, rooms=rooms,
         default_room=default_room, deleted_reason=DELETED_REASON, max_error=MAX_ERROR_CHARS,
     )
@@ -541,15 +542,15 @@ def claim_due_deliveries_pg(
     ], parked
 
 
-def record_successes_pg(
-    connection: Connection,
+async def record_successes_pg(
+    connection: AsyncConnection[Any],
     attempts: Sequence[tuple[ClaimedDelivery, AttemptResult]],
     now: datetime,
 ) -> list[AttemptOutcome]:
-    """Book successful (2xx) attempts in one statement (PostgreSQL, on a connection outside a
-    transaction): "delivered", or "stale" for a delivery replayed, parked or booked elsewhere
+    """Book successful (2xx) attempts in one statement (PostgreSQL, on a psycopg connection
+    outside a transaction): "delivered", or "stale" for a delivery replayed, parked or booked elsewhere
     meanwhile. Failed attempts go through `record_attempts`."""
-    booked = repo.book_delivered_pg(connection, [
+    booked = await repo.book_delivered_pg(connection, [
         (claimed.delivery_id, claimed.attempts, result.status_code or 0,
          round(result.latency_ms, 3))
         for claimed, result in attempts

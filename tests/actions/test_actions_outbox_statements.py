@@ -7,15 +7,16 @@ in one statement each; and many outcomes booked in one statement. SQLite keeps t
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from typing import Any
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Engine, text
 from sqlmodel import select
 
 from services.actions import webhooks
-from services.actions.delivery import AutocommitConnection
+from services.actions.delivery import WorkerConnection
 from services.actions.tables import ActionsDelivery, ActionsDeliveryAttempt, ActionsOffer
 from services.actions.url_guard import UrlPolicy
 from services.actions.webhooks import AttemptResult
@@ -27,14 +28,26 @@ LEASE = timedelta(minutes=2)
 
 
 @pytest.fixture
-def pg(engine: Engine) -> Iterator[tuple[Engine, AutocommitConnection]]:  # noqa: F811
+async def pg(engine: Engine) -> AsyncIterator[tuple[Engine, WorkerConnection]]:  # noqa: F811
     if engine.dialect.name != "postgresql":
         pytest.skip("the one-statement claim and booking are PostgreSQL's")
-    connection = AutocommitConnection(engine)
+    connection = WorkerConnection(engine)
     try:
         yield engine, connection
     finally:
-        connection.close()
+        await connection.close()
+
+
+class Counting:
+    """The real psycopg connection, counting the statements sent through it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.statements = 0
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        self.statements += 1
+        return await self.inner.execute(*args, **kwargs)
 
 
 def _subscribe(engine: Engine, url: str = "http://127.0.0.1:9/hook") -> str:
@@ -73,8 +86,8 @@ def _rows(engine: Engine) -> dict[str, ActionsDelivery]:
         return {d.delivery_id: d for d in session.exec(select(ActionsDelivery)).all()}
 
 
-def test_one_claim_statement_leases_within_each_room_parks_the_inactive_and_skips_the_blocked(
-    pg: tuple[Engine, AutocommitConnection],
+async def test_one_claim_statement_leases_within_each_room_parks_the_inactive_and_skips_the_blocked(
+    pg: tuple[Engine, WorkerConnection],
 ) -> None:
     engine, connection = pg
     roomy, tight, blocked, gone = (_subscribe(engine) for _ in range(4))
@@ -87,17 +100,16 @@ def test_one_claim_statement_leases_within_each_room_parks_the_inactive_and_skip
     e = _outbox(engine, gone, 1)  # enqueued after the delete (a race): parked by the claim
     now = START + timedelta(seconds=10)
 
-    statements: list[str] = []
-    listen = lambda *args: statements.append(args[2])  # noqa: E731
-    event.listen(engine, "before_cursor_execute", listen)
-    try:
-        claimed, parked = connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
-            conn, now, 100, LEASE, blocked=[blocked], rooms={tight: 2}, default_room=50,
-        ))
-    finally:
-        event.remove(engine, "before_cursor_execute", listen)
+    counting: list[Counting] = []
 
-    assert len(statements) == 1  # lock, join, lease and park: one round trip
+    def claim(conn: Any) -> Any:
+        counting.append(Counting(conn))
+        return webhooks.claim_due_deliveries_pg(
+            counting[0], now, 100, LEASE, blocked=[blocked], rooms={tight: 2}, default_room=50
+        )
+
+    claimed, parked = await connection.run(claim)
+    assert counting[0].statements == 1  # lock, join, lease and park: one round trip
     assert [c.delivery_id for c in claimed if c.subscription_id == roomy] == a  # oldest first
     assert [c.delivery_id for c in claimed if c.subscription_id == tight] == b[:2]  # its room
     assert parked == 1
@@ -108,14 +120,14 @@ def test_one_claim_statement_leases_within_each_room_parks_the_inactive_and_skip
         assert rows[delivery_id].status == "pending" and rows[delivery_id].next_attempt_at <= now
     assert rows[e[0]].status == "parked" and rows[e[0]].last_error == webhooks.DELETED_REASON
     assert all(rows[i].status == "parked" for i in d)
-    claimed_again, _ = connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+    claimed_again, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
         conn, now, 100, LEASE, blocked=[], rooms={}, default_room=50,
     ))
     assert sorted(c.delivery_id for c in claimed_again) == sorted(b[2:] + c)  # never twice
 
 
-def test_the_claim_brings_the_url_the_current_and_the_live_previous_secrets(
-    pg: tuple[Engine, AutocommitConnection],
+async def test_the_claim_brings_the_url_the_current_and_the_live_previous_secrets(
+    pg: tuple[Engine, WorkerConnection],
 ) -> None:
     engine, connection = pg
     subscription_id = _subscribe(engine, "http://127.0.0.1:9/rotated")
@@ -126,7 +138,7 @@ def test_the_claim_brings_the_url_the_current_and_the_live_previous_secrets(
         )
     [delivery_id] = _outbox(engine, subscription_id, 1)
 
-    [claimed], _ = connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+    [claimed], _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
         conn, START, 10, LEASE, blocked=[], rooms={}, default_room=50,
     ))
     assert claimed.delivery_id == delivery_id and claimed.url == "http://127.0.0.1:9/rotated"
@@ -135,19 +147,19 @@ def test_the_claim_brings_the_url_the_current_and_the_live_previous_secrets(
 
     with session_scope(engine) as session:  # after the overlap: the old secret is not sent
         session.execute(text("UPDATE actions_deliveries SET next_attempt_at = :t"), {"t": START})
-    [later], _ = connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+    [later], _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
         conn, START + timedelta(hours=2), 10, LEASE, blocked=[], rooms={}, default_room=50,
     ))
     assert later.signing_secrets == (rotation.secret,)
 
 
-def test_many_successes_are_booked_in_one_statement_and_a_changed_delivery_is_left_alone(
-    pg: tuple[Engine, AutocommitConnection],
+async def test_many_successes_are_booked_in_one_statement_and_a_changed_delivery_is_left_alone(
+    pg: tuple[Engine, WorkerConnection],
 ) -> None:
     engine, connection = pg
     subscription_id = _subscribe(engine)
     _outbox(engine, subscription_id, 20)
-    claimed, _ = connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+    claimed, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
         conn, START, 100, LEASE, blocked=[], rooms={}, default_room=50,
     ))
     assert len(claimed) == 20
@@ -158,18 +170,17 @@ def test_many_successes_are_booked_in_one_statement_and_a_changed_delivery_is_le
             {"id": replayed.delivery_id},
         )
 
-    statements: list[str] = []
-    listen = lambda *args: statements.append(args[2])  # noqa: E731
-    event.listen(engine, "before_cursor_execute", listen)
     now = START + timedelta(seconds=1)
-    try:
-        outcomes = connection.run(lambda conn: webhooks.record_successes_pg(
-            conn, [(c, AttemptResult(status_code=204, latency_ms=2.5)) for c in claimed], now
-        ))
-    finally:
-        event.remove(engine, "before_cursor_execute", listen)
+    counting: list[Counting] = []
 
-    assert len(statements) == 1
+    def book(conn: Any) -> Any:
+        counting.append(Counting(conn))
+        return webhooks.record_successes_pg(
+            counting[0], [(c, AttemptResult(status_code=204, latency_ms=2.5)) for c in claimed], now
+        )
+
+    outcomes = await connection.run(book)
+    assert counting[0].statements == 1
     assert outcomes == ["stale"] + ["delivered"] * 19
     rows = _rows(engine)
     assert rows[replayed.delivery_id].status == "pending"
@@ -183,22 +194,22 @@ def test_many_successes_are_booked_in_one_statement_and_a_changed_delivery_is_le
         assert (row.status, row.attempts, row.last_status_code) == ("delivered", 1, 204)
         assert row.delivered_at == now
     # A second booking of the same attempts (e.g. retried after a lost answer) books nothing.
-    again = connection.run(lambda conn: webhooks.record_successes_pg(
+    again = await connection.run(lambda conn: webhooks.record_successes_pg(
         conn, [(c, AttemptResult(status_code=204)) for c in claimed[1:]], now
     ))
     assert again == ["stale"] * 19
 
 
-def test_a_failed_statement_drops_the_connection_and_the_next_use_opens_a_new_one(
-    pg: tuple[Engine, AutocommitConnection],
+async def test_a_failed_statement_drops_the_connection_and_the_next_use_opens_a_new_one(
+    pg: tuple[Engine, WorkerConnection],
 ) -> None:
     _, connection = pg
 
-    def backend(conn: Connection) -> int:
-        return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    async def backend(conn: Any) -> int:
+        return (await (await conn.execute("SELECT pg_backend_pid()")).fetchone())[0]
 
-    first = connection.run(backend)
-    assert connection.run(backend) == first  # kept
+    first = await connection.run(backend)
+    assert await connection.run(backend) == first  # kept
     with pytest.raises(Exception, match="division by zero"):
-        connection.run(lambda conn: conn.exec_driver_sql("SELECT 1 / 0"))
-    assert connection.run(backend) != first
+        await connection.run(lambda conn: conn.execute("SELECT 1 / 0"))
+    assert await connection.run(backend) != first
