@@ -62,6 +62,7 @@ GAUGE_REFRESH_S = 0.5
 BOOK_WINDOW_S = 0.01
 DEFER_EVERY_S = 0.5
 QUEUE_MIN = 50
+STATEMENT_TIMEOUT_S = 30.0  # the worker's own claims and bookings (well under 0.1 s normally)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -225,8 +226,8 @@ class WorkerConnection:
     Its statements are server-side prepared: parsing and planning the claim took ~1 ms, more
     than running it; they take arrays, not `IN (...)` lists (the engine's connections do not
     prepare because of those, see shared.db), and the claim's plan is pinned to the due index.
-    One statement at a time (a lock); a failed one drops the connection (the database may be
-    gone) and the next use opens a new one."""
+    One statement at a time (a lock); a failed or timed-out one drops the connection (the
+    database may be gone) and the next use opens a new one."""
 
     def __init__(self, engine: Engine, setup: Sequence[str] = ()) -> None:
         url = engine.url.set(drivername="postgresql")
@@ -251,7 +252,8 @@ class WorkerConnection:
                 self._connection = connection
             self.statements += 1
             try:
-                return await work(self._connection)
+                async with asyncio.timeout(STATEMENT_TIMEOUT_S):  # a lost server: not forever
+                    return await work(self._connection)
             except BaseException:
                 await self._drop()
                 raise
