@@ -63,7 +63,7 @@ class ActionsSettings(BaseSettings):
         1.0, gt=0, description="Poll interval when nothing wakes the worker."
     )
     delivery_batch_size: int = Field(
-        50, gt=0, le=1_000, description="Most deliveries claimed per database round trip."
+        200, gt=0, le=1_000, description="Most deliveries claimed per database round trip."
     )
     delivery_max_in_flight: int = Field(
         256, gt=0, le=10_000, description="Most webhook attempts in flight at once, all endpoints."

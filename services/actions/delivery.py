@@ -25,12 +25,13 @@ import math
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import psycopg
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from sqlalchemy import Engine
@@ -50,6 +51,7 @@ from shared.db import session_scope
 from shared.tasks import stop_gracefully
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 USER_AGENT = "churnguard-webhooks/0.2"
 LEASE_MARGIN_S = 30.0
@@ -59,6 +61,8 @@ GAUGE_REFRESH_S = 0.5
 # worth is waiting already. The receiver has them already; only the booking waits.
 BOOK_WINDOW_S = 0.01
 DEFER_EVERY_S = 0.5
+QUEUE_MIN = 50
+STATEMENT_TIMEOUT_S = 30.0  # the worker's own claims and bookings (well under 0.1 s normally)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -212,6 +216,59 @@ class AiohttpSender:
 # --- the worker -------------------------------------------------------------------------
 
 
+class WorkerConnection:
+    """One psycopg connection kept outside transactions, on the event loop, for the worker's
+    one-statement claims and bookings on PostgreSQL (each statement is atomic by itself): no
+    pool checkout, liveness ping, BEGIN or COMMIT per round (a claim was 7 round trips), and no
+    thread: rows are read on the loop, without handing the GIL back and forth with a worker
+    thread (measured: ~15% less CPU per delivery than the same statements from threads).
+
+    Its statements are server-side prepared: parsing and planning the claim took ~1 ms, more
+    than running it; they take arrays, not `IN (...)` lists (the engine's connections do not
+    prepare because of those, see shared.db), and the claim's plan is pinned to the due index.
+    One statement at a time (a lock); a failed or timed-out one drops the connection (the
+    database may be gone) and the next use opens a new one."""
+
+    def __init__(self, engine: Engine, setup: Sequence[str] = ()) -> None:
+        url = engine.url.set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self._setup = setup  # statements run once on each new connection (session settings)
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+        self.statements = 0  # sent so far (the bench reports statements per delivery)
+
+    async def run(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        async with self._lock:
+            if self._connection is None:
+                connection = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, prepare_threshold=0, connect_timeout=5
+                )
+                try:
+                    for statement in self._setup:
+                        await connection.execute(statement)
+                except BaseException:
+                    await connection.close()
+                    raise
+                self._connection = connection
+            self.statements += 1
+            try:
+                async with asyncio.timeout(STATEMENT_TIMEOUT_S):  # a lost server: not forever
+                    return await work(self._connection)
+            except BaseException:
+                await self._drop()
+                raise
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
 class DeliveryWorker:
     """Claims due deliveries in batches into a local queue per endpoint (subscription); up to
     `endpoint_concurrency` sender tasks per endpoint drain it; one booking task records the
@@ -228,7 +285,7 @@ class DeliveryWorker:
         *,
         retry_schedule_s: Sequence[float],
         poll_s: float = 1.0,
-        batch_size: int = 50,
+        batch_size: int = 200,
         max_in_flight: int = 256,
         attempt_timeout_s: float = 15.0,
         jitter: float = 0.0,
@@ -240,6 +297,15 @@ class DeliveryWorker:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._engine = engine
+        # PostgreSQL: claims and successful bookings are one statement each, on connections of
+        # their own (a claim and a booking may be on their way at the same time).
+        self._one_statement = engine.dialect.name == "postgresql"
+        # The claim reads the oldest due rows through the (status, next_attempt_at) index in
+        # order and stops at its LIMIT. Estimates for a burst of new rows are often stale
+        # (PostgreSQL then prefers a bitmap scan that reads and sorts every due row: 4 ms for
+        # 3,000 due rows against 0.4 ms); this connection only ever runs the claim.
+        self.claims = WorkerConnection(engine, setup=["SET enable_bitmapscan = off"])
+        self.bookings = WorkerConnection(engine)
         self._sender = sender
         self._clock = clock
         self._signing_clock = signing_clock or SystemClock()
@@ -259,7 +325,14 @@ class DeliveryWorker:
             failure_threshold=breaker_failure_threshold,
             cooldown=timedelta(seconds=breaker_cooldown_s),
         )
-        self.queue_per_endpoint = max(batch_size, 2 * endpoint_concurrency)
+        # Claimed ahead per endpoint: eight rounds of its slots, so that a claim (made when the
+        # queue is half empty) brings several rounds at once and the senders still have work
+        # while it is on its way (with two rounds, claims of a few rows each left them idle at
+        # high rates); at least a claim's worth (up to QUEUE_MIN) for endpoints with few slots.
+        # Not the batch size itself: that is per round trip across all endpoints, while the
+        # queue sets the lease (how long a crashed worker's claims wait: 150 s with the
+        # default 8 slots and 15 s timeout, was 135 s).
+        self.queue_per_endpoint = max(min(batch_size, QUEUE_MIN), 8 * endpoint_concurrency)
         self._max_queued = max(4 * batch_size, 2 * max_in_flight)
         # A claim outlives the time its endpoint needs to work through a full queue of attempts
         # that all time out, so a live worker's rows are never re-claimed. After a crash, what
@@ -325,6 +398,8 @@ class DeliveryWorker:
                 await self._book_pending()
             if unsent:
                 await asyncio.to_thread(self._release, unsent)
+        await self.claims.close()
+        await self.bookings.close()
         await self._sender.close()
 
     # --- claiming --------------------------------------------------------------------
@@ -362,9 +437,10 @@ class DeliveryWorker:
         rooms = {endpoint: self._room(endpoint) for endpoint in known}
         blocked = sorted(e for e, room in rooms.items() if room == 0)
         defer = self._due_deferrals(known)
-        claimed, parked = await asyncio.to_thread(
-            self._claim, blocked, lambda e: rooms.get(e, self.queue_per_endpoint), defer
-        )
+        if self._one_statement:
+            claimed, parked = await self._claim_one_statement(blocked, rooms, defer)
+        else:
+            claimed, parked = await asyncio.to_thread(self._claim, blocked, rooms, defer)
         if parked:
             metrics.WEBHOOK_ATTEMPTS.labels("parked").inc(parked)
         for delivery in claimed:
@@ -388,9 +464,26 @@ class DeliveryWorker:
             del self._deferred_at[endpoint]
         return result
 
-    def _claim(
-        self, blocked: list[str], room: Callable[[str], int], defer: dict[str, datetime]
+    async def _claim_one_statement(
+        self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
     ) -> tuple[list[ClaimedDelivery], int]:
+        now = self._clock.now()
+        if defer:  # rare (an open circuit, every DEFER_EVERY_S): the portable way
+            await asyncio.to_thread(self._defer, defer, now)
+        free = {endpoint: room for endpoint, room in rooms.items() if room > 0}
+        return await self.claims.run(lambda connection: webhooks.claim_due_deliveries_pg(
+            connection, now, self._batch_size, self.lease, blocked=blocked, rooms=free,
+            default_room=self.queue_per_endpoint,
+        ))
+
+    def _defer(self, defer: dict[str, datetime], now: datetime) -> None:
+        with session_scope(self._engine) as session:
+            webhooks.defer_open_endpoints(session, defer, now)
+
+    def _claim(
+        self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
+    ) -> tuple[list[ClaimedDelivery], int]:
+        """Runs in a thread: `rooms` (each known endpoint's room) is the loop's snapshot."""
         with session_scope(self._engine) as session:
             return webhooks.claim_due_deliveries(
                 session,
@@ -398,7 +491,7 @@ class DeliveryWorker:
                 self._batch_size,
                 self.lease,
                 exclude_subscriptions=blocked,
-                capacity=room,
+                capacity=lambda endpoint: rooms.get(endpoint, self.queue_per_endpoint),
                 defer=defer,
             )
 
@@ -500,13 +593,37 @@ class DeliveryWorker:
         batch, self._results = self._results, []
         if not batch:
             return
-        try:
-            outcomes = await asyncio.to_thread(self._book, batch)
-        except BaseException:
-            self._results[:0] = batch
-            raise
-        for (claimed, result), outcome in zip(batch, outcomes, strict=True):
-            self._observe(claimed, result, outcome)
+        parts: list[tuple[list[tuple[ClaimedDelivery, AttemptResult]], Callable[..., Any]]]
+        if self._one_statement:  # successes in one statement, the rest the portable way
+            parts = [
+                ([item for item in batch if item[1].ok], self._book_successes),
+                ([item for item in batch if not item[1].ok], self._book_in_thread),
+            ]
+        else:
+            parts = [(batch, self._book_in_thread)]
+        for index, (part, book) in enumerate(parts):
+            if not part:
+                continue
+            try:
+                outcomes = await book(part)
+            except BaseException:  # what is not booked yet goes back
+                self._results[:0] = [item for rest, _ in parts[index:] for item in rest]
+                raise
+            for (claimed, result), outcome in zip(part, outcomes, strict=True):
+                self._observe(claimed, result, outcome)
+
+    async def _book_successes(
+        self, batch: list[tuple[ClaimedDelivery, AttemptResult]]
+    ) -> list[AttemptOutcome]:
+        now = self._clock.now()
+        return await self.bookings.run(
+            lambda connection: webhooks.record_successes_pg(connection, batch, now)
+        )
+
+    async def _book_in_thread(
+        self, batch: list[tuple[ClaimedDelivery, AttemptResult]]
+    ) -> list[AttemptOutcome]:
+        return await asyncio.to_thread(self._book, batch)
 
     def _book(self, batch: list[tuple[ClaimedDelivery, AttemptResult]]) -> list[AttemptOutcome]:
         now = self._clock.now()

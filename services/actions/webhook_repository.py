@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg import AsyncConnection
 from sqlalchemy import func, text, update
 from sqlmodel import Session, col, select
 
@@ -237,6 +238,118 @@ INSERT INTO actions_delivery_attempts
 SELECT delivery_id, tenant_id, 'delivered', status_code, NULL, latency_ms, %(now)s FROM booked
 RETURNING delivery_id
 """
+
+
+# The worker's claim on PostgreSQL in one statement (run outside a transaction: the statement is
+# atomic by itself): lock due rows (SKIP LOCKED), join their subscriptions, lease the rows of
+# active ones within their endpoint's room (rows beyond it are left untouched: the lock ends
+# with the statement), park those of inactive or missing ones, and return the leased rows with
+# their URL, secret and the previous secrets still inside a rotation overlap (newest first).
+# Ordered by next_attempt_at alone, so the (status, next_attempt_at) index hands the rows over in
+# order and the LIMIT stops the scan: a tie-break on delivery_id sorted every due row first
+# (3,000 due rows written at one instant: 4 ms per claim instead of well under 1 ms).
+_PG_CLAIM = """
+WITH due AS (
+  SELECT delivery_id, subscription_id, tenant_id, payload, attempts, created_at, next_attempt_at
+  FROM actions_deliveries
+  WHERE status = 'pending' AND next_attempt_at <= %(now)s
+    AND NOT (subscription_id = ANY(%(blocked)s::varchar[]))
+  ORDER BY next_attempt_at
+  LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED
+), ranked AS (
+  SELECT due.*, s.url, s.secret, coalesce(s.active, false) AS active,
+         left(coalesce(s.disabled_reason, %(deleted)s), %(max_error)s) AS reason,
+         row_number() OVER (
+           PARTITION BY due.subscription_id ORDER BY due.next_attempt_at, due.delivery_id
+         ) AS nth
+  FROM due LEFT JOIN actions_webhook_subscriptions AS s ON s.id = due.subscription_id
+), room AS (
+  SELECT * FROM unnest(%(room_ids)s::varchar[], %(rooms)s::int[]) AS r(subscription_id, room)
+), leased AS (
+  UPDATE actions_deliveries AS d SET next_attempt_at = %(until)s
+  FROM ranked LEFT JOIN room ON room.subscription_id = ranked.subscription_id
+  WHERE d.delivery_id = ranked.delivery_id AND ranked.active
+    AND ranked.nth <= coalesce(room.room, %(default_room)s)
+  RETURNING d.delivery_id
+), parked AS (
+  UPDATE actions_deliveries AS d SET status = 'parked', last_error = ranked.reason
+  FROM ranked WHERE d.delivery_id = ranked.delivery_id AND NOT ranked.active
+  RETURNING d.delivery_id
+)
+SELECT r.delivery_id, r.subscription_id, r.tenant_id, r.payload, r.attempts, r.created_at,
+       r.url, r.secret,
+       (SELECT array_agg(w.secret ORDER BY w.created_at DESC) FROM actions_webhook_secrets AS w
+        WHERE w.subscription_id = r.subscription_id AND w.expires_at > %(now)s) AS previous,
+       r.next_attempt_at
+FROM ranked AS r JOIN leased USING (delivery_id)
+UNION ALL
+SELECT delivery_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM parked
+ORDER BY 10, 1
+"""
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    """A leased outbox row with what sending it needs (secrets decrypted)."""
+
+    delivery_id: str
+    subscription_id: str
+    tenant_id: str
+    payload: str
+    attempts: int
+    created_at: datetime
+    url: str
+    secret: str
+    previous_secrets: tuple[str, ...]
+
+
+async def claim_due_rows_pg(
+    connection: AsyncConnection[Any],
+    now: datetime,
+    limit: int,
+    until: datetime,
+    *,
+    blocked: Sequence[str],
+    rooms: dict[str, int],
+    default_room: int,
+    deleted_reason: str,
+    max_error: int,
+) -> tuple[list[ClaimedRow], int]:
+    """System-wide (the worker), PostgreSQL only, one statement on a psycopg connection outside
+    a transaction (see _PG_CLAIM). Returns (leased rows, oldest due first; how many parked)."""
+    cursor = await connection.execute(_PG_CLAIM, {
+        "now": now, "limit": limit, "until": until, "blocked": list(blocked),
+        "room_ids": list(rooms), "rooms": list(rooms.values()), "default_room": default_room,
+        "deleted": deleted_reason, "max_error": max_error,
+    })
+    rows = await cursor.fetchall()
+    claimed: list[ClaimedRow] = []
+    parked = 0
+    for row in rows:
+        if row[1] is None:
+            parked += 1
+            continue
+        claimed.append(ClaimedRow(
+            row[0], row[1], row[2], row[3], row[4], row[5], row[6], _decrypt(row[7]),
+            tuple(_decrypt(secret) for secret in row[8] or ()),
+        ))
+    return claimed, parked
+
+
+async def book_delivered_pg(
+    connection: AsyncConnection[Any], booked: Sequence[tuple[str, int, int, float]], now: datetime
+) -> set[str]:
+    """`book_delivered` as one statement on a psycopg connection outside a transaction (atomic
+    by itself: the deliveries and their attempt-log rows together)."""
+    if not booked:
+        return set()
+    cursor = await connection.execute(_PG_DELIVERED, {
+        "now": now, "ids": [b[0] for b in booked], "attempts": [b[1] for b in booked],
+        "codes": [b[2] for b in booked], "latency": [b[3] for b in booked],
+    })
+    return {row[0] for row in await cursor.fetchall()}
+
 
 
 def _postgres(session: Session) -> bool:

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
+from psycopg import AsyncConnection
 from sqlalchemy import insert
 from sqlmodel import Session
 
@@ -469,8 +470,7 @@ def claim_due_deliveries(
     deliveries of endpoints whose circuit is open to when it lets a probe through. Returns
     (claimed, parked).
     """
-    for subscription_id, until in sorted((defer or {}).items()):
-        repo.defer_due_deliveries(session, subscription_id, until, now)
+    defer_open_endpoints(session, defer or {}, now)
     rows = repo.lock_due_delivery_rows(session, now, limit, exclude_subscriptions)
     subscription_ids = sorted({r.subscription_id for r in rows})
     subscriptions = repo.claim_subscriptions(session, subscription_ids)
@@ -506,6 +506,56 @@ def claim_due_deliveries(
     for reason, ids in to_park.items():
         repo.set_deliveries(session, ids, status="parked", last_error=reason[:MAX_ERROR_CHARS])
     return claimed, sum(len(ids) for ids in to_park.values())
+
+
+def defer_open_endpoints(session: Session, defer: dict[str, datetime], now: datetime) -> None:
+    """Move the due deliveries of endpoints whose circuit is open to when it lets a probe
+    through ({subscription_id: until}), so claims do not wade through them."""
+    for subscription_id, until in sorted(defer.items()):
+        repo.defer_due_deliveries(session, subscription_id, until, now)
+
+
+async def claim_due_deliveries_pg(
+    connection: AsyncConnection[Any],
+    now: datetime,
+    limit: int,
+    lease: timedelta,
+    *,
+    blocked: Sequence[str],
+    rooms: dict[str, int],
+    default_room: int,
+) -> tuple[list[ClaimedDelivery], int]:
+    """`claim_due_deliveries` in one statement (PostgreSQL, on a psycopg connection outside a
+    transaction): `rooms` {subscription_id: free room} replaces `capacity`, with `default_room`
+    for endpoints not in it; `blocked` endpoints are not looked at. Returns (claimed, parked)."""
+    rows, parked = await repo.claim_due_rows_pg(
+        connection, now, limit, now + lease, blocked=blocked, rooms=rooms,
+        default_room=default_room, deleted_reason=DELETED_REASON, max_error=MAX_ERROR_CHARS,
+    )
+    return [
+        ClaimedDelivery(
+            row.delivery_id, row.url, row.secret, row.payload, row.attempts,
+            subscription_id=row.subscription_id, tenant_id=row.tenant_id,
+            previous_secrets=row.previous_secrets, created_at=row.created_at,
+        )
+        for row in rows
+    ], parked
+
+
+async def record_successes_pg(
+    connection: AsyncConnection[Any],
+    attempts: Sequence[tuple[ClaimedDelivery, AttemptResult]],
+    now: datetime,
+) -> list[AttemptOutcome]:
+    """Book successful (2xx) attempts in one statement (PostgreSQL, on a psycopg connection
+    outside a transaction): "delivered", or "stale" for a delivery replayed, parked or booked elsewhere
+    meanwhile. Failed attempts go through `record_attempts`."""
+    booked = await repo.book_delivered_pg(connection, [
+        (claimed.delivery_id, claimed.attempts, result.status_code or 0,
+         round(result.latency_ms, 3))
+        for claimed, result in attempts
+    ], now)
+    return ["delivered" if claimed.delivery_id in booked else "stale" for claimed, _ in attempts]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,215 @@
+"""The delivery worker's one-statement claim and booking on PostgreSQL (`claim_due_deliveries_pg`,
+`record_successes_pg`), on a real database: what the portable session path does (rooms per
+endpoint, parking rows of inactive subscriptions, the lease, previous secrets inside a rotation)
+in one statement each; and many outcomes booked in one statement. SQLite keeps the portable path
+(its own tests are the worker tests in the other files), so these are skipped there."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlmodel import select
+
+from services.actions import webhooks
+from services.actions.delivery import WorkerConnection
+from services.actions.tables import ActionsDelivery, ActionsDeliveryAttempt, ActionsOffer
+from services.actions.url_guard import UrlPolicy
+from services.actions.webhooks import AttemptResult
+from shared.db import session_scope
+from tests.actions.actions_support import START, TENANT
+from tests.actions.test_actions_guardrails import engine  # noqa: F401
+
+LEASE = timedelta(minutes=2)
+
+
+@pytest.fixture
+async def pg(engine: Engine) -> AsyncIterator[tuple[Engine, WorkerConnection]]:  # noqa: F811
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the one-statement claim and booking are PostgreSQL's")
+    connection = WorkerConnection(engine)
+    try:
+        yield engine, connection
+    finally:
+        await connection.close()
+
+
+class Counting:
+    """The real psycopg connection, counting the statements sent through it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.statements = 0
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        self.statements += 1
+        return await self.inner.execute(*args, **kwargs)
+
+
+def _subscribe(engine: Engine, url: str = "http://127.0.0.1:9/hook") -> str:
+    with session_scope(engine) as session:
+        return webhooks.create_subscription(
+            session, TENANT, url, START, UrlPolicy(allow_local=True)
+        ).id
+
+
+def _outbox(engine: Engine, subscription_id: str, count: int, *, seconds: int = 0) -> list[str]:
+    """`count` due rows, created `seconds` apart (oldest first)."""
+    rows = [
+        webhooks.outbox_row(
+            subscription_id, tenant_id=TENANT, offer_id=f"o-{uuid.uuid4().hex}",
+            payload=f'{{"n": {i}}}', now=START + timedelta(seconds=i * seconds),
+        )
+        for i in range(count)
+    ]
+    with session_scope(engine) as session:
+        session.add_all([
+            ActionsOffer(
+                offer_id=row["offer_id"], tenant_id=TENANT, customer_id=f"c-{i}",
+                policy="p", kind="discount", discount_percent=10,
+                valid_until=START + timedelta(days=14), churn_probability=0.9, band="high",
+                model_version="m-1", score_id=f"s-{row['offer_id']}", created_at=START,
+            )
+            for i, row in enumerate(rows)
+        ])
+        session.flush()
+        session.add_all([ActionsDelivery(**row) for row in rows])
+    return [row["delivery_id"] for row in rows]
+
+
+def _rows(engine: Engine) -> dict[str, ActionsDelivery]:
+    with session_scope(engine) as session:
+        return {d.delivery_id: d for d in session.exec(select(ActionsDelivery)).all()}
+
+
+async def test_one_claim_statement_leases_within_each_room_parks_the_inactive_and_skips_the_blocked(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    engine, connection = pg
+    roomy, tight, blocked, gone = (_subscribe(engine) for _ in range(4))
+    a = _outbox(engine, roomy, 3, seconds=1)
+    b = _outbox(engine, tight, 3, seconds=1)
+    c = _outbox(engine, blocked, 2)
+    d = _outbox(engine, gone, 2)
+    with session_scope(engine) as session:
+        webhooks.delete_subscription(session, TENANT, gone, START)  # parks its 2 pending rows
+    e = _outbox(engine, gone, 1)  # enqueued after the delete (a race): parked by the claim
+    now = START + timedelta(seconds=10)
+
+    counting: list[Counting] = []
+
+    def claim(conn: Any) -> Any:
+        counting.append(Counting(conn))
+        return webhooks.claim_due_deliveries_pg(
+            counting[0], now, 100, LEASE, blocked=[blocked], rooms={tight: 2}, default_room=50
+        )
+
+    claimed, parked = await connection.run(claim)
+    assert counting[0].statements == 1  # lock, join, lease and park: one round trip
+    assert [c.delivery_id for c in claimed if c.subscription_id == roomy] == a  # oldest first
+    assert [c.delivery_id for c in claimed if c.subscription_id == tight] == b[:2]  # its room
+    assert parked == 1
+    rows = _rows(engine)
+    for delivery_id in a + b[:2]:
+        assert rows[delivery_id].next_attempt_at == now + LEASE  # leased
+    for delivery_id in b[2:] + c:  # beyond the room, or blocked: untouched, still due
+        assert rows[delivery_id].status == "pending" and rows[delivery_id].next_attempt_at <= now
+    assert rows[e[0]].status == "parked" and rows[e[0]].last_error == webhooks.DELETED_REASON
+    assert all(rows[i].status == "parked" for i in d)
+    claimed_again, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, now, 100, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    assert sorted(c.delivery_id for c in claimed_again) == sorted(b[2:] + c)  # never twice
+
+
+async def test_the_claim_brings_the_url_the_current_and_the_live_previous_secrets(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    engine, connection = pg
+    subscription_id = _subscribe(engine, "http://127.0.0.1:9/rotated")
+    with session_scope(engine) as session:
+        first = webhooks.get_subscription(session, TENANT, subscription_id).secret
+        rotation = webhooks.rotate_secret(
+            session, TENANT, subscription_id, START, timedelta(hours=1)
+        )
+    [delivery_id] = _outbox(engine, subscription_id, 1)
+
+    [claimed], _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, START, 10, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    assert claimed.delivery_id == delivery_id and claimed.url == "http://127.0.0.1:9/rotated"
+    assert claimed.signing_secrets == (rotation.secret, first)  # decrypted, current first
+    assert claimed.payload == '{"n": 0}' and claimed.attempts == 0 and claimed.tenant_id == TENANT
+
+    with session_scope(engine) as session:  # after the overlap: the old secret is not sent
+        session.execute(text("UPDATE actions_deliveries SET next_attempt_at = :t"), {"t": START})
+    [later], _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, START + timedelta(hours=2), 10, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    assert later.signing_secrets == (rotation.secret,)
+
+
+async def test_many_successes_are_booked_in_one_statement_and_a_changed_delivery_is_left_alone(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    engine, connection = pg
+    subscription_id = _subscribe(engine)
+    _outbox(engine, subscription_id, 20)
+    claimed, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, START, 100, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    assert len(claimed) == 20
+    replayed = claimed[0]  # booked elsewhere meanwhile (another attempt counted)
+    with session_scope(engine) as session:
+        session.execute(
+            text("UPDATE actions_deliveries SET attempts = 1 WHERE delivery_id = :id"),
+            {"id": replayed.delivery_id},
+        )
+
+    now = START + timedelta(seconds=1)
+    counting: list[Counting] = []
+
+    def book(conn: Any) -> Any:
+        counting.append(Counting(conn))
+        return webhooks.record_successes_pg(
+            counting[0], [(c, AttemptResult(status_code=204, latency_ms=2.5)) for c in claimed], now
+        )
+
+    outcomes = await connection.run(book)
+    assert counting[0].statements == 1
+    assert outcomes == ["stale"] + ["delivered"] * 19
+    rows = _rows(engine)
+    assert rows[replayed.delivery_id].status == "pending"
+    with session_scope(engine) as session:
+        log = session.exec(select(ActionsDeliveryAttempt)).all()
+    booked = {c.delivery_id for c in claimed[1:]}
+    assert {a.delivery_id for a in log} == booked and len(log) == 19
+    assert all(a.status_code == 204 and a.latency_ms == 2.5 and a.outcome == "delivered" for a in log)
+    for delivery_id in booked:
+        row = rows[delivery_id]
+        assert (row.status, row.attempts, row.last_status_code) == ("delivered", 1, 204)
+        assert row.delivered_at == now
+    # A second booking of the same attempts (e.g. retried after a lost answer) books nothing.
+    again = await connection.run(lambda conn: webhooks.record_successes_pg(
+        conn, [(c, AttemptResult(status_code=204)) for c in claimed[1:]], now
+    ))
+    assert again == ["stale"] * 19
+
+
+async def test_a_failed_statement_drops_the_connection_and_the_next_use_opens_a_new_one(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    _, connection = pg
+
+    async def backend(conn: Any) -> int:
+        return (await (await conn.execute("SELECT pg_backend_pid()")).fetchone())[0]
+
+    first = await connection.run(backend)
+    assert await connection.run(backend) == first  # kept
+    with pytest.raises(Exception, match="division by zero"):
+        await connection.run(lambda conn: conn.execute("SELECT 1 / 0"))
+    assert await connection.run(backend) != first
