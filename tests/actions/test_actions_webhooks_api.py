@@ -65,6 +65,9 @@ async def test_secret_rotation_signs_with_both_secrets_during_the_overlap_then_o
 
         await publish(make_score("s-2", "c-2", 0.9))
         await wait_until(lambda: len(scripted.requests()) == 2, what="during the overlap")
+        # The worker books a delivery after the receiver answered: moving the clock an hour before
+        # that would expire its lease and race the booking (the delivery is then sent again).
+        await wait_until(lambda: len(deliveries(client, status="delivered")) == 2, what="both booked")
         clock.advance(timedelta(hours=1))  # the overlap ends
         await publish(make_score("s-3", "c-3", 0.9))
         await wait_until(lambda: len(scripted.requests()) == 3, what="after the overlap")
