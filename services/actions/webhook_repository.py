@@ -290,15 +290,19 @@ ORDER BY 10, 1
 
 
 @dataclass(frozen=True)
-class ClaimedRow:
-    """A leased outbox row with what sending it needs (secrets decrypted)."""
-
+class _DueRow:
     delivery_id: str
     subscription_id: str
     tenant_id: str
     payload: str
     attempts: int
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimedRow(_DueRow):
+    """A leased outbox row with what sending it needs (secrets decrypted)."""
+
     url: str
     secret: str
     previous_secrets: tuple[str, ...]
@@ -433,16 +437,6 @@ def lock_due_delivery_rows(
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
-
-
-@dataclass(frozen=True)
-class _DueRow:
-    delivery_id: str
-    subscription_id: str
-    tenant_id: str
-    payload: str
-    attempts: int
-    created_at: datetime
 
 
 def lease_deliveries(session: Session, delivery_ids: Sequence[str], until: datetime) -> None:
