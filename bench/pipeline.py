@@ -397,10 +397,13 @@ async def soak(stack: Stack, rate: float, seconds: float) -> dict[str, Any]:
         task.cancel()
     samples.append({"t": round(time.monotonic() - started, 1), **stack.rss()})
     after_warmup = [s for s in samples if s["t"] >= 60] or samples
+    # Bounded caches fill during the first half; a leak keeps growing in the second.
+    second_half = [s for s in samples if s["t"] >= samples[-1]["t"] / 2] or samples
     summary = {
         name: {"first_mb": after_warmup[0][name], "last_mb": samples[-1][name],
                "peak_mb": max(s[name] for s in samples),
-               "growth_mb": round(samples[-1][name] - after_warmup[0][name], 1)}
+               "growth_mb": round(samples[-1][name] - after_warmup[0][name], 1),
+               "second_half_growth_mb": round(samples[-1][name] - second_half[0][name], 1)}
         for name in SERVICES
     }
     return {"rate": rate, "seconds": seconds, "statuses": load["statuses"], "samples": samples, "summary": summary}
@@ -442,10 +445,12 @@ def tables(results: dict[str, Any]) -> str:
     if results.get("soak"):
         s = results["soak"]
         lines += ["", f"Soak: {s['rate']:,.0f} events/s for {s['seconds']:,.0f} s (RSS after the first minute to the end):",
-                  "", "| service | first MB | last MB | peak MB | growth MB |", "|---|---:|---:|---:|---:|"]
+                  "", "| service | first MB | last MB | peak MB | growth MB | growth in the second half MB |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name in SERVICES:
             m = s["summary"][name]
-            lines.append(f"| {name} | {m['first_mb']:,.0f} | {m['last_mb']:,.0f} | {m['peak_mb']:,.0f} | {m['growth_mb']:+,.1f} |")
+            lines.append(f"| {name} | {m['first_mb']:,.0f} | {m['last_mb']:,.0f} | {m['peak_mb']:,.0f} | "
+                         f"{m['growth_mb']:+,.1f} | {m.get('second_half_growth_mb', 0):+,.1f} |")
     goal = next((r for r in results["latency"] if r["rate"] == 200), None)
     if goal and goal["event_to_webhook_ms"].get("count"):
         p99 = goal["event_to_webhook_ms"]["p99"]

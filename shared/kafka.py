@@ -108,10 +108,13 @@ async def ensure_topics(settings: KafkaSettings, names: Sequence[str]) -> list[s
         await admin.close()
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=16_384)
 def key_hash(key: bytes) -> int:
     """The default partitioner's hash of a key (murmur2, positive), remembered: in pure Python it
-    cost more per event than the rest of producing, and the same customers keep coming back."""
+    costs ~7 µs a key, more per event than the rest of producing, and the same customers keep
+    coming back. Each remembered key holds ~250 bytes, so the bound is also a memory bound
+    (~4 MB): with 65,536 keys a stream of new customers grew ingest and actions by ~1 MB a
+    minute for twenty minutes, which a soak could not tell from a leak."""
     return murmur2(key) & 0x7FFFFFFF
 
 
