@@ -459,6 +459,8 @@ class DeliveryWorker:
         self._running = False
         self._gauges_at = 0.0
         self._deferred_at: dict[str, float] = {}
+        self._deferral: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -506,6 +508,10 @@ class DeliveryWorker:
                 await self._book_pending()
             if unsent:
                 await asyncio.to_thread(self._release, unsent)
+        for beside in (self._deferral, self._gauges):
+            if beside is not None:
+                with contextlib.suppress(Exception):
+                    await beside
         await self.claims.close()
         await self.bookings.close()
         await self._sender.close()
@@ -517,7 +523,7 @@ class DeliveryWorker:
             self._wakeup.clear()
             try:
                 claimed = await self.dispatch()
-                await self._refresh_gauges()
+                self._refresh_gauges_beside()
             except Exception:  # database down and the like: keep the worker alive, try again
                 log.exception("webhook delivery cycle failed; retrying")
                 claimed = 0
@@ -576,17 +582,24 @@ class DeliveryWorker:
         self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
     ) -> tuple[list[ClaimedDelivery], int]:
         now = self._clock.now()
-        if defer:  # rare (an open circuit, every DEFER_EVERY_S): the portable way
-            await asyncio.to_thread(self._defer, defer, now)
+        if defer and (self._deferral is None or self._deferral.done()):
+            # Beside the claim, not before it: the claim skips open endpoints anyway (they are
+            # `blocked`), so healthy endpoints' claims never wait for this UPDATE (it was a
+            # thread and a transaction on the claim's path every DEFER_EVERY_S while a circuit
+            # was open: the healthy endpoints' latency tail next to a hanging receiver).
+            self._deferral = asyncio.create_task(self._defer_pg(defer, now))
         free = {endpoint: room for endpoint, room in rooms.items() if room > 0}
         return await self.claims.run(lambda connection: webhooks.claim_due_deliveries_pg(
             connection, now, self._batch_size, self.lease, blocked=blocked, rooms=free,
             default_room=self.queue_per_endpoint,
         ))
 
-    def _defer(self, defer: dict[str, datetime], now: datetime) -> None:
-        with session_scope(self._engine) as session:
-            webhooks.defer_open_endpoints(session, defer, now)
+    async def _defer_pg(self, defer: dict[str, datetime], now: datetime) -> None:
+        try:  # on the bookings' connection: the claims' stays free
+            await self.bookings.run(
+                lambda connection: webhooks.defer_open_endpoints_pg(connection, defer, now))
+        except Exception:  # nothing lost: the rows stay due, and the claim skips them
+            log.exception("deferring the deliveries of open circuits failed")
 
     def _claim(
         self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
@@ -759,10 +772,23 @@ class DeliveryWorker:
 
     # --- gauges ----------------------------------------------------------------------
 
-    async def _refresh_gauges(self) -> None:
+    def _refresh_gauges_beside(self) -> None:
+        """Start a gauge refresh beside the claim loop, not in it: the counts are a thread and a
+        transaction over every open row (more of them while a receiver hangs), and claims for
+        healthy endpoints waited for them every GAUGE_REFRESH_S."""
         if time.monotonic() - self._gauges_at < GAUGE_REFRESH_S:
             return
+        if self._gauges is not None and not self._gauges.done():
+            return
         self._gauges_at = time.monotonic()
+        self._gauges = asyncio.create_task(self._refresh_gauges())
+        self._gauges.add_done_callback(self._gauges_done)
+
+    def _gauges_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("refreshing the outbox gauges failed", exc_info=task.exception())
+
+    async def _refresh_gauges(self) -> None:
         counts = await asyncio.to_thread(self._counts)
         metrics.OUTBOX_DEPTH.set(counts.get("pending", 0))
         metrics.PARKED_DELIVERIES.set(counts.get("parked", 0))
