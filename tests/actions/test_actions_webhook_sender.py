@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +137,58 @@ async def test_a_dns_rebinding_is_refused_at_connect_time_and_the_checked_addres
         await development.close()
     [request] = scripted.requests()  # only the allowed one got through
     assert request.headers["host"] == f"hooks.example.com:{scripted.port}"
+
+
+def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for `name` signed by itself (no CA trusts it), and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_https_verifies_the_certificate_of_the_urls_host(tmp_path: Path) -> None:
+    """Connected to the checked address, TLS still verifies the certificate against the URL's
+    host name (SNI): a certificate no CA signed is refused before the request is sent."""
+    cert, key = _self_signed(tmp_path, "hooks.example.com")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    requests = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            requests += 1
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    sender = PooledSender(allow_local=True, lookup=lookup)
+    try:
+        result = await sender.send(f"https://hooks.example.com:{port}/in", b"{}", {}, 5.0)
+    finally:
+        await sender.close()
+        server.close()
+    assert result.error is not None and "CERTIFICATE_VERIFY_FAILED" in result.error
+    assert requests == 0
