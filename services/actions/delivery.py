@@ -254,7 +254,9 @@ class PooledSender:
         now = time.monotonic()
         key = (host, port)
         known = self._lookups.get(key)
-        if known is None or known[0] <= now or (known[1].done() and known[1].exception()):
+        failed = known is not None and known[1].done() and (
+            known[1].cancelled() or known[1].exception() is not None)
+        if known is None or known[0] <= now or failed:  # a failed lookup is not kept
             if len(self._lookups) >= DNS_CACHE_SIZE:
                 self._lookups = {k: v for k, v in self._lookups.items() if v[0] > now}
             known = self._lookups[key] = (

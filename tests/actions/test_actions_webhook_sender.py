@@ -192,3 +192,28 @@ async def test_https_verifies_the_certificate_of_the_urls_host(tmp_path: Path) -
         server.close()
     assert result.error is not None and "CERTIFICATE_VERIFY_FAILED" in result.error
     assert requests == 0
+
+
+async def test_lookups_are_kept_and_shared_but_a_failed_one_is_not_kept(scripted: ScriptedReceiver) -> None:
+    calls: list[str] = []
+    fail = [True]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        calls.append(host)
+        if fail[0]:
+            fail[0] = False
+            raise socket.gaierror(-3, "Temporary failure in name resolution")
+        await asyncio.sleep(0)  # concurrent connects wait for this one lookup
+        return ["127.0.0.1"]
+
+    sender = PooledSender(allow_local=True, lookup=lookup)
+    url = f"http://hooks.example.com:{scripted.port}/in"
+    try:
+        failed = await sender.send(url, b"{}", {}, 5.0)
+        assert failed.error is not None and "name resolution" in failed.error
+        results = await asyncio.gather(*(sender.send(url, b"{}", {}, 5.0) for _ in range(4)))
+        assert all(r.ok for r in results)
+    finally:
+        await sender.close()
+    assert calls == ["hooks.example.com", "hooks.example.com"]  # the failure, then one for all four
+    assert len(scripted.requests()) == 4
