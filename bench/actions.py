@@ -4,7 +4,7 @@ same run; and how long a webhook takes from its outbox row to the receiver at a 
 and without a hanging receiver beside it.
 
 One run, one receiver process (aiohttp, answers 204 at once on /ok, never on /hang), the
-actions delivery worker (`services.actions.delivery.DeliveryWorker`, the aiohttp sender, signing
+actions delivery worker (`services.actions.delivery.DeliveryWorker`, the service's pooled sender, signing
 every request) in the bench process on PostgreSQL (a fresh database on 127.0.0.1:5432, created
 and dropped by the run; SQLite with `--backend sqlite`):
 
@@ -60,7 +60,7 @@ from bench.common import replace_generated_block
 from bench.ingest import finite, machine, percentile
 from services.actions import metrics, webhooks
 from services.actions.config import ActionsSettings
-from services.actions.delivery import AiohttpSender, DeliveryWorker, signed_headers
+from services.actions.delivery import DeliveryWorker, PooledSender, signed_headers
 from services.actions.tables import TABLES, ActionsDelivery, ActionsOffer
 from services.actions.url_guard import UrlPolicy
 from services.actions.webhooks import ClaimedDelivery, generate_secret
@@ -194,7 +194,8 @@ def fill_outbox(engine: Engine, subscription_id: str, count: int) -> None:
 
 def make_worker(engine: Engine, concurrency: int, timeout_s: float = 15.0) -> DeliveryWorker:
     return DeliveryWorker(
-        engine, AiohttpSender(allow_local=True, max_connections=max(concurrency, 16)), SystemClock(),
+        engine, PooledSender(allow_local=True, max_connections=max(concurrency, 16),
+                             connect_timeout_s=timeout_s), SystemClock(),
         retry_schedule_s=[5.0], poll_s=0.05, batch_size=BATCH,
         max_in_flight=max(concurrency, 16), attempt_timeout_s=timeout_s,
         endpoint_concurrency=concurrency,

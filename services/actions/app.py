@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from services.actions.config import ActionsSettings
 from services.actions.consumer import EventConsumer, ScoreConsumer
-from services.actions.delivery import AiohttpSender, DeliveryWorker, WebhookSender
+from services.actions.delivery import DeliveryWorker, PooledSender, WebhookSender
 from services.actions.policies import load_policy_file
 from services.actions.routes import internal_router, router
 from services.actions.service import PolicyCache, Rules
@@ -50,9 +50,10 @@ def delivery_worker_from(
     return DeliveryWorker(
         engine,
         sender
-        or AiohttpSender(
+        or PooledSender(
             allow_local=settings.webhook_allow_local_urls,
             max_connections=settings.delivery_max_in_flight,
+            connect_timeout_s=settings.webhook_timeout_s,
         ),
         clock,
         retry_schedule_s=settings.retry_schedule_s,
@@ -73,7 +74,7 @@ def create_app(
     clock: Clock | None = None,
     webhook_sender: WebhookSender | None = None,
 ) -> FastAPI:
-    """`webhook_sender` replaces the aiohttp sender (tests wrap the real one to crash on cue)."""
+    """`webhook_sender` replaces the pooled HTTP sender (tests wrap a real one to crash on cue)."""
     settings = settings or ActionsSettings()
     clock = clock or SystemClock()
     rules = rules_from(settings)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import psycopg
@@ -48,6 +48,7 @@ from services.actions.webhooks import (
 )
 from shared.clock import Clock, SystemClock
 from shared.db import session_scope
+from shared.http_pool import UpstreamBroken, UpstreamPool, UpstreamUnavailable
 from shared.tasks import stop_gracefully
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ GAUGE_REFRESH_S = 0.5
 BOOK_WINDOW_S = 0.01
 DEFER_EVERY_S = 0.5
 QUEUE_MIN = 50
+DNS_CACHE_S = 10.0  # the pooled sender keeps a host's addresses this long (aiohttp's ttl_dns_cache)
+DNS_CACHE_SIZE = 1024
 STATEMENT_TIMEOUT_S = 30.0  # the worker's own claims and bookings (well under 0.1 s normally)
 
 
@@ -213,6 +216,113 @@ class AiohttpSender:
             self._session = None
 
 
+class PooledSender:
+    """POSTs over the shared keep-alive HTTP/1.1 pool (shared/http_pool.py, httptools): about
+    half aiohttp's CPU per request (profile in docs/benchmarks.md), which was most of the
+    worker's CPU per delivery. As AiohttpSender: no redirects followed, no proxies, no
+    decompression, at most MAX_RESPONSE_BYTES of an answer kept, and the SSRF guard at connect
+    time: every address a host name resolves to is checked, and the connection goes to those
+    checked addresses (no second lookup a rebinding DNS could answer differently)."""
+
+    def __init__(self, *, allow_local: bool, max_connections: int = 256,
+                 connect_timeout_s: float = 15.0,
+                 lookup: Callable[[str, int], Awaitable[Sequence[str]]] | None = None,
+                 dns_cache_s: float = DNS_CACHE_S) -> None:
+        self._allow_local = allow_local
+        self._lookup = lookup or system_lookup  # tests stand in for DNS (a rebinding)
+        # Answers kept `dns_cache_s` (as aiohttp's connector did) and shared by the connections
+        # opened meanwhile: a burst of new connections to one endpoint is one lookup, not one
+        # executor thread each. Every connection still checks the addresses it goes to.
+        self._lookups: dict[tuple[str, int], tuple[float, asyncio.Future[Sequence[str]]]] = {}
+        self._dns_cache_s = dns_cache_s
+        self._pool = UpstreamPool(
+            max_connections, connect_timeout_s=connect_timeout_s,
+            resolve=self._resolve, max_body=MAX_RESPONSE_BYTES,
+        )
+
+    async def _resolve(self, host: str, port: int) -> Sequence[str]:
+        addresses = await self._cached_lookup(host, port)
+        for address in addresses:
+            problem = address_problem(ipaddress.ip_address(address), self._allow_local)
+            if problem is not None:
+                raise RefusedAddress(errno.EACCES, f"refused at connect time: {host!r} -> {problem}")
+        return addresses
+
+    async def _cached_lookup(self, host: str, port: int) -> Sequence[str]:
+        if ip_literal(host) is not None:
+            return [host]
+        now = time.monotonic()
+        key = (host, port)
+        known = self._lookups.get(key)
+        failed = known is not None and known[1].done() and (
+            known[1].cancelled() or known[1].exception() is not None)
+        if known is None or known[0] <= now or failed:  # a failed lookup is not kept
+            if len(self._lookups) >= DNS_CACHE_SIZE:
+                self._lookups = {k: v for k, v in self._lookups.items() if v[0] > now}
+            known = self._lookups[key] = (
+                now + self._dns_cache_s, asyncio.ensure_future(self._lookup(host, port)))
+        # shield: one waiter's timeout must not cancel the lookup the others share
+        return await asyncio.shield(known[1])
+
+    async def send(
+        self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
+    ) -> AttemptResult:
+        started = time.perf_counter()
+
+        def elapsed_ms() -> float:
+            return (time.perf_counter() - started) * 1000
+
+        refusal = refusal_before_connect(url, self._allow_local)
+        if refusal is not None:
+            return AttemptResult(error=refusal, latency_ms=elapsed_ms())
+        try:
+            origin, target = _request_target(url)
+            raw_headers = [(name.encode("latin-1"), value.encode("latin-1"))
+                           for name, value in headers.items()]
+            async with asyncio.timeout(timeout_s):  # connect, wait for a slot, send, answer
+                answer = await self._pool.request(
+                    self._pool.origin(origin)[0], "POST", target, raw_headers, body)
+        except TimeoutError:
+            return AttemptResult(error=f"timeout after {timeout_s:g} s", latency_ms=elapsed_ms())
+        except UpstreamUnavailable as exc:
+            if isinstance(exc.__cause__, RefusedAddress):  # the SSRF guard, said plainly
+                return AttemptResult(error=exc.__cause__.strerror, latency_ms=elapsed_ms())
+            return AttemptResult(error=f"connection failed: {exc}", latency_ms=elapsed_ms())
+        except UpstreamBroken as exc:
+            return AttemptResult(error=f"broken answer: {exc}", latency_ms=elapsed_ms())
+        except (ValueError, UnicodeError) as exc:  # a URL or header that cannot go on the wire
+            return AttemptResult(error=f"{type(exc).__name__}: {exc}", latency_ms=elapsed_ms())
+        return AttemptResult(
+            status_code=answer.status,
+            retry_after=answer.headers.get("retry-after"),
+            latency_ms=elapsed_ms(),
+        )
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def system_lookup(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@functools.lru_cache(maxsize=4096)
+def _request_target(url: str) -> tuple[str, str]:
+    """(scheme://host:port, the request target: path and query), the target percent-encoded
+    as aiohttp (yarl) would, so a stored URL with a space or non-ASCII path still goes out as
+    valid HTTP (and never carries a line break into the request head)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"webhook URL without a host: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    if parts.query:
+        target += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+    return f"{parts.scheme}://{host}:{port}", target
+
+
 # --- the worker -------------------------------------------------------------------------
 
 
@@ -351,6 +461,8 @@ class DeliveryWorker:
         self._running = False
         self._gauges_at = 0.0
         self._deferred_at: dict[str, float] = {}
+        self._deferral: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -398,6 +510,10 @@ class DeliveryWorker:
                 await self._book_pending()
             if unsent:
                 await asyncio.to_thread(self._release, unsent)
+        for beside in (self._deferral, self._gauges):
+            if beside is not None:
+                with contextlib.suppress(Exception):
+                    await beside
         await self.claims.close()
         await self.bookings.close()
         await self._sender.close()
@@ -409,7 +525,7 @@ class DeliveryWorker:
             self._wakeup.clear()
             try:
                 claimed = await self.dispatch()
-                await self._refresh_gauges()
+                self._refresh_gauges_beside()
             except Exception:  # database down and the like: keep the worker alive, try again
                 log.exception("webhook delivery cycle failed; retrying")
                 claimed = 0
@@ -468,17 +584,24 @@ class DeliveryWorker:
         self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
     ) -> tuple[list[ClaimedDelivery], int]:
         now = self._clock.now()
-        if defer:  # rare (an open circuit, every DEFER_EVERY_S): the portable way
-            await asyncio.to_thread(self._defer, defer, now)
+        if defer and (self._deferral is None or self._deferral.done()):
+            # Beside the claim, not before it: the claim skips open endpoints anyway (they are
+            # `blocked`), so healthy endpoints' claims never wait for this UPDATE (it was a
+            # thread and a transaction on the claim's path every DEFER_EVERY_S while a circuit
+            # was open: the healthy endpoints' latency tail next to a hanging receiver).
+            self._deferral = asyncio.create_task(self._defer_pg(defer, now))
         free = {endpoint: room for endpoint, room in rooms.items() if room > 0}
         return await self.claims.run(lambda connection: webhooks.claim_due_deliveries_pg(
             connection, now, self._batch_size, self.lease, blocked=blocked, rooms=free,
             default_room=self.queue_per_endpoint,
         ))
 
-    def _defer(self, defer: dict[str, datetime], now: datetime) -> None:
-        with session_scope(self._engine) as session:
-            webhooks.defer_open_endpoints(session, defer, now)
+    async def _defer_pg(self, defer: dict[str, datetime], now: datetime) -> None:
+        try:  # on the bookings' connection: the claims' stays free
+            await self.bookings.run(
+                lambda connection: webhooks.defer_open_endpoints_pg(connection, defer, now))
+        except Exception:  # nothing lost: the rows stay due, and the claim skips them
+            log.exception("deferring the deliveries of open circuits failed")
 
     def _claim(
         self, blocked: list[str], rooms: dict[str, int], defer: dict[str, datetime]
@@ -651,10 +774,23 @@ class DeliveryWorker:
 
     # --- gauges ----------------------------------------------------------------------
 
-    async def _refresh_gauges(self) -> None:
+    def _refresh_gauges_beside(self) -> None:
+        """Start a gauge refresh beside the claim loop, not in it: the counts are a thread and a
+        transaction over every open row (more of them while a receiver hangs), and claims for
+        healthy endpoints waited for them every GAUGE_REFRESH_S."""
         if time.monotonic() - self._gauges_at < GAUGE_REFRESH_S:
             return
+        if self._gauges is not None and not self._gauges.done():
+            return
         self._gauges_at = time.monotonic()
+        self._gauges = asyncio.create_task(self._refresh_gauges())
+        self._gauges.add_done_callback(self._gauges_done)
+
+    def _gauges_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("refreshing the outbox gauges failed", exc_info=task.exception())
+
+    async def _refresh_gauges(self) -> None:
         counts = await asyncio.to_thread(self._counts)
         metrics.OUTBOX_DEPTH.set(counts.get("pending", 0))
         metrics.PARKED_DELIVERIES.set(counts.get("parked", 0))

@@ -355,6 +355,26 @@ async def book_delivered_pg(
     return {row[0] for row in await cursor.fetchall()}
 
 
+# `defer_due_deliveries` for several subscriptions in one statement (each row through the
+# (subscription_id, offer_id) index, as there).
+_PG_DEFER = """
+UPDATE actions_deliveries AS d SET next_attempt_at = r.until
+FROM unnest(%(ids)s::varchar[], %(untils)s::timestamptz[]) AS r(subscription_id, until)
+WHERE d.subscription_id = r.subscription_id AND d.status = 'pending'
+  AND d.next_attempt_at <= %(now)s
+"""
+
+
+async def defer_due_deliveries_pg(
+    connection: AsyncConnection[Any], defer: dict[str, datetime], now: datetime
+) -> None:
+    """`defer_due_deliveries` for each {subscription_id: until}, one statement on a psycopg
+    connection outside a transaction."""
+    if defer:
+        ids = sorted(defer)
+        await connection.execute(_PG_DEFER, {
+            "ids": ids, "untils": [defer[i] for i in ids], "now": now})
+
 
 def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"

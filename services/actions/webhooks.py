@@ -515,6 +515,14 @@ def defer_open_endpoints(session: Session, defer: dict[str, datetime], now: date
         repo.defer_due_deliveries(session, subscription_id, until, now)
 
 
+async def defer_open_endpoints_pg(
+    connection: AsyncConnection[Any], defer: dict[str, datetime], now: datetime
+) -> None:
+    """`defer_open_endpoints` in one statement (PostgreSQL, on a psycopg connection outside a
+    transaction)."""
+    await repo.defer_due_deliveries_pg(connection, defer, now)
+
+
 async def claim_due_deliveries_pg(
     connection: AsyncConnection[Any],
     now: datetime,

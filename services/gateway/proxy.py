@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from services.gateway import metrics
 from services.gateway.scopes import ACTIONS_ADMIN, EVENTS_WRITE, MODELS_ADMIN, SCORES_READ
 from services.gateway.query_key import without_query_key
-from services.gateway.upstream_http import UpstreamBroken, UpstreamPool, UpstreamUnavailable
+from shared.http_pool import UpstreamBroken, UpstreamPool, UpstreamUnavailable
 from shared.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
 class UpstreamClient(httpx.AsyncClient):
     """The gateway's connections to its upstream services.
 
-    Proxied requests, the hot path, go through `pool` (upstream_http.py: keep-alive connections
+    Proxied requests, the hot path, go through `pool` (shared/http_pool.py: keep-alive connections
     on asyncio protocols, httptools parsing): httpx's AsyncClient costs several times the CPU
     per request under concurrency (encode/httpx#3215), aiohttp's ClientSession still about as
     much as the rest of the gateway (figures in docs/benchmarks.md). The occasional calls

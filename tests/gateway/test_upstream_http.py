@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from services.gateway.upstream_http import Answer, UpstreamBroken, UpstreamPool, UpstreamUnavailable
+from shared.http_pool import Answer, UpstreamBroken, UpstreamPool, UpstreamUnavailable
 from shared.broker import free_port
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
@@ -200,4 +200,56 @@ async def test_head_answers_and_interim_answers(serve: Serve) -> None:
     assert (got.status, got.content, "link" in got.headers) == (200, b'{"ok":true}', False)
     assert (await fetch(pool, hints.url, "GET", "/")).status == 200
     assert hints.connections == 1
+    await pool.close()
+
+
+async def test_204_and_304_without_length_keep_the_connection(serve: Serve) -> None:
+    """No body by definition: complete at the end of the head, the connection reused (it was
+    closed as a read-until-close body, a new connection per webhook answered 204)."""
+    upstream = await serve(answer(b"HTTP/1.1 204 No Content\r\nx-n: 1\r\n\r\n"))
+    not_modified = await serve(answer(b"HTTP/1.1 304 Not Modified\r\netag: \"a\"\r\n\r\n"))
+    pool = UpstreamPool(10, connect_timeout_s=2)
+    for _ in range(3):
+        got = await fetch(pool, upstream.url, "POST", "/hook")
+        assert (got.status, got.headers["x-n"], got.content) == (204, "1", b"")
+        assert (await fetch(pool, not_modified.url, "GET", "/")).status == 304
+    await pool.close()
+    assert (upstream.connections, not_modified.connections) == (1, 1)
+
+
+async def test_max_body_keeps_the_start_of_a_long_answer_and_drops_the_connection(serve: Serve) -> None:
+    body = b"x" * 100_000
+    upstream = await serve(answer(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body))
+    chunked = await serve(answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                 b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"))
+    pool = UpstreamPool(10, connect_timeout_s=2, max_body=1000)
+    for _ in range(2):
+        got = await fetch(pool, upstream.url, "GET", "/")
+        assert (got.status, got.content) == (200, body[:1000])
+    assert upstream.connections == 2  # cut off mid-body: not reused
+    for _ in range(2):  # within the bound: whole, and the connection kept
+        assert (await fetch(pool, chunked.url, "GET", "/")).content == b"hello world"
+    assert chunked.connections == 1
+    await pool.close()
+
+
+async def test_resolve_chooses_the_address_and_may_refuse(serve: Serve) -> None:
+    upstream = await serve(answer(OK))
+    port = int(upstream.url.split(":")[2].split("/")[0])
+    asked: list[tuple[str, int]] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        if host == "refused.example":
+            raise PermissionError(13, "refused: a private address")
+        return ["127.0.0.1"]  # what the hook says, not what DNS would
+
+    pool = UpstreamPool(10, connect_timeout_s=2, resolve=resolve)
+    got = await fetch(pool, f"http://hooks.example:{port}/base", "POST", "/in")
+    assert got.status == 200 and asked == [("hooks.example", port)]
+    assert f"host: hooks.example:{port}\r\n".encode() in upstream.requests[0]
+    with pytest.raises(UpstreamUnavailable, match="refused: a private address") as refused:
+        await fetch(pool, f"http://refused.example:{port}/", "POST", "/in")
+    assert isinstance(refused.value.__cause__, PermissionError)  # the refusal itself, readable
+    assert upstream.connections == 1
     await pool.close()

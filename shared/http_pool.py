@@ -1,5 +1,6 @@
-"""The HTTP/1.1 client of the gateway's hot path: pooled keep-alive connections on asyncio
-protocols, responses parsed by httptools (the parser uvicorn uses).
+"""A small HTTP/1.1 client: pooled keep-alive connections on asyncio protocols, responses
+parsed by httptools (the parser uvicorn uses). The gateway's hot path (proxied requests) and the
+actions service's webhook sender use it.
 
 Why not aiohttp, which this replaced: per proxied request its ClientSession cost about as much
 CPU as all the rest of the gateway (request and response objects, header multidicts, auto
@@ -8,6 +9,10 @@ sends bytes it already has to a few fixed upstreams and hands back status, a few
 the body. What is left is what the proxy needs: keep-alive, Content-Length / chunked /
 read-until-close bodies, a bound on connections, and failures sorted the way the proxy answers
 them (UpstreamUnavailable: nothing was sent, 503; UpstreamBroken: 502; TimeoutError: 504).
+
+For webhooks, two optional hooks: `resolve` picks (and may refuse) the addresses a connection
+goes to, so an SSRF check sees exactly the address connected to (no second lookup a rebinding
+DNS could answer differently); `max_body` bounds what is kept of an answer from a stranger.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ import asyncio
 import collections
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
 
 IDLE_S = 4.0  # below uvicorn's 5 s keep-alive: never send down a connection the upstream is closing
+
+# (host, port) -> the addresses to connect to, in order; raises OSError to refuse the host.
+Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 class UpstreamUnavailable(Exception):
@@ -42,10 +51,12 @@ class Answer:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one exchange at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self._max_body = max_body
+        self._body_size = 0
         self._parser = httptools.HttpResponseParser(self)
         self._answer: asyncio.Future[Answer] | None = None
         self._headers: dict[str, str] = {}
@@ -81,13 +92,27 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
-        self._until_close = ("content-length" not in self._headers
+        # 204 and 304 never have a body (RFC 9110): without Content-Length they are still
+        # complete, and the connection stays reusable (it was closed after every 204: a new
+        # connection per webhook, whose receivers mostly answer 204).
+        self._until_close = (self._parser.get_status_code() not in (204, 304)
+                             and "content-length" not in self._headers
                              and "transfer-encoding" not in self._headers)
         if self._no_body and self._parser.get_status_code() >= 200:
             self._until_close = True  # the parser still expects the body: not reusable
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
+        if self._max_body is not None:
+            if self._answer is None or self._answer.done():  # cut off already
+                return
+            room = self._max_body - self._body_size
+            if len(body) > room:  # keep the first max_body bytes; the rest is not read
+                self._body.append(body[:room])
+                self._until_close = True  # the connection is mid-body: not reusable
+                self.on_message_complete()
+                return
+            self._body_size += len(body)
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -106,6 +131,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._answer = asyncio.get_running_loop().create_future()
         self._headers, self._body, self._headers_done, self._until_close = {}, [], False, False
+        self._body_size = 0
         self._no_body = no_body
         self.transport.write(request)
         return self._answer
@@ -133,19 +159,28 @@ class _Origin:
         self.host, self.port = host, port
         self.ssl = ssl.create_default_context() if scheme == "https" else None
         default = 443 if scheme == "https" else 80
-        self.host_header = (host if port == default else f"{host}:{port}").encode("idna")
+        named = f"[{host}]" if ":" in host else host  # an IPv6 literal goes in brackets
+        self.host_header = (named if port == default else f"{named}:{port}").encode("idna")
         self.idle: collections.deque[_Connection] = collections.deque()
 
 
 class UpstreamPool:
     """At most `max_connections` exchanges in flight across all upstreams (idle keep-alive
     connections do not count, as with aiohttp's connector limit); a caller finding none free
-    waits, up to `connect_timeout_s`, then UpstreamUnavailable, like a refused connect."""
+    waits, up to `connect_timeout_s`, then UpstreamUnavailable, like a refused connect.
 
-    def __init__(self, max_connections: int, connect_timeout_s: float, idle_s: float = IDLE_S) -> None:
+    Idle connections past `idle_s` are closed when next looked at, and all origins are swept
+    every `idle_s`, so connections to upstreams no longer called (webhook endpoints come and
+    go) do not stay open."""
+
+    def __init__(self, max_connections: int, connect_timeout_s: float, idle_s: float = IDLE_S,
+                 *, resolve: Resolve | None = None, max_body: int | None = None) -> None:
         self._max = max_connections
         self._connect_timeout_s = connect_timeout_s
         self._idle_s = idle_s
+        self._resolve = resolve
+        self._max_body = max_body
+        self._swept_at = time.monotonic()
         self._busy = 0
         self._origins: dict[str, tuple[_Origin, str]] = {}
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -189,6 +224,8 @@ class UpstreamPool:
             await self._wait_for_room(origin)
         self._busy += 1
         now = time.monotonic()
+        if now - self._swept_at >= self._idle_s:
+            self._sweep(now)
         while origin.idle:
             connection = origin.idle.pop()  # the most recently used: the least likely to be stale
             if not connection.closed and now - connection.idle_since < self._idle_s:
@@ -196,18 +233,50 @@ class UpstreamPool:
             connection.close()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, connection = await asyncio.get_running_loop().create_connection(
-                    _Connection, origin.host, origin.port, ssl=origin.ssl)
-            return connection
+                return await self._connect(origin)
         except BaseException as exc:
             self._busy -= 1
             self._wake()
             if isinstance(exc, TimeoutError):
                 raise UpstreamUnavailable(f"no connection to {origin.host}:{origin.port} "
                                           f"within {self._connect_timeout_s:g} s") from None
-            if isinstance(exc, OSError):
-                raise UpstreamUnavailable(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
+            if isinstance(exc, OSError):  # the cause stays readable (a refusal by `resolve`)
+                raise UpstreamUnavailable(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
             raise
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        max_body = self._max_body
+
+        def protocol() -> _Connection:
+            return _Connection(max_body)
+
+        if self._resolve is None:
+            _, connection = await loop.create_connection(protocol, origin.host, origin.port, ssl=origin.ssl)
+            return connection
+        addresses = await self._resolve(origin.host, origin.port)
+        if not addresses:
+            raise OSError(f"{origin.host!r} resolves to no address")
+        failure: OSError | None = None
+        for address in addresses:  # the checked addresses themselves: no second lookup
+            try:
+                _, connection = await loop.create_connection(
+                    protocol, address, origin.port, ssl=origin.ssl,
+                    server_hostname=origin.host if origin.ssl is not None else None)
+                return connection
+            except OSError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    def _sweep(self, now: float) -> None:
+        self._swept_at = now
+        for origin, _ in self._origins.values():
+            fresh = [c for c in origin.idle if not c.closed and now - c.idle_since < self._idle_s]
+            for connection in origin.idle:
+                if connection not in fresh:
+                    connection.close()
+            origin.idle = collections.deque(fresh)
 
     async def _wait_for_room(self, origin: _Origin) -> None:
         try:
