@@ -30,10 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 import psycopg
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from sqlalchemy import Engine
 from standardwebhooks import Webhook
 
@@ -98,34 +95,9 @@ class RefusedAddress(OSError):
     """Connect-time SSRF guard: the host resolved to an address webhooks may not reach."""
 
 
-class GuardedResolver(AbstractResolver):
-    """aiohttp resolver that checks every resolved address before aiohttp connects to it, so a
-    host name re-pointed to an internal address after creation (DNS rebinding) is refused."""
-
-    def __init__(self, allow_local: bool, inner: AbstractResolver | None = None) -> None:
-        self._allow_local = allow_local
-        self._inner = inner or DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            problem = address_problem(ipaddress.ip_address(result["host"]), self._allow_local)
-            if problem is not None:
-                raise RefusedAddress(
-                    errno.EACCES, f"refused at connect time: {host!r} -> {problem}"
-                )
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-@functools.lru_cache(maxsize=4096)
 def refusal_before_connect(url: str, allow_local: bool) -> str | None:
-    """What the resolver cannot see: the scheme, and hosts given as IP literals (aiohttp does
-    not resolve those)."""
+    """What needs no lookup: the scheme, and hosts given as IP literals (never resolved, so the
+    connect-time check of resolved addresses does not see them)."""
     parts = urlsplit(url)
     if parts.scheme != "https" and not (allow_local and parts.scheme == "http"):
         return f"refused: {parts.scheme}:// webhook URLs are not allowed (https only)"
@@ -145,81 +117,10 @@ class WebhookSender(Protocol):
     async def close(self) -> None: ...
 
 
-@functools.lru_cache(maxsize=16)
-def _timeout(total_s: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=total_s)
-
-
-class AiohttpSender:
-    """POSTs with aiohttp (measured faster than httpx here, see docs/benchmarks.md): no
-    redirects followed, no proxies from the environment, the SSRF guard at connect time."""
-
-    def __init__(self, *, allow_local: bool, max_connections: int = 256) -> None:
-        self._allow_local = allow_local
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:  # created on the running loop, on first use
-            connector = aiohttp.TCPConnector(
-                resolver=GuardedResolver(self._allow_local),
-                limit=self._max_connections,
-                limit_per_host=0,  # per-endpoint limits are the worker's (EndpointGuard)
-                ttl_dns_cache=10,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=False, auto_decompress=False
-            )
-        return self._session
-
-    async def send(
-        self, url: str, body: bytes, headers: dict[str, str], timeout_s: float
-    ) -> AttemptResult:
-        started = time.perf_counter()
-
-        def elapsed_ms() -> float:
-            return (time.perf_counter() - started) * 1000
-
-        refusal = refusal_before_connect(url, self._allow_local)
-        if refusal is not None:
-            return AttemptResult(error=refusal, latency_ms=elapsed_ms())
-        try:
-            async with self._client().post(
-                url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,  # a 3xx is a failed attempt, never followed
-                timeout=_timeout(timeout_s),
-            ) as response:
-                await response.content.read(MAX_RESPONSE_BYTES)
-                return AttemptResult(
-                    status_code=response.status,
-                    retry_after=response.headers.get("Retry-After"),
-                    latency_ms=elapsed_ms(),
-                )
-        except asyncio.TimeoutError:
-            return AttemptResult(error=f"timeout after {timeout_s:g} s", latency_ms=elapsed_ms())
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, RefusedAddress):  # the SSRF guard, said plainly
-                return AttemptResult(error=exc.os_error.strerror, latency_ms=elapsed_ms())
-            return AttemptResult(
-                error=f"{type(exc).__name__}: {exc}".rstrip(": "), latency_ms=elapsed_ms()
-            )
-        except aiohttp.ClientError as exc:
-            return AttemptResult(
-                error=f"{type(exc).__name__}: {exc}".rstrip(": "), latency_ms=elapsed_ms()
-            )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
 class PooledSender:
     """POSTs over the shared keep-alive HTTP/1.1 pool (shared/http_pool.py, httptools): about
     half aiohttp's CPU per request (profile in docs/benchmarks.md), which was most of the
-    worker's CPU per delivery. As AiohttpSender: no redirects followed, no proxies, no
+    worker's CPU per delivery (it replaced aiohttp here). No redirects followed, no proxies, no
     decompression, at most MAX_RESPONSE_BYTES of an answer kept, and the SSRF guard at connect
     time: every address a host name resolves to is checked, and the connection goes to those
     checked addresses (no second lookup a rebinding DNS could answer differently)."""

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from services.actions.app import create_app
 from services.actions.config import DEFAULT_RETRY_SCHEDULE_S, ActionsSettings
-from services.actions.delivery import AiohttpSender
+from services.actions.delivery import PooledSender
 from services.actions.webhooks import GONE_REASON
 from shared.clock import ManualClock
 from tests.actions.actions_support import START, headers, make_score, wait_until
@@ -394,11 +394,11 @@ class Crash(BaseException):
 
 
 class CrashAfterPost:
-    """The real aiohttp sender; after the receiver has answered, the process 'dies' before
+    """The real sender; after the receiver has answered, the process 'dies' before
     the worker can book the attempt."""
 
     def __init__(self) -> None:
-        self.inner = AiohttpSender(allow_local=True)
+        self.inner = PooledSender(allow_local=True)
 
     async def send(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Any:
         await self.inner.send(url, body, headers, timeout_s)
