@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 
 from services.scoring import metrics
 from services.scoring.features import FEATURE_NAMES, NO_CONTRACT_END_DAYS, feature_vector
@@ -357,6 +358,15 @@ class _Fold:
     bitsets: Any
     f_idx_map: Any
     calibrator: Any
+    sigmoid: tuple[Any, Any] | None  # the calibrator's (a_, b_) when it is sigmoid
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        """calibrator.predict(raw). A sigmoid is computed here as sklearn computes it, without
+        its input validation (column_or_1d, ~0.2 ms per call: a tenth of a one-event batch)."""
+        if self.sigmoid is None:
+            return self.calibrator.predict(raw)
+        a, b = self.sigmoid
+        return expit(-(a * raw + b))
 
 
 _PARTS: weakref.WeakKeyDictionary[Any, tuple[_Fold, ...] | None] = weakref.WeakKeyDictionary()
@@ -380,7 +390,7 @@ def _tree_parts(estimator: Any) -> tuple[_Fold, ...] | None:
 
 
 def _fold_parts(estimator: Any) -> tuple[_Fold, ...] | None:
-    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.calibration import CalibratedClassifierCV, _SigmoidCalibration
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     if not isinstance(estimator, CalibratedClassifierCV) or len(estimator.classes_) != 2:
@@ -399,8 +409,10 @@ def _fold_parts(estimator: Any) -> tuple[_Fold, ...] | None:
             nodes = tree.nodes
             used = np.unique(nodes["feature_idx"][nodes["is_leaf"] == 0])
             trees.append((tree, tuple(int(j) for j in used)))
+        calibrator = calibrated.calibrators[0]
+        sigmoid = (calibrator.a_, calibrator.b_) if type(calibrator) is _SigmoidCalibration else None
         folds.append(_Fold(float(model._baseline_prediction.ravel()[0]), tuple(trees), bitsets, f_idx_map,
-                           calibrated.calibrators[0]))
+                           calibrator, sigmoid))
     return tuple(folds)
 
 
@@ -433,7 +445,7 @@ def _perturbed_proba(
         raw = np.empty(m + n)
         raw[:m][order] = raw_copies
         raw[m:] = raw_rows
-        total += fold.calibrator.predict(raw)
+        total += fold.calibrate(raw)
     total /= len(folds)
     return total
 
@@ -447,6 +459,6 @@ def _whole_tree_proba(folds: tuple[_Fold, ...], rows: np.ndarray) -> np.ndarray:
         raw = np.zeros(len(rows)) + fold.baseline
         for tree, _ in fold.trees:
             raw += tree.predict(rows, fold.bitsets, fold.f_idx_map, 1)
-        total += fold.calibrator.predict(raw)
+        total += fold.calibrate(raw)
     total /= len(folds)
     return total

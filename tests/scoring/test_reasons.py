@@ -379,16 +379,18 @@ def test_score_and_explain_is_predict_then_explain_in_one_model_call(trained_mod
     assert score_and_explain(counting, names, []) == ([], [])
 
 
+@pytest.mark.parametrize("method", ["sigmoid", "isotonic"])
 @pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
 @pytest.mark.parametrize("whole_tree_rows", [0, 10**9], ids=["split-by-feature", "whole-tree"])
 def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
-    ensemble: bool, whole_tree_rows: int, monkeypatch: pytest.MonkeyPatch
+    ensemble: bool, whole_tree_rows: int, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """reasons._perturbed_proba (copies evaluated only in trees that split on the changed
     feature, or every tree over all rows for small batches) against sklearn's predict_proba
     over the same stacked rows, for calibrated boosted-tree models like training's (one model,
     and the average of fold models that earlier versions registered): realistic rows at several
-    cutoffs, hand-built ones, and random ones far outside the training range."""
+    cutoffs, hand-built ones, and random ones far outside the training range. Both calibration
+    methods: a sigmoid is computed by the shortcut itself, isotonic by sklearn's calibrator."""
     from sklearn.calibration import CalibratedClassifierCV
 
     names = list(FEATURE_NAMES)
@@ -398,12 +400,13 @@ def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
     rng = np.random.default_rng(3)
     y = ((X_fit[:, 0] > 30) ^ (rng.random(len(X_fit)) < 0.2)).astype(int)
     estimator = CalibratedClassifierCV(
-        HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method="sigmoid", cv=3,
+        HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method=method, cv=3,
         ensemble=ensemble,
     ).fit(X_fit, y)
     monkeypatch.setattr(reasons, "WHOLE_TREE_ROWS", whole_tree_rows)
     folds = reasons._tree_parts(estimator)
     assert folds is not None and len(folds) == (3 if ensemble else 1)
+    assert all((fold.sigmoid is not None) == (method == "sigmoid") for fold in folds)
 
     rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
     rows += [{name: float(rng.choice([TYPICAL_CUSTOMER[name], rng.normal(0, 500)])) for name in names}
