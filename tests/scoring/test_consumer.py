@@ -171,7 +171,7 @@ def test_settling_the_heap_freezes_what_is_alive_and_collects_cyclic_garbage() -
     cycle.self = cycle  # type: ignore[attr-defined]
     gone = weakref.ref(cycle)
     del cycle
-    alive = [{"n": n} for n in range(1000)]
+    alive = [Node() for _ in range(1000)]  # tracked by the collector (dicts of ints are not)
     before = gc.get_freeze_count()
     settle_heap()
     assert gone() is None
