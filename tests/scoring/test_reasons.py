@@ -453,3 +453,15 @@ def test_the_merged_trees_give_the_per_tree_sums_to_the_last_bit(n_trees: int, m
     monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", 0)
     per_tree = reasons._raw_predictions(fold, rows)
     assert np.array_equal(merged, per_tree)
+
+
+@pytest.mark.parametrize("tenant", ["acme", "t_1a2b", "ünïcode tenant"])
+def test_score_ids_are_the_uuid5_of_tenant_and_event(tenant: str) -> None:
+    """service.score_id_for computes uuid5 by hand (it runs once per scored event): the same ids
+    as uuid.uuid5, which every score published so far carries."""
+    import uuid
+
+    from services.scoring.service import _SCORE_NAMESPACE
+
+    for event_id in ["e-1", "", "x" * 200, "ev/with/slashes", *(f"b{n}-{n * 7919}" for n in range(500))]:
+        assert score_id_for(tenant, event_id) == uuid.uuid5(_SCORE_NAMESPACE, f"{tenant}/{event_id}").hex
