@@ -86,6 +86,8 @@ class HistoryEvent:
 
 def as_utc(value: datetime) -> datetime:
     """Naive datetimes (SQLite hands them back that way) are UTC."""
+    if value.tzinfo is timezone.utc:  # most are already (called for every history event)
+        return value
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 

@@ -5,6 +5,7 @@ No FastAPI, no aiokafka here; the caller (consumer, route, CLI) owns the transac
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -62,9 +63,19 @@ class Bands:
         return "low"
 
 
+_SCORE_NAMESPACE_BYTES = _SCORE_NAMESPACE.bytes
+
+
 def score_id_for(tenant_id: str, event_id: str) -> str:
-    """Deterministic: a redelivered event gets the same score_id, and consumers dedup on it."""
-    return uuid.uuid5(_SCORE_NAMESPACE, f"{tenant_id}/{event_id}").hex
+    """Deterministic: a redelivered event gets the same score_id, and consumers dedup on it.
+
+    uuid.uuid5(_SCORE_NAMESPACE, "tenant/event").hex, computed as uuid5 does (SHA-1 of namespace
+    and name, first 16 bytes, version 5 and RFC 4122 variant bits) without building the UUID
+    object: a third of the cost, once per scored event."""
+    digest = bytearray(hashlib.sha1(_SCORE_NAMESPACE_BYTES + f"{tenant_id}/{event_id}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return digest.hex()
 
 
 @dataclass

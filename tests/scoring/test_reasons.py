@@ -379,16 +379,20 @@ def test_score_and_explain_is_predict_then_explain_in_one_model_call(trained_mod
     assert score_and_explain(counting, names, []) == ([], [])
 
 
+@pytest.mark.parametrize("method", ["sigmoid", "isotonic"])
 @pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
-@pytest.mark.parametrize("whole_tree_rows", [0, 10**9], ids=["split-by-feature", "whole-tree"])
+@pytest.mark.parametrize(("whole_tree_rows", "merged_tree_cells"), [(0, 0), (10**9, 0), (10**9, 10**9)],
+                         ids=["split-by-feature", "whole-tree", "merged-trees"])
 def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
-    ensemble: bool, whole_tree_rows: int, monkeypatch: pytest.MonkeyPatch
+    ensemble: bool, whole_tree_rows: int, merged_tree_cells: int, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """reasons._perturbed_proba (copies evaluated only in trees that split on the changed
-    feature, or every tree over all rows for small batches) against sklearn's predict_proba
+    feature, or every tree over all rows for small batches, one call per tree or one call into
+    all trees merged for the smallest) against sklearn's predict_proba
     over the same stacked rows, for calibrated boosted-tree models like training's (one model,
     and the average of fold models that earlier versions registered): realistic rows at several
-    cutoffs, hand-built ones, and random ones far outside the training range."""
+    cutoffs, hand-built ones, and random ones far outside the training range. Both calibration
+    methods: a sigmoid is computed by the shortcut itself, isotonic by sklearn's calibrator."""
     from sklearn.calibration import CalibratedClassifierCV
 
     names = list(FEATURE_NAMES)
@@ -398,12 +402,14 @@ def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
     rng = np.random.default_rng(3)
     y = ((X_fit[:, 0] > 30) ^ (rng.random(len(X_fit)) < 0.2)).astype(int)
     estimator = CalibratedClassifierCV(
-        HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method="sigmoid", cv=3,
+        HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method=method, cv=3,
         ensemble=ensemble,
     ).fit(X_fit, y)
     monkeypatch.setattr(reasons, "WHOLE_TREE_ROWS", whole_tree_rows)
+    monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", merged_tree_cells)
     folds = reasons._tree_parts(estimator)
     assert folds is not None and len(folds) == (3 if ensemble else 1)
+    assert all((fold.sigmoid is not None) == (method == "sigmoid") for fold in folds)
 
     rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
     rows += [{name: float(rng.choice([TYPICAL_CUSTOMER[name], rng.normal(0, 500)])) for name in names}
@@ -422,3 +428,40 @@ def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
     assert sum(bool(r) for r in why) > 10
     # a model the shortcut does not know takes the generic path
     assert reasons._tree_parts(Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())])) is None
+
+
+@pytest.mark.parametrize("n_trees", [1, 2, 7, 60])
+def test_the_merged_trees_give_the_per_tree_sums_to_the_last_bit(n_trees: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """reasons._raw_predictions: one call into all trees merged (small batches) and one call per
+    tree sum the same leaf values in the same order, so the raw predictions are identical, for
+    any number of trees (the routing tree) and rows with missing values too."""
+    from sklearn.calibration import CalibratedClassifierCV
+
+    rng = np.random.default_rng(5)
+    X_fit = rng.normal(0, 10, size=(600, len(FEATURE_NAMES)))
+    y = (X_fit[:, 0] + rng.normal(0, 5, size=600) > 0).astype(int)
+    estimator = CalibratedClassifierCV(
+        HistGradientBoostingClassifier(max_iter=n_trees, max_leaf_nodes=15, random_state=0), method="sigmoid",
+        cv=3, ensemble=False,
+    ).fit(X_fit, y)
+    (fold,) = reasons._tree_parts(estimator)
+    assert len(fold.trees) == n_trees
+    rows = rng.normal(0, 15, size=(30, len(FEATURE_NAMES)))
+    rows[rng.random(rows.shape) < 0.05] = np.nan
+    monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", 10**9)
+    merged = reasons._raw_predictions(fold, rows)
+    monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", 0)
+    per_tree = reasons._raw_predictions(fold, rows)
+    assert np.array_equal(merged, per_tree)
+
+
+@pytest.mark.parametrize("tenant", ["acme", "t_1a2b", "ünïcode tenant"])
+def test_score_ids_are_the_uuid5_of_tenant_and_event(tenant: str) -> None:
+    """service.score_id_for computes uuid5 by hand (it runs once per scored event): the same ids
+    as uuid.uuid5, which every score published so far carries."""
+    import uuid
+
+    from services.scoring.service import _SCORE_NAMESPACE
+
+    for event_id in ["e-1", "", "x" * 200, "ev/with/slashes", *(f"b{n}-{n * 7919}" for n in range(500))]:
+        assert score_id_for(tenant, event_id) == uuid.uuid5(_SCORE_NAMESPACE, f"{tenant}/{event_id}").hex
