@@ -67,8 +67,17 @@ def create_service_app(
 YOUNG_GC_THRESHOLD = 10_000
 
 
+def freeze_heap() -> None:
+    """Take what is alive now (imports, the app, clients, a model just loaded) out of the cyclic
+    collector's sight: full collections walk every tracked object, and serving allocates enough
+    to set them off often. Cyclic garbage is collected first, since frozen cycles would never
+    be; objects freed by reference counting (an old model, evicted caches) go as before."""
+    gc.collect()
+    gc.freeze()
+
+
 @contextmanager
-def settled_heap(young_threshold: int = YOUNG_GC_THRESHOLD) -> Iterator[None]:
+def settled_heap(young_threshold: int | None = YOUNG_GC_THRESHOLD) -> Iterator[None]:
     """For a serving process's lifetime (wrap a lifespan's `yield`): what startup built
     (modules, the app, clients) is frozen out of the cyclic collector's sight, and its youngest
     generation is collected after `young_threshold` net allocations instead of 700.
@@ -78,11 +87,12 @@ def settled_heap(young_threshold: int = YOUNG_GC_THRESHOLD) -> Iterator[None]:
     of the whole heap: measured in the gateway at 64 connections, ~27 us of CPU per request
     (a tenth of it) and pauses of the whole loop. Requests leave next to no cyclic garbage, so
     the larger threshold holds back little memory. Undone on exit (tests start many apps in
-    one process; a frozen app would never be collected)."""
+    one process; a frozen app would never be collected). `young_threshold` None keeps the
+    collector's thresholds and only freezes (and unfreezes on exit)."""
     previous = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(young_threshold, *previous[1:])
+    freeze_heap()
+    if young_threshold is not None:
+        gc.set_threshold(young_threshold, *previous[1:])
     try:
         yield
     finally:

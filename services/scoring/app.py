@@ -15,7 +15,7 @@ from services.scoring.retention import HistoryPurger
 from services.scoring.routes import internal_router, router
 from services.scoring.sweeps import Sweeper
 from services.scoring.tables import TABLES
-from shared.app import create_service_app
+from shared.app import create_service_app, settled_heap
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, ping
 from shared.kafka import Publisher
@@ -52,7 +52,9 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
             app.state.readiness.update(
                 {"database": database, "broker": publisher.ping, "model": model, "consumer": consumer}
             )
-            yield {"engine": engine, "scoring": scoring, "sweeper": sweeper, "purger": purger}
+            # Frozen at each model load (consumer.refresh_model); unfrozen when the app stops.
+            with settled_heap(young_threshold=None):
+                yield {"engine": engine, "scoring": scoring, "sweeper": sweeper, "purger": purger}
         finally:
             app.state.readiness.clear()
             await purger.stop()

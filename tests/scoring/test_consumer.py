@@ -154,25 +154,3 @@ async def test_waits_for_a_model_then_scores_and_picks_up_new_models(
         assert body["features"]["days_since_last_activity"] == 1.0
         assert body["features"]["tenure_days"] == 13.0
         assert json.loads(client.get("/readyz").text)["status"] == "ready"
-
-
-def test_settling_the_heap_freezes_what_is_alive_and_collects_cyclic_garbage() -> None:
-    """consumer.settle_heap (run when a model is loaded): live objects leave the collector's
-    generations, cyclic garbage is gone first instead of being frozen with them."""
-    import gc
-    import weakref
-
-    from services.scoring.consumer import settle_heap
-
-    class Node:
-        pass
-
-    cycle = Node()
-    cycle.self = cycle  # type: ignore[attr-defined]
-    gone = weakref.ref(cycle)
-    del cycle
-    alive = [Node() for _ in range(1000)]  # tracked by the collector (dicts of ints are not)
-    before = gc.get_freeze_count()
-    settle_heap()
-    assert gone() is None
-    assert gc.get_freeze_count() >= before + len(alive)
