@@ -1,5 +1,5 @@
 """Fixtures for the actions service: settings on the real broker and database, a real HTTP
-webhook receiver, a manual clock, and a score publisher."""
+webhook receiver and a scripted one, a manual clock, and a score publisher."""
 
 from __future__ import annotations
 
@@ -16,11 +16,22 @@ from shared.kafka import Publisher
 from shared.settings import DatabaseSettings, InternalAuthSettings, KafkaSettings
 from shared.topics import CHURN_SCORES
 from tests.actions.actions_support import START, TOKEN, Receiver
+from tests.actions.webhook_support import ScriptedReceiver
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     server = Receiver()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedReceiver]:
+    server = ScriptedReceiver()
     server.start()
     try:
         yield server

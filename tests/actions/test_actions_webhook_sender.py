@@ -8,26 +8,13 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-
-import pytest
 
 from services.actions.delivery import MAX_RESPONSE_BYTES, PooledSender, signed_headers
 from services.actions.webhooks import ClaimedDelivery, generate_secret
 from shared.clock import SystemClock
 from tests.actions.webhook_support import Answer, ScriptedReceiver
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedReceiver]:
-    server = ScriptedReceiver()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def delivery(secret: str, *previous: str) -> ClaimedDelivery:

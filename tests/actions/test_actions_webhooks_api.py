@@ -4,7 +4,7 @@ development setting off), tenant isolation and bad inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -20,16 +20,6 @@ from shared.db import make_engine
 from shared.secret_box import TOKEN_PREFIX
 from tests.actions.actions_support import OTHER_TENANT, START, headers, make_score, wait_until
 from tests.actions.webhook_support import ScriptedReceiver, deliveries, subscribe, when
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedReceiver]:
-    server = ScriptedReceiver()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_secret_rotation_signs_with_both_secrets_during_the_overlap_then_only_the_new(

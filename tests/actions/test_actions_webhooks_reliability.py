@@ -33,16 +33,6 @@ ATTEMPTS = "churnguard_actions_webhook_attempts_total"
 
 
 @pytest.fixture
-def scripted() -> Iterator[ScriptedReceiver]:
-    server = ScriptedReceiver()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def healthy() -> Iterator[ScriptedReceiver]:
     server = ScriptedReceiver()
     server.start()
