@@ -164,9 +164,17 @@ def _history_columns() -> Any:
     )
 
 
+# One index lookup per customer, whatever the planner believes about the table: with
+# `customer_id = ANY(...)` a freshly filled table (not analyzed yet) was read through the
+# tenant alone, every row of the tenant filtered (5-7 ms for 12 customers of 24,000 rows, 0.9
+# this way). OFFSET 0 keeps the subquery from being flattened into a hash join.
 _PG_LOAD_HISTORIES = """
-SELECT event_id, customer_id, type, occurred_at, payload FROM scoring_events
-WHERE tenant_id = %s AND customer_id = ANY(%s)
+SELECT e.event_id, e.customer_id, e.type, e.occurred_at, e.payload
+FROM unnest(%s::text[]) AS wanted(customer_id)
+CROSS JOIN LATERAL (
+    SELECT event_id, customer_id, type, occurred_at, payload FROM scoring_events
+    WHERE tenant_id = %s AND customer_id = wanted.customer_id OFFSET 0
+) AS e
 """
 
 
@@ -180,7 +188,7 @@ def load_histories(session: Session, tenant_id: str, customer_ids: Iterable[str]
             # the consumer's read of every batch with customers not in its cache: the driver
             # directly (see _postgresql), one array parameter so the statement text never changes
             with raw.cursor() as cursor:
-                cursor.execute(_PG_LOAD_HISTORIES, (tenant_id, list(chunk)))
+                cursor.execute(_PG_LOAD_HISTORIES, (list(chunk), tenant_id))
                 histories.update(_history_rows(cursor.fetchall()))
             continue
         statement = _history_columns().where(
