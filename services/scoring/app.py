@@ -28,8 +28,11 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         engine = make_engine(settings.database_url, echo=settings.database.database_echo)
+        # The consumer's own: one connection (its batches run one at a time), no pre-ping.
+        consumer_engine = make_engine(settings.database_url, echo=settings.database.database_echo,
+                                      pre_ping=False, pool_size=1)
         publisher = Publisher(settings.kafka, settings.client_id)
-        scoring = ScoringConsumer(settings, engine, publisher, clock)
+        scoring = ScoringConsumer(settings, consumer_engine, publisher, clock)
         sweeper = Sweeper(settings, engine, publisher, clock, lambda: scoring.predictor)
         purger = HistoryPurger(settings, engine, clock)
         try:
@@ -61,6 +64,7 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
             await sweeper.stop()
             await scoring.stop()
             await publisher.close()
+            consumer_engine.dispose()
             engine.dispose()
 
     app = create_service_app(
