@@ -275,12 +275,19 @@ class ConsumeStats:
     last_error: str | None = None
 
 
+FollowUp = Callable[[], Awaitable[None]]
+"""What a handler leaves to do after its transaction committed and before the batch's offsets
+are committed: publishing what the batch produced (see ConsumeLoop)."""
+
+
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, assigned: Callable[[set[TopicPartition]], None] | None,
-                 revoked: Callable[[set[TopicPartition]], None] | None) -> None:
-        self._assigned, self._revoked = assigned, revoked
+                 revoked: Callable[[set[TopicPartition]], None] | None,
+                 settle: Callable[[], Awaitable[None]]) -> None:
+        self._assigned, self._revoked, self._settle = assigned, revoked, settle
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._settle()  # the follow-up in flight commits its offsets while they are still ours
         if self._revoked:
             self._revoked(set(revoked))
 
@@ -299,6 +306,16 @@ class ConsumeLoop(Generic[T]):
     per partition. If that call fails with a non-transient error, the partitions are handled
     one by one as without `whole_poll`.
 
+    A handler may return a follow-up (FollowUp: publishing what its committed transaction
+    produced). The loop then runs the follow-up and commits the poll's offsets in the
+    background while it fetches and handles the next poll, so the broker round trips of
+    publishing and committing no longer add to every poll's time. Follow-ups and offset commits
+    still happen one after another in poll order (a poll's follow-up starts once the previous
+    one's offsets are committed), at most one is in flight, and a failing follow-up rewinds
+    every partition to its first uncommitted offset: the polls after it are handled again
+    (their events are duplicates by then, which handlers are idempotent about). Before
+    partitions are revoked and before the loop stops, the follow-up in flight finishes.
+
     `on_assigned` / `on_revoked` are called with the partitions the group gives to or takes
     from this member (a consumer's rebalance listener), before any record of an assigned
     partition is fetched and before a revoked one goes to another member; a consumer that is
@@ -316,7 +333,7 @@ class ConsumeLoop(Generic[T]):
     group_id: str
     client_id: str
     decode: Callable[[bytes], T]
-    handle: Callable[[list[Decoded[T]]], Awaitable[None]]
+    handle: Callable[[list[Decoded[T]]], Awaitable[FollowUp | None]]
     publisher: Publisher
     on_batch: Callable[[TopicPartition, int, int | None], None] | None = None
     """Called after each committed batch: (partition, records, lag after it or None if unknown)."""
@@ -335,6 +352,9 @@ class ConsumeLoop(Generic[T]):
     _consumer: AIOKafkaConsumer | None = None
     _task: asyncio.Task[None] | None = None
     _running: bool = False
+    _follow_up: asyncio.Task[None] | None = None
+    _uncommitted: list[dict[TopicPartition, int]] = field(default_factory=list)
+    """First offset of each handled poll whose offsets are not committed yet, oldest first."""
 
     def __post_init__(self) -> None:
         if self.max_attempts is None:
@@ -367,7 +387,7 @@ class ConsumeLoop(Generic[T]):
                 await consumer.start()
                 if listening:
                     consumer.subscribe([self.settings.topic(self.topic)],
-                                       listener=_Listener(self.on_assigned, self.on_revoked))
+                                       listener=_Listener(self.on_assigned, self.on_revoked, self._follow_up_done))
             except (KafkaError, OSError) as exc:
                 await consumer.stop()
                 self.stats.last_error = f"cannot join group: {type(exc).__name__}"
@@ -388,10 +408,17 @@ class ConsumeLoop(Generic[T]):
                 await consumer.stop()
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            await self._poll_records(consumer)
+        finally:  # stopping, or the consumer is rebuilt: the follow-up in flight finishes first
+            await self._follow_up_done()
+            self._uncommitted.clear()
+
+    async def _poll_records(self, consumer: AIOKafkaConsumer) -> None:
         backoff = self.retry_backoff_s
         while self._running:
             batches = {tp: records for tp, records in (await consumer.getmany(timeout_ms=200)).items() if records}
-            if self.whole_poll and len(batches) > 1:
+            if self.whole_poll and batches:
                 try:
                     await self._process_poll(consumer, batches)
                     backoff = self.retry_backoff_s
@@ -399,10 +426,9 @@ class ConsumeLoop(Generic[T]):
                     raise
                 except Exception as exc:
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                    log.exception("consumer %s: batch of %d partitions failed; will retry from the same offsets",
-                                  self.group_id, len(batches))
-                    for tp, records in batches.items():
-                        consumer.seek(tp, records[0].offset)
+                    log.exception("consumer %s: a poll of %d partitions failed; will retry from the first "
+                                  "uncommitted offsets", self.group_id, len(batches))
+                    await self._rewind(consumer)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
                 continue
@@ -437,11 +463,17 @@ class ConsumeLoop(Generic[T]):
             good.append(Decoded(record, value))
         return good
 
+    async def _handle_now(self, batch: list[Decoded[T]]) -> None:
+        """handle, and its follow-up at once."""
+        follow_up = await self.handle(batch)
+        if follow_up is not None:
+            await follow_up()
+
     async def _handle_batch(self, good: list[Decoded[T]]) -> None:
         if not good:
             return
         try:
-            await self.handle(good)
+            await self._handle_now(good)
         except TRANSIENT_ERRORS:
             raise  # infrastructure trouble: the whole batch is retried from the same offset
         except Exception:
@@ -461,19 +493,75 @@ class ConsumeLoop(Generic[T]):
     async def _process_poll(
         self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
+        self._uncommitted.append({tp: records[0].offset for tp, records in batches.items()})
         decoded = {tp: await self._decoded(records) for tp, records in batches.items()}
+        follow_up: FollowUp | None = None
+        items = [item for good in decoded.values() for item in good]
         try:
-            await self.handle([item for good in decoded.values() for item in good])
+            follow_up = await self.handle(items) if items else None
         except TRANSIENT_ERRORS:
             raise
         except Exception:
             log.warning("consumer %s: a batch of %d partitions failed; handling them one by one",
                         self.group_id, len(batches), exc_info=True)
+            await self._previous_follow_up()  # what the one-by-one handling publishes comes after it
             for good in decoded.values():
                 await self._handle_batch(good)
+        await self._previous_follow_up()
+        if follow_up is None:
+            await self._commit_poll(consumer, batches, decoded)
+        else:
+            self._follow_up = asyncio.create_task(
+                self._finish_poll(consumer, follow_up, batches, decoded), name=f"follow-up:{self.topic}")
+
+    async def _finish_poll(
+        self, consumer: AIOKafkaConsumer, follow_up: FollowUp,
+        batches: dict[TopicPartition, list[ConsumerRecord]], decoded: dict[TopicPartition, list[Decoded[T]]],
+    ) -> None:
+        await follow_up()
+        await self._commit_poll(consumer, batches, decoded)
+
+    async def _commit_poll(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]],
+        decoded: dict[TopicPartition, list[Decoded[T]]],
+    ) -> None:
         await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        self._uncommitted.pop(0)  # polls commit in order: this one is the oldest uncommitted
         for tp, records in batches.items():
             self._done(consumer, tp, records, len(decoded[tp]))
+
+    async def _previous_follow_up(self) -> None:
+        """Wait for the previous poll's follow-up and offsets; its failure is raised here (the
+        caller's poll then fails too, and both are rewound)."""
+        task, self._follow_up = self._follow_up, None
+        if task is not None:
+            await task
+
+    async def _follow_up_done(self) -> None:
+        """Let the follow-up in flight finish, without taking its outcome: a failure stays for
+        the loop to find (rebalance listener, stopping)."""
+        if self._follow_up is not None and not self._follow_up.done():
+            await asyncio.wait([self._follow_up])
+
+    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
+        """After a failed poll: every partition back to its first uncommitted offset (a
+        follow-up still in flight finishes first; if it commits, its poll is not redone)."""
+        task, self._follow_up = self._follow_up, None
+        if task is not None:
+            try:
+                await task
+            except Exception:
+                log.warning("consumer %s: the previous poll's follow-up failed too; redoing it",
+                            self.group_id, exc_info=True)
+        first: dict[TopicPartition, int] = {}
+        for offsets in self._uncommitted:
+            for tp, offset in offsets.items():
+                first[tp] = min(offset, first.get(tp, offset))
+        self._uncommitted.clear()
+        assigned = consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned:  # a partition revoked meanwhile restarts from its committed offset elsewhere
+                consumer.seek(tp, offset)
 
     def _done(self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord], good: int) -> None:
         self.stats.processed += good
@@ -486,7 +574,7 @@ class ConsumeLoop(Generic[T]):
         attempts = self.max_attempts or 1
         for attempt in range(1, attempts + 1):
             try:
-                await self.handle([item])
+                await self._handle_now([item])
                 return
             except TRANSIENT_ERRORS:
                 raise

@@ -8,6 +8,7 @@ safely in Kafka (and /readyz says model: false). The registry is re-read every
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,10 +28,11 @@ from shared.events import (
     ErasureRecord,
     ErasureStatusRecord,
     EventRecord,
+    ScoreRecord,
     broken_invariant,
     decode_customer_record,
 )
-from shared.kafka import ConsumeLoop, Decoded, Publisher, Unprocessable
+from shared.kafka import ConsumeLoop, Decoded, FollowUp, Publisher, Unprocessable
 from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, ERASURE_STATUS
 
 log = logging.getLogger(__name__)
@@ -157,9 +159,10 @@ class ScoringConsumer:
             self.cache.partitions_revoked(tp.partition for tp in partitions)
             metrics.set_history_cache(self.cache)
 
-    async def handle(self, batch: list[Decoded[CustomerRecord]]) -> None:
-        """One DB transaction per batch (all partitions of a poll), in a thread; publish only
-        after it committed."""
+    async def handle(self, batch: list[Decoded[CustomerRecord]]) -> FollowUp:
+        """One DB transaction per batch (all partitions of a poll), in a thread. Publishing the
+        scores is the follow-up: the consume loop runs it (and commits the offsets) while it
+        handles the next poll."""
         predictor = self.predictor
         assert predictor is not None, "the consumer starts only once a model is loaded"
         records = [item.value for item in batch]
@@ -173,13 +176,16 @@ class ScoringConsumer:
         metrics.EVENTS_DUPLICATE.inc(outcome.duplicates)
         metrics.EVENTS_SUPPRESSED.inc(outcome.suppressed)
         metrics.SCORING_LATENCY.observe(outcome.scoring_seconds)
+        return functools.partial(self._publish, outcome.scores, erased)
+
+    async def _publish(self, scores: list[ScoreRecord], erased: list[ErasureRecord]) -> None:
         await self.publisher.publish_many(
-            CHURN_SCORES, [(score.key, score.model_dump_json().encode()) for score in outcome.scores]
+            CHURN_SCORES, [(score.key, score.model_dump_json().encode()) for score in scores]
         )
-        for score in outcome.scores:
+        for score in scores:
             metrics.SCORE.observe(score.probability)
             metrics.SCORES_PUBLISHED.labels(score.band).inc()
-        self.drift.observe(score.probability for score in outcome.scores)
+        self.drift.observe(score.probability for score in scores)
         metrics.SCORE_DRIFT.set(self.drift.value())
         if erased:  # after the commit: ingest marks scoring's part of each erasure done
             done_at = self.clock.now()

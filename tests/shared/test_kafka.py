@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from shared.kafka import (
@@ -111,6 +113,69 @@ async def test_whole_poll_hands_several_partitions_at_once_and_falls_back_for_ba
     records = await read_topic(kafka_settings, dead_letter(CUSTOMER_EVENTS), 2, timeout_s=10)
     reasons = sorted(dict(r.headers)["reason"].decode().split(":")[0] for r in records)
     assert reasons == ["undecodable", "unprocessable"]
+
+
+async def test_follow_ups_run_in_poll_order_beside_the_next_poll_and_a_failed_one_is_redone(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """A handler's follow-up (its publishing) runs while the next poll is handled, one at a time
+    and in poll order; the poll's offsets are committed after it. A follow-up that fails
+    rewinds to the first uncommitted offsets: its poll and the ones after it are handled
+    again, and nothing is lost."""
+    publisher = Publisher(kafka_settings, "test")
+    stored: dict[int, int] = {}  # n -> times handled (a real handler's unique key makes repeats harmless)
+    published: list[int] = []
+    running = {"now": 0, "most": 0, "overlapped": 0, "polls": 0}
+    fail_once = {13}
+
+    async def handle(batch: list[Decoded[dict]]) -> Callable[[], Awaitable[None]]:
+        running["polls"] += 1
+        poll = running["polls"]
+        numbers = [item.value["n"] for item in batch]
+        for n in numbers:
+            stored[n] = stored.get(n, 0) + 1
+
+        async def follow_up() -> None:
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+            await asyncio.sleep(0)  # let anything else that could run, run
+            running["overlapped"] += running["polls"] > poll  # the next poll was handled meanwhile
+            running["now"] -= 1
+            if fail_once & set(numbers):
+                fail_once.clear()
+                raise BrokerUnavailable("broker did not acknowledge: TimeoutError")
+            published.extend(numbers)
+
+        return follow_up
+
+    settings = kafka_settings.model_copy(update={"max_poll_records": 4})
+    loop = ConsumeLoop(
+        settings=settings, topic=CUSTOMER_EVENTS, group_id="g-follow", client_id="test",
+        decode=json.loads, handle=handle, publisher=publisher, whole_poll=True, retry_backoff_s=0.01,
+    )
+    try:
+        await publisher.publish_many(CUSTOMER_EVENTS, [(b"k", json.dumps({"n": n}).encode()) for n in range(40)])
+        loop.start()
+        await wait_until(lambda: set(published) == set(range(40)) and loop.stats.processed >= 40)
+    finally:
+        await loop.stop()
+    assert running["most"] == 1  # never two follow-ups at once
+    assert running["overlapped"] >= 1  # and polls were handled while one ran
+    first_seen = list(dict.fromkeys(published))
+    assert first_seen == list(range(40))  # published in the partition's order
+    assert stored[13] >= 2  # the failed follow-up's poll was handled again ...
+    assert published.count(13) == 1  # ... and published once, when its follow-up succeeded
+
+    # every offset was committed: the group's committed offsets add up to the 40 records
+    consumer = make_consumer(settings, [], "g-follow", "test-check")
+    await consumer.start()
+    try:
+        topic = settings.topic(CUSTOMER_EVENTS)
+        committed = [await consumer.committed(TopicPartition(topic, p)) for p in range(settings.partitions)]
+        assert sum(offset or 0 for offset in committed) == 40
+    finally:
+        await consumer.stop()
+        await publisher.close()
 
 
 async def test_publisher_reports_unreachable_broker_quickly() -> None:
