@@ -10,6 +10,7 @@ transaction -> wake the worker -> publish -> commit.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -31,7 +32,7 @@ from shared.events import (
     broken_invariant,
     decode_customer_record,
 )
-from shared.kafka import ConsumeLoop, Decoded, Publisher, Unprocessable
+from shared.kafka import ConsumeLoop, Decoded, FollowUp, Publisher, Unprocessable
 from shared.settings import KafkaSettings
 from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, ERASURE_STATUS, RETENTION_ACTIONS
 
@@ -100,7 +101,8 @@ async def publish_decisions(
 
 class _Consumer:
     """What both consumers share: the wiring, and a ConsumeLoop on their topic whose batches go
-    to `_handle_all` (in a thread: one database transaction) and then are published."""
+    to `_handle_all` (in a thread: one database transaction) and then are published (the
+    batch's follow-up: the loop publishes it while it handles the next batch)."""
 
     topic = ""
 
@@ -145,9 +147,9 @@ class _Consumer:
     def check(value: Any) -> None:
         """Raises Unprocessable for a decoded record its producer could not have written."""
 
-    async def handle(self, batch: list[Decoded[Any]]) -> None:
+    async def handle(self, batch: list[Decoded[Any]]) -> FollowUp:
         results = await asyncio.to_thread(self._handle_all, [item.value for item in batch])
-        await publish_decisions(self._publisher, results, self._on_deliveries)
+        return functools.partial(publish_decisions, self._publisher, results, self._on_deliveries)
 
     def _handle_all(self, values: list[Any]) -> list[DecisionResult]:
         raise NotImplementedError
@@ -245,8 +247,11 @@ class EventConsumer(_Consumer):
         super().__init__(**wiring)
         self._trigger_max_age = trigger_max_age
 
-    async def handle(self, batch: list[Decoded[CustomerRecord]]) -> None:
+    async def handle(self, batch: list[Decoded[CustomerRecord]]) -> FollowUp:
         results, erased = await asyncio.to_thread(self._apply_all, [item.value for item in batch])
+        return functools.partial(self._publish, results, erased)
+
+    async def _publish(self, results: list[DecisionResult], erased: list[ErasureRecord]) -> None:
         await publish_decisions(self._publisher, results, self._on_deliveries)
         if erased:  # after the commit: ingest marks actions' part of each erasure done
             done_at = self._clock.now()
