@@ -221,10 +221,18 @@ class Instance:
             time.sleep(0.1)
         raise RuntimeError("scoring not ready within 60 s")
 
-    def processed(self) -> int:
+    def counter(self, prefix: str) -> float:
+        """The sum of the instance's metric samples whose line starts with `prefix`."""
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
-        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("churnguard_scoring_events_processed_total{")))
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    def processed(self) -> int:
+        return int(self.counter("churnguard_scoring_events_processed_total{"))
+
+    def cache_lookups(self) -> tuple[float, float]:
+        """(hits, misses) of the consumer's history cache so far."""
+        name = "churnguard_scoring_history_cache_lookups_total"
+        return self.counter(f'{name}{{outcome="hit"}}'), self.counter(f'{name}{{outcome="miss"}}')
 
     def cpu(self) -> float:
         return cpu_seconds(self.process.pid) if self.process else 0.0
@@ -253,8 +261,14 @@ class Instance:
             self.process.wait(timeout=5)
 
 
+def hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    return round(hits / (hits + misses), 3) if hits + misses else None
+
+
 def backlog_throughput(instance: Instance, total: int, timeout_s: float = 300) -> dict[str, Any]:
     """Poll the instance's own counter until it has processed `total` events."""
+    lookups_before = instance.cache_lookups()
     first_at = first_count = None
     cpu_first = 0.0
     deadline = time.monotonic() + timeout_s
@@ -278,7 +292,7 @@ def backlog_throughput(instance: Instance, total: int, timeout_s: float = 300) -
             # CPU time of the scoring process per event: robust to a busy machine, where wall-clock
             # rates are not (the CPU counter ticks at 10 ms, so it needs a few seconds of work)
             "cpu_us_per_event": round(cpu / events * 1e6, 1) if events else None,
-            "rss_mb": instance.memory_mb()}
+            "rss_mb": instance.memory_mb(), "cache_hit_rate": hit_rate(lookups_before, instance.cache_lookups())}
 
 
 async def latency(kafka: KafkaSettings, instance: Instance, rate: float, warmup_s: float, duration_s: float,
@@ -301,6 +315,7 @@ async def latency(kafka: KafkaSettings, instance: Instance, rate: float, warmup_
     scores.assign(score_parts)
     await scores.seek_to_end(*score_parts)
     processed_before = await asyncio.to_thread(instance.processed)
+    lookups_before = await asyncio.to_thread(instance.cache_lookups)
     cpu_before = instance.cpu()
     sent = 0
     producer = AIOKafkaProducer(**producer_options(kafka, "bench-latency"))
@@ -355,6 +370,7 @@ async def latency(kafka: KafkaSettings, instance: Instance, rate: float, warmup_
     cpu = instance.cpu() - cpu_before
     return {
         "cpu_us_per_event": round(cpu / processed * 1e6, 1) if processed else None, "rss_mb": instance.memory_mb(),
+        "cache_hit_rate": hit_rate(lookups_before, await asyncio.to_thread(instance.cache_lookups)),
         "rate": rate, "sent": measured, "scored": len(values), "missing": measured - len(values),
         "p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95), "p99_ms": percentile(values, 99),
         "max_ms": values[-1] if values else None,
@@ -388,26 +404,28 @@ def tables(results: dict[str, Any]) -> str:
     out = [f"Backlog: {s['events']:,} events of {s['customers']:,} customers (10 event types mixed), "
            f"produced at {results['produce_msg_per_s']:,.0f} msg/s; scoring's max_poll_records {s['max_poll_records']:,}, "
            f"history cache {s.get('history_cache_events', 0):,} events.", "",
-           "| consumer | database | events | seconds | events/s | vs bare read | CPU cores | CPU µs/event | RSS MB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| consumer | database | events | seconds | events/s | vs bare read | CPU cores | CPU µs/event | "
+           "history cache hits | RSS MB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     bare = results["bare"][0]["events_per_s"] if results["bare"] else None
     for b in results["bare"]:
-        out.append(f"| {b['name']} | - | {b['events']:,} | {b['seconds']:.2f} | {b['events_per_s']:,.0f} | - | - | - | - |")
+        out.append(f"| {b['name']} | - | {b['events']:,} | {b['seconds']:.2f} | {b['events_per_s']:,.0f} | - | - | - | - "
+                   "| - |")
     for b in results["backends"]:
         t = b["throughput"]
         ratio = f"{t['events_per_s'] / bare:.1%}" if bare and t["events_per_s"] else "-"
         out.append(f"| scoring instance | {b['backend']} | {t['events']:,} | {fmt(t['seconds'], '.2f')} | "
                    f"{fmt(t['events_per_s'])} | {ratio} | {fmt(t.get('cpu_cores'), '.2f')} | "
-                   f"{fmt(t.get('cpu_us_per_event'))} | {fmt(t.get('rss_mb'))} |")
+                   f"{fmt(t.get('cpu_us_per_event'))} | {fmt(t.get('cache_hit_rate'), '.0%')} | {fmt(t.get('rss_mb'))} |")
     out += ["", "| database | events/s published | scored | p50 ms | p95 ms | p99 ms | max ms | lag max | lag mean | "
-            "CPU µs/event | RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU µs/event | history cache hits | RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in results["backends"]:
         for r in b["latency"]:
             out.append(f"| {b['backend']} | {r['rate']:,.0f} | {r['scored']:,}/{r['sent']:,} | {fmt(r['p50_ms'], '.1f')} | "
                        f"{fmt(r['p95_ms'], '.1f')} | {fmt(r['p99_ms'], '.1f')} | {fmt(r['max_ms'], '.1f')} | "
                        f"{fmt(r['lag_max'])} | {fmt(r['lag_mean'], '.1f')} | {fmt(r.get('cpu_us_per_event'))} | "
-                       f"{fmt(r.get('rss_mb'))} |")
+                       f"{fmt(r.get('cache_hit_rate'), '.0%')} | {fmt(r.get('rss_mb'))} |")
     peaks = [f"{b['backend']} {fmt(b.get('rss_peak_mb'))} MB" for b in results["backends"]]
     out += ["", f"Peak resident memory (VmHWM) of the scoring process over its whole run: {', '.join(peaks)}."]
     out += ["", "| goal (issue #4) | value | met |", "|---|---:|---|"]
