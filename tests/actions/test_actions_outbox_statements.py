@@ -213,3 +213,36 @@ async def test_a_failed_statement_drops_the_connection_and_the_next_use_opens_a_
     with pytest.raises(Exception, match="division by zero"):
         await connection.run(lambda conn: conn.execute("SELECT 1 / 0"))
     assert await connection.run(backend) != first
+
+
+async def test_a_row_locked_by_another_claim_is_skipped_not_waited_for_nor_claimed(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    """Another worker's claim holds the oldest row (its statement has not ended): this claim
+    neither waits for it nor leases it, and leases the next rows within the endpoint's room."""
+    engine, connection = pg
+    endpoint = _subscribe(engine)
+    ids = _outbox(engine, endpoint, 4, seconds=1)
+    now = START + timedelta(seconds=10)
+    other = WorkerConnection(engine)
+    try:
+        async def hold_oldest(conn: Any) -> None:
+            await conn.execute("BEGIN")
+            await conn.execute(
+                "SELECT 1 FROM actions_deliveries WHERE delivery_id = %s FOR UPDATE", [ids[0]])
+
+        await other.run(hold_oldest)
+        claimed, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+            conn, now, 100, LEASE, blocked=[], rooms={endpoint: 2}, default_room=50,
+        ))
+        taken = [c.delivery_id for c in claimed]
+        assert ids[0] not in taken and ids[1] in taken and set(taken) <= set(ids[1:3])
+        rows = _rows(engine)
+        assert rows[ids[0]].next_attempt_at <= now  # untouched: still the other claim's
+        assert all(rows[i].next_attempt_at <= now for i in ids[3:])  # beyond the room
+    finally:
+        await other.close()  # rolls the other transaction back
+    again, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, now, 100, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    assert ids[0] in [c.delivery_id for c in again]  # due again once its holder let go
