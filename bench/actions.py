@@ -390,7 +390,14 @@ async def outbox_latency(engine: Engine, database_url: str, receiver: Receiver, 
     latencies = sorted((arrivals[o] - t) * 1000 for o, t in scheduled.items() if o in arrivals)
     from_commit = sorted((arrivals[o] - t) * 1000 for o, t in committed.items() if o in arrivals)
     write_lag = sorted((committed[o] - t) * 1000 for o, t in scheduled.items())
+    # When the slowest 1% (commit -> receiver) happened, seconds into the run: a tail bunched at one
+    # moment (the hanging endpoint's first timeouts at 2 s, its circuit opening) is the worker's
+    # doing; one spread over the run is more likely the machine's.
+    first = min(scheduled.values(), default=0.0)
+    slowest = sorted(((arrivals[o] - t, t) for o, t in committed.items() if o in arrivals), reverse=True)
+    tail_at = sorted(round(t - first, 2) for _, t in slowest[:max(1, len(slowest) // 100)])
     return {
+        "tail_at_s": tail_at,
         "from_commit_p50_ms": percentile(from_commit, 50), "from_commit_p99_ms": percentile(from_commit, 99),
         "write_lag_p99_ms": percentile(write_lag, 99),
         "rate": rate, "seconds": duration_s, "hanging_receiver": hanging, "sent": len(scheduled),
