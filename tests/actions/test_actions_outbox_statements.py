@@ -11,15 +11,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 from datetime import timedelta
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, text
 from sqlmodel import select
 
 from services.actions import webhooks
-from services.actions.delivery import WorkerConnection
+from services.actions.delivery import DeliveryWorker, PooledSender, WorkerConnection
 from services.actions.tables import ActionsDelivery, ActionsDeliveryAttempt, ActionsOffer
 from services.actions.url_guard import UrlPolicy
 from services.actions.webhooks import AttemptResult
+from shared.clock import ManualClock
 from shared.db import session_scope
 from tests.actions.actions_support import START, TENANT
 from tests.actions.test_actions_guardrails import engine  # noqa: F401
@@ -213,3 +215,58 @@ async def test_a_failed_statement_drops_the_connection_and_the_next_use_opens_a_
     with pytest.raises(Exception, match="division by zero"):
         await connection.run(lambda conn: conn.execute("SELECT 1 / 0"))
     assert await connection.run(backend) != first
+
+
+async def test_a_row_locked_by_another_claim_is_skipped_not_waited_for_nor_claimed(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    """Another worker's claim holds the oldest row (its statement has not ended): this claim
+    neither waits for it nor leases it, and leases the next rows within the endpoint's room."""
+    engine, connection = pg
+    endpoint = _subscribe(engine)
+    ids = _outbox(engine, endpoint, 4, seconds=1)
+    now = START + timedelta(seconds=10)
+    other = WorkerConnection(engine)
+    try:
+        async def hold_oldest(conn: Any) -> None:
+            await conn.execute("BEGIN")
+            await conn.execute(
+                "SELECT 1 FROM actions_deliveries WHERE delivery_id = %s FOR UPDATE", [ids[0]])
+
+        await other.run(hold_oldest)
+        claimed, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+            conn, now, 100, LEASE, blocked=[], rooms={endpoint: 2}, default_room=50,
+        ))
+        taken = [c.delivery_id for c in claimed]
+        assert ids[0] not in taken and ids[1] in taken and set(taken) <= set(ids[1:3])
+        rows = _rows(engine)
+        assert rows[ids[0]].next_attempt_at <= now  # untouched: still the other claim's
+        assert all(rows[i].next_attempt_at <= now for i in ids[3:])  # beyond the room
+    finally:
+        await other.close()  # rolls the other transaction back
+    again, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, now, 100, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    assert ids[0] in [c.delivery_id for c in again]  # due again once its holder let go
+
+
+async def test_the_claims_connection_does_not_wait_for_the_wal_flush(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    """A lease lost in a database crash only makes rows due again (same webhook-id). The
+    bookings' connection keeps the server's setting (durable unless configured otherwise)."""
+    engine, _ = pg
+    worker = DeliveryWorker(engine, PooledSender(allow_local=True), ManualClock(START),
+                            retry_schedule_s=[60.0])
+    try:
+        async def setting(conn: Any) -> str:
+            return (await (await conn.execute("SHOW synchronous_commit")).fetchone())[0]
+
+        assert await worker.claims.run(setting) == "off"
+        async with await psycopg.AsyncConnection.connect(
+            engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        ) as plain:
+            assert await worker.bookings.run(setting) == await setting(plain)
+    finally:
+        await worker.claims.close()
+        await worker.bookings.close()
