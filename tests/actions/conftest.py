@@ -29,14 +29,24 @@ def receiver() -> Iterator[Receiver]:
         server.stop()
 
 
-@pytest.fixture
-def scripted() -> Iterator[ScriptedReceiver]:
+def _scripted_receiver() -> Iterator[ScriptedReceiver]:
     server = ScriptedReceiver()
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedReceiver]:
+    yield from _scripted_receiver()
+
+
+@pytest.fixture
+def healthy() -> Iterator[ScriptedReceiver]:
+    """A second scripted receiver, beside `scripted` (a healthy endpoint next to a failing one)."""
+    yield from _scripted_receiver()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ the circuit breaker, and a crash between the receiver's 200 and the booking."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -30,16 +30,6 @@ from tests.actions.webhook_support import (
 )
 
 ATTEMPTS = "churnguard_actions_webhook_attempts_total"
-
-
-@pytest.fixture
-def healthy() -> Iterator[ScriptedReceiver]:
-    server = ScriptedReceiver()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _only(client: TestClient, subscription_id: str) -> dict[str, Any]:
