@@ -411,8 +411,8 @@ class ConsumeLoop(Generic[T]):
         try:
             await self._poll_records(consumer)
         finally:  # stopping, or the consumer is rebuilt: the follow-up in flight finishes first
-            await self._follow_up_done()
-            self._uncommitted.clear()
+            await self._drop_follow_up()
+            self._uncommitted.clear()  # a new consumer starts from the committed offsets
 
     async def _poll_records(self, consumer: AIOKafkaConsumer) -> None:
         backoff = self.retry_backoff_s
@@ -543,16 +543,20 @@ class ConsumeLoop(Generic[T]):
         if self._follow_up is not None and not self._follow_up.done():
             await asyncio.wait([self._follow_up])
 
-    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
-        """After a failed poll: every partition back to its first uncommitted offset (a
-        follow-up still in flight finishes first; if it commits, its poll is not redone)."""
+    async def _drop_follow_up(self) -> None:
+        """Let the follow-up in flight finish and forget it. If it failed, its poll is redone:
+        the caller rewinds, or a new consumer starts from the committed offsets."""
         task, self._follow_up = self._follow_up, None
         if task is not None:
             try:
                 await task
             except Exception:
-                log.warning("consumer %s: the previous poll's follow-up failed too; redoing it",
-                            self.group_id, exc_info=True)
+                log.warning("consumer %s: a poll's follow-up failed; redoing the poll", self.group_id, exc_info=True)
+
+    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
+        """After a failed poll: every partition back to its first uncommitted offset (a
+        follow-up still in flight finishes first; if it commits, its poll is not redone)."""
+        await self._drop_follow_up()
         first: dict[TopicPartition, int] = {}
         for offsets in self._uncommitted:
             for tp, offset in offsets.items():

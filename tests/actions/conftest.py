@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,34 +19,31 @@ from tests.actions.actions_support import START, TOKEN, Receiver
 from tests.actions.webhook_support import ScriptedReceiver
 
 
+ServerT = TypeVar("ServerT", Receiver, ScriptedReceiver)
+
+
+def _serving(server: ServerT) -> Iterator[ServerT]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _scripted_receiver() -> Iterator[ScriptedReceiver]:
-    server = ScriptedReceiver()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(Receiver())
 
 
 @pytest.fixture
 def scripted() -> Iterator[ScriptedReceiver]:
-    yield from _scripted_receiver()
+    yield from _serving(ScriptedReceiver())
 
 
 @pytest.fixture
 def healthy() -> Iterator[ScriptedReceiver]:
     """A second scripted receiver, beside `scripted` (a healthy endpoint next to a failing one)."""
-    yield from _scripted_receiver()
+    yield from _serving(ScriptedReceiver())
 
 
 @pytest.fixture
