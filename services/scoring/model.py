@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-import skops.io as sio
+import sklearn.utils
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.inspection import permutation_importance
@@ -478,6 +478,23 @@ def train(
 
 
 # --- artifacts ------------------------------------------------------------------------
+
+
+def _import_skops_io() -> Any:
+    """skops.io, imported without its default trust list of every sklearn estimator: building
+    it imports all of sklearn (all_estimators), ~16 MB resident in the scoring service for
+    modules it never uses. load_artifact does not rely on that default: it trusts sklearn and
+    numpy types by name, so with the list empty the same artifacts load and the same refuse."""
+    all_estimators = sklearn.utils.all_estimators
+    sklearn.utils.all_estimators = lambda *args, **kwargs: []
+    try:
+        import skops.io
+    finally:
+        sklearn.utils.all_estimators = all_estimators
+    return skops.io
+
+
+sio = _import_skops_io()
 
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.")
 

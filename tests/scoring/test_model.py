@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -143,6 +145,23 @@ def test_artifact_with_foreign_types_is_refused() -> None:
     pipeline = Pipeline([("f", FunctionTransformer(_not_sklearn)), ("s", StandardScaler())]).fit(X)
     with pytest.raises(UntrustedArtifact, match="untrusted types"):
         load_artifact(dump_artifact(pipeline))
+
+
+def test_the_scoring_service_loads_artifacts_without_importing_all_of_sklearn_or_alembic(
+    trained_model: TrainedModel,
+) -> None:
+    """Resident memory (#8): skops' default trust list would import every sklearn estimator, and
+    the schema check would import Alembic and Mako; neither is needed to start and score."""
+    script = (
+        "import sys, services.scoring.app\n"
+        "from services.scoring.model import load_artifact\n"
+        "load_artifact(sys.stdin.buffer.read())\n"
+        "print(sorted(m for m in ('alembic', 'mako', 'sklearn.neural_network', 'sklearn.gaussian_process')"
+        " if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=dump_artifact(trained_model.estimator),
+                          capture_output=True, check=True, cwd=Path(__file__).parents[2])
+    assert done.stdout.decode().strip() == "[]"
 
 
 def test_corrupt_or_incompatible_artifacts_are_refused_at_load(trained_model: TrainedModel) -> None:
