@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-tools run test k8s-validate bench bench-scoring bench-actions bench-pipeline bench-summary soak chaos clean
+.PHONY: install system-tools run test k8s-validate bench bench-tools bench-scoring bench-actions bench-pipeline bench-summary soak chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ system-tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: apt-get install -y prometheus (as root)" >&2; fi; }
 
+# wrk (Debian) drives the ingest bench's single-event runs: it costs the shared CPUs far less
+# than the Python fallback client, which would otherwise take cores from the services measured.
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing wrk (apt-get install wrk)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
+	  else echo "wrk missing: apt-get install -y wrk (as root); the ingest bench falls back to a slower client" >&2; fi; }
+
 run: $(STAMP)
 	$(BIN)/churnguard dev
 
@@ -35,11 +44,11 @@ test: $(STAMP) system-tools
 k8s-validate: $(STAMP)
 	$(BIN)/python -m deploy.k8s.validate
 
-# Ingest throughput and latency on a real broker and real service processes (~2.5 min; uses wrk
-# when installed: apt-get install -y wrk). Writes bench/results/ingest.json, docs/benchmarks.md.
+# Ingest throughput and latency on a real broker and real service processes (~2.5 min; wrk is
+# installed when missing, see bench-tools). Writes bench/results/ingest.json, docs/benchmarks.md.
 # Then scoring (bench-scoring), actions (bench-actions), the whole pipeline (bench-pipeline), and
 # last the one summary table of all four (bench-summary). About 10 minutes in all.
-bench: $(STAMP)
+bench: $(STAMP) bench-tools
 	$(BIN)/python -m bench.ingest
 	$(MAKE) bench-scoring
 	$(MAKE) bench-actions
