@@ -95,6 +95,7 @@ class RefusedAddress(OSError):
     """Connect-time SSRF guard: the host resolved to an address webhooks may not reach."""
 
 
+@functools.lru_cache(maxsize=4096)  # per attempt, for the few URLs of the subscriptions
 def refusal_before_connect(url: str, allow_local: bool) -> str | None:
     """What needs no lookup: the scheme, and hosts given as IP literals (never resolved, so the
     connect-time check of resolved addresses does not see them)."""

@@ -24,6 +24,19 @@ def test_a_new_key_first_still_reads_what_the_old_key_wrote() -> None:
         SecretBox([new]).decrypt(written)  # the old key was dropped too early: said, not guessed
 
 
+def test_repeated_reads_are_remembered_per_box_and_failures_are_not() -> None:
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    written = SecretBox([old]).encrypt("s3cret")
+    without_old = SecretBox([new])
+    for _ in range(2):  # the refusal is not remembered as an answer
+        with pytest.raises(ValueError, match="cannot be decrypted"):
+            without_old.decrypt(written)
+    box = SecretBox([new, old])
+    assert [box.decrypt(written) for _ in range(3)] == ["s3cret"] * 3
+    with pytest.raises(ValueError, match="cannot be decrypted"):
+        SecretBox([new]).decrypt(written)  # what one box remembers, another box does not know
+
+
 def test_rows_from_before_encryption_are_still_read() -> None:
     assert SecretBox([Fernet.generate_key()]).decrypt("whsec_legacy") == "whsec_legacy"
 
