@@ -14,24 +14,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) system-tools
 
-# promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus in `make test`.
-# Installed when missing and apt is usable as root; otherwise the tests say what is missing (in
-# CI they fail). kubectl (1.32, with kustomize) is expected on the machine for deploy/k8s.
-system-tools:
-	@command -v promtool >/dev/null 2>&1 || { \
+# $(call debian_tool,COMMAND,PACKAGE,WHAT IF MISSING): installs the Debian package when the command
+# is missing and apt is usable as root; otherwise says what is missing and what that means.
+define debian_tool
+	@command -v $(1) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing promtool (apt-get install prometheus)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "promtool missing: apt-get install -y prometheus (as root)" >&2; fi; }
+	    echo "installing $(1) (apt-get install $(2))"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+	  else echo "$(1) missing: apt-get install -y $(2) (as root); $(3)" >&2; fi; }
+endef
 
-# wrk (Debian) drives the ingest bench's single-event runs: it costs the shared CPUs far less
-# than the Python fallback client, which would otherwise take cores from the services measured.
+# promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus in `make test`
+# (in CI a missing promtool fails those tests). kubectl (1.32, with kustomize) is expected on
+# the machine for deploy/k8s.
+system-tools:
+	$(call debian_tool,promtool,prometheus,the deploy/prometheus tests will fail)
+
+# wrk drives the ingest bench's single-event runs: it costs the shared CPUs far less than the
+# Python fallback client, which would otherwise take cores from the services measured.
 bench-tools:
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing wrk (apt-get install wrk)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
-	  else echo "wrk missing: apt-get install -y wrk (as root); the ingest bench falls back to a slower client" >&2; fi; }
+	$(call debian_tool,wrk,wrk,the ingest bench falls back to a slower client)
 
 run: $(STAMP)
 	$(BIN)/churnguard dev
