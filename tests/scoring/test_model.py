@@ -148,18 +148,25 @@ def test_artifact_with_foreign_types_is_refused() -> None:
 
 
 def test_the_scoring_service_loads_artifacts_without_importing_all_of_sklearn_or_alembic(
-    trained_model: TrainedModel,
+    trained_model: TrainedModel, tmp_path: Path,
 ) -> None:
     """Resident memory (#8): skops' default trust list would import every sklearn estimator, and
-    the schema check would import Alembic and Mako; neither is needed to start and score."""
+    the schema check would import Alembic and Mako; neither is needed to start (tables created,
+    then found complete, as at every later start) and score."""
     script = (
         "import sys, services.scoring.app\n"
         "from services.scoring.model import load_artifact\n"
+        "from services.scoring.tables import TABLES\n"
+        "from shared.db import create_tables, make_engine\n"
+        "engine = make_engine(sys.argv[1])\n"
+        "create_tables(engine, TABLES)\n"
+        "create_tables(engine, TABLES)\n"
         "load_artifact(sys.stdin.buffer.read())\n"
         "print(sorted(m for m in ('alembic', 'mako', 'sklearn.neural_network', 'sklearn.gaussian_process')"
         " if m in sys.modules))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], input=dump_artifact(trained_model.estimator),
+    done = subprocess.run([sys.executable, "-c", script, f"sqlite:///{tmp_path / 'scoring.db'}"],
+                          input=dump_artifact(trained_model.estimator),
                           capture_output=True, check=True, cwd=Path(__file__).parents[2])
     assert done.stdout.decode().strip() == "[]"
 
