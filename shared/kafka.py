@@ -36,10 +36,15 @@ class Unprocessable(Exception):
     """A decoded message that no amount of retrying will process: dead-letter it."""
 
 
+class RedoBatch(Exception):
+    """A handler's batch must be handled again from its first offsets, through no fault of its
+    records (e.g. it was computed on top of an earlier batch whose write failed)."""
+
+
 # Errors that say "the world is down", not "this record is bad": never dead-letter on them.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncio.TimeoutError, KafkaError, OperationalError, InterfaceError,
-    DisconnectionError, BrokerUnavailable,
+    DisconnectionError, BrokerUnavailable, RedoBatch,
 )
 
 
@@ -343,6 +348,10 @@ class ConsumeLoop(Generic[T]):
     written to the topic some other way): dead-lettered at once, never handed to `handle`."""
     on_assigned: Callable[[set[TopicPartition]], None] | None = None
     on_revoked: Callable[[set[TopicPartition]], None] | None = None
+    settle: Callable[[], Awaitable[None]] | None = None
+    """Waits for work `handle` started that outlives its follow-up (scoring's database writes
+    run on a thread of their own): awaited wherever the follow-up in flight is, before
+    partitions are revoked, before a rewind and before the loop stops."""
     whole_poll: bool = False
     retry_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
@@ -542,6 +551,8 @@ class ConsumeLoop(Generic[T]):
         the loop to find (rebalance listener, stopping)."""
         if self._follow_up is not None and not self._follow_up.done():
             await asyncio.wait([self._follow_up])
+        if self.settle is not None:
+            await self.settle()
 
     async def _drop_follow_up(self) -> None:
         """Let the follow-up in flight finish and forget it. If it failed, its poll is redone:
@@ -552,6 +563,8 @@ class ConsumeLoop(Generic[T]):
                 await task
             except Exception:
                 log.warning("consumer %s: a poll's follow-up failed; redoing the poll", self.group_id, exc_info=True)
+        if self.settle is not None:
+            await self.settle()
 
     async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
         """After a failed poll: every partition back to its first uncommitted offset (a

@@ -28,9 +28,10 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         engine = make_engine(settings.database_url, echo=settings.database.database_echo)
-        # The consumer's own: one connection (its batches run one at a time), no pre-ping.
+        # The consumer's own, no pre-ping: two connections, one computing a batch while the
+        # other writes the one before (services.scoring.consumer).
         consumer_engine = make_engine(settings.database_url, echo=settings.database.database_echo,
-                                      pre_ping=False, pool_size=1)
+                                      pre_ping=False, pool_size=2)
         publisher = Publisher(settings.kafka, settings.client_id)
         scoring = ScoringConsumer(settings, consumer_engine, publisher, clock)
         sweeper = Sweeper(settings, engine, publisher, clock, lambda: scoring.predictor)

@@ -16,7 +16,8 @@ An entry is only trusted while nobody else can have written that customer's hist
 - Erasure records arrive on the same partition: the consumer drops the entry (`drop`).
 - Writers outside the consume path (history import, the retention purge) bump a per-tenant
   mark in `scoring_history_marks` in their own transaction; a batch reads the marks of its
-  tenants first and drops the entries of a tenant whose mark moved (`check_marks`).
+  tenants first and drops the entries of a tenant whose mark moved (`check_marks`), and the
+  histories of batches in flight then are not stored.
 - Updates are applied only after the batch's transaction committed (`apply`): a rolled-back
   batch leaves the cache as it was.
 
@@ -82,18 +83,28 @@ class HistoryCache:
             self.hits += 1
             return entry.events
 
-    def check_marks(self, marks: Mapping[str, int | None]) -> None:
+    def note_hit(self) -> None:
+        """A history found in memory beside the cache (the batch in flight): counted as a hit."""
+        with self._lock:
+            self.hits += 1
+
+    def check_marks(self, marks: Mapping[str, int | None]) -> set[str]:
         """Drop the entries of every tenant whose history mark (services.scoring.repository.
         history_marks) differs from the one seen before: its history was changed by someone
-        other than this consumer."""
+        other than this consumer. Returns those tenants; histories a batch computed before
+        that are not stored any more (`apply` refuses leases taken before)."""
         with self._lock:
             changed = {t for t, mark in marks.items() if t not in self._marks or self._marks[t] != mark}
             if not changed:
-                return
+                return set()
+            moved = {t for t in changed if t in self._marks}
             for tenant in changed:
                 self._marks[tenant] = marks[tenant]
+            if moved:
+                self._epoch += 1
             for key in [k for k in self._entries if k[0] in changed]:
                 self._remove(key)
+            return moved
 
     # -- writing -------------------------------------------------------------------------
 
@@ -165,17 +176,25 @@ class HistoryCache:
 
 
 class BatchHistories:
-    """The histories one transaction works with: what it computed so far (pending), else the
-    cache (if any). `commit()` after the transaction committed hands the pending histories to
-    the cache; without a call they are forgotten (the transaction rolled back)."""
+    """The histories one transaction works with: what it computed so far (pending), else those
+    of the batch written before it whose transaction may not have committed yet (`in_flight`:
+    its pending histories), else the cache (if any). `commit()` after the transaction
+    committed hands the pending histories to the cache; without a call they are forgotten
+    (the transaction rolled back)."""
 
-    def __init__(self, cache: HistoryCache | None = None, partitions: Iterable[int] = ()) -> None:
+    def __init__(
+        self, cache: HistoryCache | None = None, partitions: Iterable[int] = (),
+        in_flight: Mapping[Key, tuple[int, list[HistoryEvent]]] | None = None,
+    ) -> None:
         self.cache = cache
         self.lease = cache.lease(partitions) if cache is not None else None
+        self.in_flight = in_flight or {}
         self.pending: dict[Key, tuple[int, list[HistoryEvent]]] = {}
 
     def get(self, key: Key, partition: int) -> list[HistoryEvent] | None:
         pending = self.pending.get(key)
+        if pending is None and (pending := self.in_flight.get(key)) is not None and self.cache is not None:
+            self.cache.note_hit()
         if pending is not None:
             return pending[1] if pending[0] == partition else None
         return self.cache.get(key, partition) if self.cache is not None else None

@@ -101,89 +101,133 @@ def _history_event(row: Mapping[str, Any]) -> HistoryEvent:
     return HistoryEvent(type=row["type"], occurred_at=row["occurred_at"], data=row["payload"], id=row["event_id"])
 
 
-def process_batch(
-    session: Session, records: Sequence[EventRecord], predictor: Predictor, bands: Bands, as_of: datetime,
-    *, histories: BatchHistories | None = None, partitions: Sequence[int] | None = None,
-) -> BatchOutcome:
-    """Store the events (insert-if-absent), recompute the affected customers' features from
-    their history as of `as_of`, score them, store features and scores. Returns one score
-    per distinct event; a duplicate event is re-scored under its original score_id.
+@dataclass
+class BatchPlan:
+    """What a batch of events produces, computed before any of it is written (plan_batch):
+    the event rows to store, which of them are new to the stored history, the customers'
+    features and the scores. write_batch stores the features and scores."""
 
-    A customer's history comes from `histories` (the consumer's cache, by the partition the
-    record came on: `partitions`, parallel to `records`) plus the events this batch stored,
-    or else from the database; either way it is the stored history, and the features are
-    compute_features(stored history, as_of). The histories used are left in `histories`
-    for the caller to keep once the transaction committed."""
+    rows: list[dict[str, Any]]  # one per distinct (tenant, event id)
+    new: set[tuple[str, str]]  # (tenant_id, event_id) of the rows the stored history lacks
+    features: dict[str, dict[str, dict[str, float]]]  # tenant -> customer -> vector
+    as_of: datetime
+    outcome: BatchOutcome
+
+
+def plan_batch(
+    session: Session, records: Sequence[EventRecord], predictor: Predictor, bands: Bands, as_of: datetime,
+    *, histories: BatchHistories | None = None, partitions: Sequence[int] | None = None, store_first: bool = False,
+) -> BatchPlan:
+    """Recompute the affected customers' features from their history as of `as_of` and score
+    them: one score per distinct event; a duplicate event is re-scored under its original
+    score_id.
+
+    A customer's history comes from `histories` (the consumer's cache and the batch in flight,
+    by the partition the record came on: `partitions`, parallel to `records`), or else from
+    the database; either way it is the stored history, and the features are
+    compute_features(stored history + this batch's new events, as_of). The histories used are
+    left in `histories` for the caller to keep once the batch is committed.
+
+    `store_first`: insert the events first (insert-if-absent), and the database says which are
+    new. Otherwise nothing is written, and an event is new when its customer's stored history
+    does not hold its id; the caller stores `rows` later and checks that the database agrees."""
     histories = histories if histories is not None else BatchHistories()
-    distinct: dict[tuple[str, str], EventRecord] = {}
-    partition_of: dict[tuple[str, str], int] = {}
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    partition_of: dict[tuple[str, str], int] = {}
     for i, record in enumerate(records):
         key = (record.tenant_id, record.event.id)
-        if key not in distinct:
-            distinct[key] = record
+        if key not in rows:
             rows[key] = _event_row(record)
         partition_of.setdefault((record.tenant_id, record.event.customer_id), partitions[i] if partitions else -1)
-    inserted = repository.insert_events(session, list(rows.values()))
-    outcome = BatchOutcome(
-        scores=[],
-        events_by_type=Counter(r.event.type for r in records),
-        duplicates=len(records) - len(inserted),
-    )
-
-    new_events: dict[tuple[str, str], list[HistoryEvent]] = defaultdict(list)
-    for key in inserted:
-        row = rows[key]
-        new_events[(row["tenant_id"], row["customer_id"])].append(_history_event(row))
+    inserted = repository.insert_events(session, list(rows.values())) if store_first else None
 
     started = time.perf_counter()
     customers = sorted(partition_of)
-    current: dict[tuple[str, str], list[HistoryEvent]] = {}
+    stored: dict[tuple[str, str], list[HistoryEvent]] = {}
     missing: dict[str, list[str]] = defaultdict(list)
     for key in customers:
         cached = histories.get(key, partition_of[key])
         if cached is None:
             missing[key[0]].append(key[1])
-        elif key in new_events:  # the cache has the history before this batch: add what it stored
-            current[key] = sorted([*cached, *new_events[key]], key=HistoryEvent.sort_key)
         else:
-            current[key] = cached
-    for tenant_id, ids in missing.items():  # the stored history, this batch's events included
+            stored[key] = cached
+    for tenant_id, ids in missing.items():
         loaded = repository.load_histories(session, tenant_id, ids)
         for customer in ids:
-            current[(tenant_id, customer)] = sorted(loaded.get(customer, []), key=HistoryEvent.sort_key)
+            stored[(tenant_id, customer)] = sorted(loaded.get(customer, []), key=HistoryEvent.sort_key)
+    # histories read from the database after store_first's insert already hold the batch's events
+    holds_batch = {(t, c) for t, ids in missing.items() for c in ids} if store_first else set()
+    if inserted is None:
+        inserted = set()
+        stored_ids: dict[tuple[str, str], set[str]] = {}
+        for key, row in rows.items():
+            owner = (row["tenant_id"], row["customer_id"])
+            ids_of_owner = stored_ids.get(owner)
+            if ids_of_owner is None:
+                ids_of_owner = stored_ids[owner] = {event.id for event in stored[owner]}
+            if row["event_id"] not in ids_of_owner:
+                inserted.add(key)
+    new_events: dict[tuple[str, str], list[HistoryEvent]] = defaultdict(list)
+    for key in inserted:
+        row = rows[key]
+        owner = (row["tenant_id"], row["customer_id"])
+        if owner not in holds_batch:
+            new_events[owner].append(_history_event(row))
+
     vectors: list[dict[str, float]] = []
     for key in customers:
-        histories.put(key, partition_of[key], current[key])
-        vectors.append(features_as_of(current[key], as_of))
+        current = stored[key]
+        if key in new_events:
+            current = sorted([*current, *new_events[key]], key=HistoryEvent.sort_key)
+        histories.put(key, partition_of[key], current)
+        vectors.append(features_as_of(current, as_of))
     # one model call for the scores and their reasons (= predictor.predict, then reasons.explain)
     probabilities, explanations = reasons.score_and_explain(
         predictor.estimator, predictor.feature_names, vectors, reference=reasons.reference_of(predictor))
-    outcome.scoring_seconds = time.perf_counter() - started
+    outcome = BatchOutcome(
+        scores=[], events_by_type=Counter(r.event.type for r in records), duplicates=len(records) - len(inserted),
+        scoring_seconds=time.perf_counter() - started,
+    )
     scored = {key: (p, v, r) for key, p, v, r in zip(customers, probabilities, vectors, explanations, strict=True)}
 
-    by_tenant: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    features: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     for (tenant_id, customer), (_, vector, _) in scored.items():
-        by_tenant[tenant_id][customer] = vector
-    for tenant_id, features in by_tenant.items():
-        repository.upsert_features(session, tenant_id, features, as_of)
-    for (tenant_id, event_id), record in distinct.items():
-        probability, vector, why = scored[(tenant_id, record.event.customer_id)]
+        features[tenant_id][customer] = vector
+    for (tenant_id, event_id), row in rows.items():
+        probability, vector, why = scored[(tenant_id, row["customer_id"])]
         outcome.scores.append(ScoreRecord(
             score_id=score_id_for(tenant_id, event_id), tenant_id=tenant_id,
-            customer_id=record.event.customer_id, probability=probability, band=bands.band(probability),
+            customer_id=row["customer_id"], probability=probability, band=bands.band(probability),
             model_version=predictor.version, scored_at=as_of, cause="event", event_id=event_id,
             features=vector, reasons=why,
         ))
+    return BatchPlan(rows=list(rows.values()), new=inserted, features=dict(features), as_of=as_of, outcome=outcome)
+
+
+def write_batch(session: Session, plan: BatchPlan) -> None:
+    """Store a planned batch's features and scores (its events are stored by the caller)."""
+    for tenant_id, features in plan.features.items():
+        repository.upsert_features(session, tenant_id, features, plan.as_of)
     repository.upsert_scores(session, [
         {
             "score_id": s.score_id, "tenant_id": s.tenant_id, "customer_id": s.customer_id,
             "probability": s.probability, "band": s.band, "model_version": s.model_version,
             "scored_at": s.scored_at, "event_id": s.event_id, "reasons": s.reasons,
         }
-        for s in outcome.scores
+        for s in plan.outcome.scores
     ])
-    return outcome
+
+
+def process_batch(
+    session: Session, records: Sequence[EventRecord], predictor: Predictor, bands: Bands, as_of: datetime,
+    *, histories: BatchHistories | None = None, partitions: Sequence[int] | None = None,
+) -> BatchOutcome:
+    """Store the events (insert-if-absent), recompute the affected customers' features, score
+    them, store features and scores, in the caller's transaction (plan_batch, write_batch)."""
+    plan = plan_batch(session, records, predictor, bands, as_of, histories=histories, partitions=partitions,
+                      store_first=True)
+    write_batch(session, plan)
+    return plan.outcome
 
 
 @dataclass(frozen=True)

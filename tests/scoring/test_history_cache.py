@@ -2,13 +2,16 @@
 batch split, redeliveries, rebalances, the cache bound, imports, purges or erasures, the stored
 features are compute_features(the stored history, as_of), and the cache only holds what the
 database holds. Real database (PostgreSQL when reachable), no broker: the consumer's
-transaction (`ScoringConsumer.process`) is called directly with the partitions records came on.
+transaction (`ScoringConsumer.process`), or its two halves (`plan`, then `write`, with the next
+batch planned before the previous one is written, as the consume loop runs them), is called
+directly with the partitions records came on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -21,7 +24,7 @@ from sqlalchemy import Engine
 
 from services.scoring import erasure, repository, service
 from services.scoring.config import ScoringSettings
-from services.scoring.consumer import ScoringConsumer
+from services.scoring.consumer import EarlierWriteFailed, HistoryMismatch, ScoringConsumer
 from services.scoring.features import HistoryEvent, compute_features
 from services.scoring.history_cache import HistoryCache
 from services.scoring.model import Predictor, TrainedModel
@@ -90,6 +93,19 @@ def process(consumer: ScoringConsumer, world: World, records: list[Any]) -> serv
     customers = [r.customer_id if isinstance(r, ErasureRecord) else r.event.customer_id for r in records]
     outcome, _, _ = consumer.process(records, [partition_of(c) for c in customers], world.predictor)
     return outcome
+
+
+def plan_and_write(consumer: ScoringConsumer, world: World, batches: list[list[EventRecord]]) -> None:
+    """Each batch planned on top of the one before, not written yet (its histories in flight),
+    then all written in order: how the consume loop overlaps a batch's computation with the
+    previous one's write."""
+    planned, in_flight = [], None
+    for batch in batches:
+        planned.append(consumer.plan(batch, [partition_of(r.event.customer_id) for r in batch], world.predictor,
+                                     in_flight, consumer._write_epoch))
+        in_flight = planned[-1].histories.pending
+    for each in planned:
+        consumer.write(each)
 
 
 def assert_features_are_from_scratch(world: World, tenant: str, customer: str, as_of: datetime) -> None:
@@ -172,6 +188,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         })
     return {"history": history, "deliveries": deliveries, "cuts": cuts, "steps": steps,
             "cache_events": draw(st.sampled_from([0, 6, 25, 100_000])),
+            "pipelined": draw(st.booleans()),
             "start": BASE - timedelta(days=draw(st.integers(0, 200)))}
 
 
@@ -199,7 +216,11 @@ def test_features_with_the_history_cache_are_compute_features_of_the_stored_hist
         elif consumer.cache is not None and step["rebalance"] is not None:
             consumer.cache.partitions_revoked([step["rebalance"]])
             consumer.cache.partitions_assigned([step["rebalance"]])
-        process(consumer, world, batch)
+        if scenario["pipelined"]:  # the batch in two halves, the second planned before the first is written
+            plan_and_write(consumer, world, [part for part in (batch[: len(batch) // 2], batch[len(batch) // 2:])
+                                             if part])
+        else:
+            process(consumer, world, batch)
         as_of = clock.now()
         for r in batch:
             seen.setdefault(r.event.customer_id, {}).setdefault(r.event.id, r.event)
@@ -324,3 +345,57 @@ def test_dates_in_the_future_of_the_clock_stay_in_the_history_but_not_in_the_fea
     process(consumer, world, [record(tenant, "c-1", "session.recorded", BASE, {}, "s-1")])
     assert world.stored_features(tenant, "c-1")[0]["orders_30d"] == 2.0
     assert_features_are_from_scratch(world, tenant, "c-1", clock.now())
+
+
+def test_a_batch_planned_on_a_write_that_fails_is_not_written_and_is_redone_in_one_transaction(world: World) -> None:
+    tenant, clock = f"t-{uuid.uuid4().hex[:10]}", ManualClock(BASE)
+    consumer = world.consumer(1000, clock)
+    assert consumer.cache is not None
+    process(consumer, world, [order(tenant, "c-1", 40)])
+    first = [order(tenant, "c-1", 20, "e-20"), order(tenant, "c-2", 20)]
+    second = [order(tenant, "c-1", 10), order(tenant, "c-3", 10)]
+    in_flight = consumer.plan(first, [partition_of("c-1"), partition_of("c-2")], world.predictor, None, 0)
+    on_top = consumer.plan(second, [partition_of("c-1"), partition_of("c-3")], world.predictor,
+                           in_flight.histories.pending, 0)
+    assert on_top.plan.features[tenant]["c-1"]["orders_30d"] == 2.0  # sees the batch in flight
+    # meanwhile someone else stores one of the first batch's events (not through the consumer)
+    with session_scope(world.engine) as session:
+        repository.insert_events(session, [in_flight.plan.rows[0]])
+    with pytest.raises(HistoryMismatch):
+        consumer.write(in_flight)
+    with pytest.raises(EarlierWriteFailed):
+        consumer.write(on_top)
+    assert [e.id for e in world.stored_history(tenant, "c-3")] == []  # nothing of the second batch
+    assert consumer._careful and consumer.cache.customers == 0  # the cache was wrong: dropped
+    # the consume loop rewinds; the batches are redone in one transaction each, after the writes before
+    for batch in (first, second):
+        consumer._process_in_turn(batch, [partition_of(r.event.customer_id) for r in batch], world.predictor,
+                                  consumer._write_epoch)
+    assert not consumer._careful  # a batch went through: the next ones are pipelined again
+    for customer in ("c-1", "c-2", "c-3"):
+        assert_features_are_from_scratch(world, tenant, customer, clock.now())
+    assert world.stored_features(tenant, "c-1")[0]["orders_30d"] == 2.0
+    assert_cache_holds_the_stored_histories(world, tenant, consumer.cache)
+
+
+def test_a_purge_while_a_batch_is_in_flight_keeps_its_stale_histories_out_of_the_cache(world: World) -> None:
+    tenant, clock = f"t-{uuid.uuid4().hex[:10]}", ManualClock(BASE)
+    consumer = world.consumer(1000, clock)
+    assert consumer.cache is not None
+    process(consumer, world, [order(tenant, "c-1", 400)])
+    in_flight = consumer.plan([order(tenant, "c-1", 5)], [partition_of("c-1")], world.predictor, None, 0)
+    settings = ScoringSettings(database=DatabaseSettings(database_url=world.database_url),
+                               history_retention_days=365)
+    assert asyncio.run(HistoryPurger(settings, world.engine, clock).run_once()).purged == {tenant: 1}
+    # the next batch is planned while the one in flight is written, and sees the purge: it waits for
+    # that write and reads the database; the history in flight (with the purged order) stays out
+    # of the cache
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        writing = writer.submit(consumer.write, in_flight)
+        on_top = consumer.plan([order(tenant, "c-1", 1)], [partition_of("c-1")], world.predictor,
+                               in_flight.histories.pending, 0, writing)
+        writing.result()
+    consumer.write(on_top)
+    assert_features_are_from_scratch(world, tenant, "c-1", clock.now())
+    assert world.stored_features(tenant, "c-1")[0]["orders_365d"] == 2.0
+    assert_cache_holds_the_stored_histories(world, tenant, consumer.cache)
