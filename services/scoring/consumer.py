@@ -96,6 +96,8 @@ class ScoringConsumer:
     def __init__(self, settings: ScoringSettings, engine: Engine, publisher: Publisher, clock: Clock) -> None:
         self.settings = settings
         self.engine = engine
+        # `plan` only reads, each read on its own: no transaction to begin and end per batch
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.publisher = publisher
         self.clock = clock
         self.bands = service.Bands(high=settings.high_threshold, medium=settings.medium_threshold)
@@ -285,7 +287,7 @@ class ScoringConsumer:
         now = self.clock.now()
         events = [r for r in records if isinstance(r, EventRecord)]
         assert len(events) == len(records), "a batch with an erasure record is processed in one transaction"
-        with session_scope(self.engine) as session:
+        with session_scope(self._reader) as session:
             if self.cache is not None:
                 moved = self.cache.check_marks(repository.history_marks(session, {r.tenant_id for r in events}))
                 if moved and in_flight and any(key[0] in moved for key in in_flight):
