@@ -302,6 +302,8 @@ def test_an_erasure_in_the_batch_drops_the_history_and_later_events_are_not_cach
     assert world.stored_history(tenant, "c-1") == [] and world.stored_features(tenant, "c-1") is None
     process(consumer, world, [order(tenant, "c-1", 1)])  # suppressed: the tombstone stays
     assert world.stored_history(tenant, "c-1") == [] and (tenant, "c-1") not in consumer.cache._entries
+    plan_and_write(consumer, world, [[order(tenant, "c-1", 1)]])  # computed beside a write: suppressed too
+    assert world.stored_history(tenant, "c-1") == [] and (tenant, "c-1") not in consumer.cache._entries
     with session_scope(world.engine) as session:
         assert erasure.drop_erased(session, [order(tenant, "c-1", 1)])[1] == 1
     assert_features_are_from_scratch(world, tenant, "c-2", clock.now())
