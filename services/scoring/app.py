@@ -57,7 +57,7 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
                 {"database": database, "broker": publisher.ping, "model": model, "consumer": consumer}
             )
             # Frozen at each model load (consumer.refresh_model); unfrozen when the app stops.
-            with settled_heap(young_threshold=None):
+            with settled_heap():
                 yield {"engine": engine, "scoring": scoring, "sweeper": sweeper, "purger": purger}
         finally:
             app.state.readiness.clear()

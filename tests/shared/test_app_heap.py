@@ -13,16 +13,16 @@ from shared.app import freeze_heap, settled_heap
 def test_the_heap_is_frozen_and_young_collections_rarer_only_inside() -> None:
     before = gc.get_threshold()
     assert gc.get_freeze_count() == 0
-    with settled_heap(young_threshold=12_345):
+    with settled_heap(young_threshold=12_345, full_threshold=77):
         assert gc.get_freeze_count() > 0  # what was built so far is out of the collector's sight
-        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_threshold() == (12_345, before[1], 77)
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0  # collectable again once the app is gone
 
 
 def test_keeping_the_thresholds_only_freezes() -> None:
     before = gc.get_threshold()
-    with settled_heap(young_threshold=None):
+    with settled_heap(young_threshold=None, full_threshold=None):
         assert gc.get_freeze_count() > 0 and gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
 
