@@ -6,10 +6,10 @@ default options, the sweep off), on SQLite and on PostgreSQL (a fresh database o
 127.0.0.1:5432, created and dropped by the run):
 
 1. reference: a bare aiokafka consumer (the services' own `consumer_options`, its own group)
-   reading the same events from the same topic, once only reading, once also decoding each
-   `EventRecord`;
+   reading the same events, once only reading, once also decoding each `EventRecord`;
 2. throughput: a backlog of events (many customers, several events each, mixed types) is on the
-   topic; a scoring instance with a fresh group works through it. Events/s from its first
+   topic (each backend gets topics of its own, with the same backlog, so the second does not
+   also read the first's latency events); a scoring instance with a fresh group works through it. Events/s from its first
    processed event to the last, from its own counter (`churnguard_scoring_events_processed_total`);
 3. latency: single events published at a fixed rate (open loop: on schedule whether or not the
    instance keeps up), each matched to its ScoreRecord on `churn-scores`; latency counts from the
@@ -520,7 +520,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 url = f"sqlite:///{workdir / 'scoring.db'}"
             register(url, trained)
-            instance = Instance(backend, url, kafka, workdir)
+            # Each backend works through the same backlog on topics of its own: on shared topics the
+            # second would also read the first's latency events, its customers' histories longer
+            # (the cost of scoring an event grows with its customer's history)
+            own = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers,
+                                topic_prefix=f"bench{uuid.uuid4().hex[:6]}-")
+            asyncio.run(ensure_topics(own, with_dead_letters()))
+            asyncio.run(produce(own, messages))
+            produced = len(messages)
+            instance = Instance(backend, url, own, workdir)
             print(f"scoring on {backend}: working through {produced:,} events ...", flush=True)
             instance.start()
             try:
@@ -529,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {fmt(row['throughput']['events_per_s'])} events/s", flush=True)
                 for rate in args.rates:
                     before = instance.processed()
-                    lat = asyncio.run(latency(kafka, instance, rate, 2.0, args.latency_duration,
+                    lat = asyncio.run(latency(own, instance, rate, 2.0, args.latency_duration,
                                               args.customers, produced))
                     produced += int(rate * 2.0) + int(rate * args.latency_duration)
                     lat["processed"] = instance.processed() - before
