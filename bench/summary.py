@@ -46,10 +46,10 @@ class Goal:
     text: str
     threshold: float
     op: str  # ">=" or "<"
-    on: str  # "ratio" or "value": what the threshold is compared with
+    on: str  # "ratio", "value" or "bound" (a confidence interval's end): what the threshold is compared with
 
-    def met(self, value: float | None, ratio: float | None) -> bool | None:
-        subject = ratio if self.on == "ratio" else value
+    def met(self, value: float | None, ratio: float | None, bound: float | None = None) -> bool | None:
+        subject = {"ratio": ratio, "value": value, "bound": bound}[self.on]
         if subject is None:
             return None
         return subject >= self.threshold if self.op == ">=" else subject < self.threshold
@@ -63,6 +63,7 @@ GOALS = {
     "scoring_p99_1000": Goal("p99 < 100 ms at 1,000/s (#4)", 100.0, "<", "value"),
     "webhook_p99_200": Goal("p99 < 500 ms at 200/s (#5, #8)", 500.0, "<", "value"),
     "outbox_vs_bare": Goal(">= 0.5 of the fastest bare client (#5)", 0.50, ">=", "ratio"),
+    "hanging_change": Goal("< 10% slower beside a hanging receiver, 95% interval (#5)", 1.10, "<", "bound"),
     "rss": Goal(f"< {RSS_LIMIT_MB:.0f} MB RSS (#8)", RSS_LIMIT_MB, "<", "value"),
 }
 
@@ -79,10 +80,11 @@ class Row:
     goal: str | None = None  # a key of GOALS
     met: bool | None = None
     note: str = ""
+    bound: float | None = None  # the upper end of the ratio's 95% interval, where there is one
 
     def judge(self) -> Row:
         if self.goal is not None:
-            self.met = GOALS[self.goal].met(self.ours, self.ratio)
+            self.met = GOALS[self.goal].met(self.ours, self.ratio, self.bound)
         return self
 
 
@@ -199,6 +201,17 @@ def actions_rows(data: dict[str, Any] | None, why: str) -> list[Row]:
     if not rows:
         rows.append(_missing(part, "webhook deliveries/s through the outbox", "outbox_vs_bare",
                              "no throughput rows in actions.json"))
+    what = "healthy receiver's commit -> receiver p99 ms beside a hanging one (runs pooled)"
+    pooled = (data.get("latency_summary") or {}).get("pooled")
+    if pooled is None:
+        rows.append(_missing(part, what, "hanging_change", "no pooled latency comparison in actions.json"))
+    else:
+        low, high = pooled["ci95"]
+        rows.append(Row(part, what, pooled["hanging_p99_ms"], f"{pooled['hanging_p99_ms']:.1f}",
+                        pooled["healthy_p99_ms"], f"{pooled['healthy_p99_ms']:.1f} ms beside a healthy one",
+                        _ratio(pooled["hanging_p99_ms"], pooled["healthy_p99_ms"]), "hanging_change",
+                        note=f"change {pooled['change']:+.1%}, 95% interval {low:+.1%} to {high:+.1%}",
+                        bound=1 + high).judge())
     return rows
 
 
