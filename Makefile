@@ -49,7 +49,7 @@ k8s-validate: $(STAMP)
 # Ingest throughput and latency on a real broker and real service processes (~2.5 min; wrk is
 # installed when missing, see bench-tools). Writes bench/results/ingest.json, docs/benchmarks.md.
 # Then scoring (bench-scoring), actions (bench-actions), the whole pipeline (bench-pipeline), and
-# last the one summary table of all four (bench-summary). About 10 minutes in all.
+# last the one summary table of all four (bench-summary). About 12 minutes in all.
 bench: $(STAMP) bench-tools
 	$(BIN)/python -m bench.ingest
 	$(MAKE) bench-scoring

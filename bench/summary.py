@@ -36,7 +36,7 @@ PARTS = ("ingest", "scoring", "actions", "pipeline")
 COMMANDS = {"ingest": "bench.ingest", "scoring": "bench.scoring", "actions": "bench.actions",
             "pipeline": "bench.pipeline"}
 DATE_FORMAT = "%Y-%m-%d %H:%M UTC"
-# A `make bench` run takes about ten minutes: result files further apart than this are not one run.
+# A `make bench` run takes about twelve minutes: result files further apart than 30 minutes are not one run.
 MAX_SPREAD_MIN = 30.0
 RSS_LIMIT_MB = 250.0
 
