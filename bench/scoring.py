@@ -266,6 +266,20 @@ def hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float |
     return round(hits / (hits + misses), 3) if hits + misses else None
 
 
+CLOSE_POLL_S = 0.02
+FAR_POLL_S = 0.25
+
+
+def next_poll_s(count: int, total: int, rate: float | None) -> float:
+    """How long to wait before reading the counter again: often while the first or the last
+    events may be processed (the measured interval starts and ends at a reading), seldom in
+    between. Every reading is a /metrics request the instance serves on its own event loop
+    (~1.5 ms): read 20 times a second throughout, they took ~4% of the time it had for events."""
+    if count == 0 or not rate:
+        return CLOSE_POLL_S
+    return CLOSE_POLL_S if (total - count) / rate < 2 * FAR_POLL_S else FAR_POLL_S
+
+
 def backlog_throughput(instance: Instance, total: int, timeout_s: float = 300) -> dict[str, Any]:
     """Poll the instance's own counter until it has processed `total` events."""
     lookups_before = instance.cache_lookups()
@@ -280,7 +294,8 @@ def backlog_throughput(instance: Instance, total: int, timeout_s: float = 300) -
             first_at, first_count, cpu_first = now, count, instance.cpu()
         if count >= total:
             break
-        time.sleep(0.05)
+        rate = (count - first_count) / (now - first_at) if first_at is not None and now > first_at else None
+        time.sleep(next_poll_s(count, total, rate))
     end = time.perf_counter()
     if first_at is None or count < total:
         return {"events": count, "seconds": None, "events_per_s": None, "complete": False}
