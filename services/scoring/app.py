@@ -21,14 +21,6 @@ from shared.db import create_tables, make_engine, ping
 from shared.kafka import Publisher
 
 
-YOUNG_GC_THRESHOLD = 200_000
-"""A batch (1,000 events: records, histories, vectors, scores) keeps tens of thousands of
-objects alive while it is computed and written, so with the services' 10,000 (shared.app) every
-young collection walked the batches in flight and promoted them: measured in scoring's bench
-(19,000 events, ~2 s), 36 young and 3 middle collections took 130-240 ms of it (every thread
-stopped meanwhile); with 200,000 none ran, and peak RSS stayed 237-238 MB."""
-
-
 def create_app(settings: ScoringSettings | None = None, clock: Clock | None = None) -> FastAPI:
     settings = settings or ScoringSettings()
     clock = clock or SystemClock()
@@ -65,8 +57,7 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
                 {"database": database, "broker": publisher.ping, "model": model, "consumer": consumer}
             )
             # Frozen at each model load (consumer.refresh_model); unfrozen when the app stops.
-            gil_interval_s = settings.gil_switch_interval_ms / 1000
-            with settled_heap(young_threshold=YOUNG_GC_THRESHOLD), gil_switch_interval(gil_interval_s):
+            with settled_heap(), gil_switch_interval(settings.gil_switch_interval_ms / 1000):
                 yield {"engine": engine, "scoring": scoring, "sweeper": sweeper, "purger": purger}
         finally:
             app.state.readiness.clear()
