@@ -9,7 +9,6 @@ import inspect
 import logging
 import os
 import re
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Annotated, Any
@@ -113,26 +112,6 @@ def settled_heap(
     finally:
         gc.set_threshold(*previous)
         gc.unfreeze()
-
-
-@contextmanager
-def gil_switch_interval(seconds: float) -> Iterator[None]:
-    """For a serving process's lifetime: how long a thread holding the GIL keeps it while
-    another thread waits for it (sys.setswitchinterval; CPython's default 5 ms). Undone on exit.
-
-    For a process whose threads take turns with I/O (scoring: the event loop decoding a poll,
-    one thread computing a batch, one writing the previous batch to the database): each time a
-    thread comes back from a database or socket wait, it waits for whichever thread is
-    computing to reach the end of its interval -- up to 5 ms per round trip, several per batch,
-    while the other threads have nothing to run. Measured in scoring's bench (PostgreSQL,
-    interleaved runs): 1 ms read 10,353-12,525 events/s (6 runs, mean 11,500), the default
-    9,163-12,049 (7 runs, mean 10,400)."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def hot_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

@@ -15,7 +15,7 @@ from services.scoring.retention import HistoryPurger
 from services.scoring.routes import internal_router, router
 from services.scoring.sweeps import Sweeper
 from services.scoring.tables import TABLES
-from shared.app import create_service_app, gil_switch_interval, settled_heap
+from shared.app import create_service_app, settled_heap
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, ping
 from shared.kafka import Publisher
@@ -57,7 +57,7 @@ def create_app(settings: ScoringSettings | None = None, clock: Clock | None = No
                 {"database": database, "broker": publisher.ping, "model": model, "consumer": consumer}
             )
             # Frozen at each model load (consumer.refresh_model); unfrozen when the app stops.
-            with settled_heap(), gil_switch_interval(settings.gil_switch_interval_ms / 1000):
+            with settled_heap():
                 yield {"engine": engine, "scoring": scoring, "sweeper": sweeper, "purger": purger}
         finally:
             app.state.readiness.clear()

@@ -50,11 +50,6 @@ class ScoringSettings(BaseSettings):
         "stored and scored in one transaction, one model call. Larger batches cost less per event only where a "
         "batch holds several events of one customer (scored once), and cost resident memory"
     )
-    gil_switch_interval_ms: float = Field(
-        1.0, gt=0.0, le=100.0, description="how long a thread may keep Python's GIL while another waits "
-        "for it (CPython's default: 5 ms); shorter lets the consumer's threads come back from database and "
-        "broker waits sooner (shared.app.gil_switch_interval)"
-    )
     port: int = 8002
     # The registry is shared by every tenant: only these tenants may promote or roll back.
     model_admin_tenants: list[str] = Field(default_factory=list)

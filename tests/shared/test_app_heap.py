@@ -1,13 +1,13 @@
 """settled_heap: a serving process's collector settings for its lifetime, undone after; freeze_heap,
-which it and scoring's model loads use; gil_switch_interval, the same for the GIL's switch interval."""
+which it and scoring's model loads use."""
 
 from __future__ import annotations
 
 import gc
-import sys
+
 import weakref
 
-from shared.app import freeze_heap, gil_switch_interval, settled_heap
+from shared.app import freeze_heap, settled_heap
 
 
 def test_the_heap_is_frozen_and_young_collections_rarer_only_inside() -> None:
@@ -43,10 +43,3 @@ def test_freezing_collects_cyclic_garbage_first_and_freezes_what_is_alive() -> N
         assert gc.get_freeze_count() >= len(alive)
     finally:
         gc.unfreeze()
-
-
-def test_the_switch_interval_holds_inside_only() -> None:
-    before = sys.getswitchinterval()
-    with gil_switch_interval(0.00125):
-        assert sys.getswitchinterval() == 0.00125
-    assert sys.getswitchinterval() == before
