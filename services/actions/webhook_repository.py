@@ -373,6 +373,66 @@ async def book_delivered_pg(
     return {row[0] for row in await cursor.fetchall()}
 
 
+# Failed attempts that reschedule (next_at) or park (next_at NULL) their delivery, with their
+# attempt-log rows; only rows still pending at the attempt count the worker claimed them at.
+_PG_FAILED = """
+WITH booked AS (
+  UPDATE actions_deliveries AS d
+  SET attempts = d.attempts + 1, last_status_code = r.status_code, last_error = r.last_error,
+      status = CASE WHEN r.next_at IS NULL THEN 'parked' ELSE 'pending' END,
+      next_attempt_at = coalesce(r.next_at, d.next_attempt_at)
+  FROM unnest(%(ids)s::varchar[], %(attempts)s::int[], %(codes)s::int[], %(latency)s::float8[],
+              %(outcomes)s::varchar[], %(errors)s::varchar[], %(last_errors)s::varchar[],
+              %(next_at)s::timestamptz[])
+       AS r(delivery_id, attempts, status_code, latency_ms, outcome, error, last_error, next_at)
+  WHERE d.delivery_id = r.delivery_id AND d.status = 'pending' AND d.attempts = r.attempts
+  RETURNING d.delivery_id, d.tenant_id, r.outcome, r.status_code, r.error, r.latency_ms
+)
+INSERT INTO actions_delivery_attempts
+  (delivery_id, tenant_id, outcome, status_code, error, latency_ms, attempted_at)
+SELECT delivery_id, tenant_id, outcome, status_code, error, latency_ms, %(now)s FROM booked
+RETURNING delivery_id
+"""
+
+
+async def book_failed_pg(
+    connection: AsyncConnection[Any],
+    booked: Sequence[tuple[str, int, int | None, float, str, str, str, datetime | None]],
+    now: datetime,
+) -> set[str]:
+    """Failed attempts (delivery id, attempts before, status code, latency ms, outcome, error
+    for the log, last error for the delivery, next attempt or None to park) in one statement on
+    a psycopg connection outside a transaction. Returns the ids of the booked ones."""
+    if not booked:
+        return set()
+    columns = list(zip(*booked, strict=True))
+    cursor = await connection.execute(_PG_FAILED, {
+        "now": now, "ids": list(columns[0]), "attempts": list(columns[1]),
+        "codes": list(columns[2]), "latency": list(columns[3]), "outcomes": list(columns[4]),
+        "errors": list(columns[5]), "last_errors": list(columns[6]), "next_at": list(columns[7]),
+    })
+    return {row[0] for row in await cursor.fetchall()}
+
+
+_PG_RELEASE = """
+UPDATE actions_deliveries AS d SET next_attempt_at = %(at)s
+FROM unnest(%(ids)s::varchar[], %(attempts)s::int[]) AS r(delivery_id, attempts)
+WHERE d.delivery_id = r.delivery_id AND d.status = 'pending' AND d.attempts = r.attempts
+"""
+
+
+async def release_pg(
+    connection: AsyncConnection[Any], claimed: Sequence[tuple[str, int]], at: datetime
+) -> int:
+    """Claimed rows (delivery id, attempts at the claim) not attempted: due again at `at`, if
+    still pending at that attempt count. One statement outside a transaction; returns how many."""
+    if not claimed:
+        return 0
+    cursor = await connection.execute(_PG_RELEASE, {
+        "at": at, "ids": [c[0] for c in claimed], "attempts": [c[1] for c in claimed]})
+    return cursor.rowcount
+
+
 # `defer_due_deliveries` for several subscriptions in one statement (each row through the
 # (subscription_id, offer_id) index, as there).
 _PG_DEFER = """

@@ -574,6 +574,58 @@ class RetryPolicy:
     rng: Callable[[], float] = random.random
 
 
+@dataclass(frozen=True)
+class FailedAttempt:
+    """What a failed attempt (not 2xx, not 410) does to its delivery: retried at
+    `next_attempt_at`, or parked once the schedule is spent. `error` goes to the attempt log,
+    `last_error` on the delivery."""
+
+    outcome: AttemptOutcome
+    error: str
+    last_error: str
+    next_attempt_at: datetime | None  # None: parked
+
+
+def decide_failure(
+    attempts: int, result: AttemptResult, now: datetime, policy: RetryPolicy
+) -> FailedAttempt:
+    """`attempts`: the delivery's attempts including this one."""
+    error = result.error or f"receiver answered HTTP {result.status_code}"
+    delay = retry_delay(attempts, policy.schedule, policy.jitter, policy.rng)
+    if delay is None:
+        reason = f"retry schedule exhausted after {attempts} attempts; last error: {error}"
+        return FailedAttempt("parked", error, reason[:MAX_ERROR_CHARS], None)
+    outcome: AttemptOutcome = "error" if result.error else "failed"
+    if result.status_code in (429, 503):
+        outcome = "rate_limited"
+        wait = parse_retry_after(result.retry_after, now)
+        if wait is not None:
+            delay = max(delay, timedelta(seconds=min(wait, policy.retry_after_cap_s)))
+            error = f"{error}; Retry-After {result.retry_after}"
+    return FailedAttempt(outcome, error, error[:MAX_ERROR_CHARS], now + delay)
+
+
+async def record_failures_pg(
+    connection: AsyncConnection[Any],
+    attempts: Sequence[tuple[ClaimedDelivery, AttemptResult]],
+    now: datetime,
+    policy: RetryPolicy,
+) -> list[AttemptOutcome]:
+    """Book failed attempts that only reschedule or park their delivery (not 410, which disables
+    the subscription: `record_attempts`) in one statement (PostgreSQL, on a psycopg connection
+    outside a transaction), with their attempt-log rows; "stale" for a delivery replayed, parked
+    or booked elsewhere meanwhile."""
+    decided = [decide_failure(claimed.attempts + 1, result, now, policy)
+               for claimed, result in attempts]
+    booked = await repo.book_failed_pg(connection, [
+        (claimed.delivery_id, claimed.attempts, result.status_code, round(result.latency_ms, 3),
+         failed.outcome, failed.error[:MAX_ERROR_CHARS], failed.last_error, failed.next_attempt_at)
+        for (claimed, result), failed in zip(attempts, decided, strict=True)
+    ], now)
+    return [failed.outcome if claimed.delivery_id in booked else "stale"
+            for (claimed, _), failed in zip(attempts, decided, strict=True)]
+
+
 def record_attempt(
     session: Session,
     claimed: ClaimedDelivery,
@@ -692,24 +744,13 @@ def _book(
         _park(row, GONE_REASON)
         outcome = "gone"
     else:
-        assert error is not None
-        delay = retry_delay(row.attempts, policy.schedule, policy.jitter, policy.rng)
-        if delay is None:
-            _park(
-                row, f"retry schedule exhausted after {row.attempts} attempts; last error: {error}"
-            )
-            outcome = "parked"
+        decided = decide_failure(row.attempts, result, now, policy)
+        outcome, error = decided.outcome, decided.error
+        row.last_error = decided.last_error
+        if decided.next_attempt_at is None:
+            row.status = "parked"
         else:
-            outcome = "error" if result.error else "failed"
-            if result.status_code in (429, 503):
-                outcome = "rate_limited"
-                wait = parse_retry_after(result.retry_after, now)
-                if wait is not None:
-                    honoured = timedelta(seconds=min(wait, policy.retry_after_cap_s))
-                    delay = max(delay, honoured)
-                    error = f"{error}; Retry-After {result.retry_after}"
-            row.last_error = error[:MAX_ERROR_CHARS]
-            row.next_attempt_at = now + delay
+            row.next_attempt_at = decided.next_attempt_at
     session.add(row)
     session.add(
         ActionsDeliveryAttempt(
@@ -723,6 +764,14 @@ def _book(
         )
     )
     return outcome
+
+
+async def release_claims_pg(
+    connection: AsyncConnection[Any], claimed: Sequence[ClaimedDelivery], now: datetime
+) -> int:
+    """`release_claims` in one statement (PostgreSQL, on a psycopg connection outside a
+    transaction)."""
+    return await repo.release_pg(connection, [(c.delivery_id, c.attempts) for c in claimed], now)
 
 
 def release_claims(session: Session, claimed: Sequence[ClaimedDelivery], now: datetime) -> int:

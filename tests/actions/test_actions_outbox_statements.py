@@ -1,5 +1,6 @@
-"""The delivery worker's one-statement claim and booking on PostgreSQL (`claim_due_deliveries_pg`,
-`record_successes_pg`), on a real database: what the portable session path does (rooms per
+"""The delivery worker's one-statement claim, bookings and release on PostgreSQL
+(`claim_due_deliveries_pg`, `record_successes_pg`, `record_failures_pg`, `release_claims_pg`), on a
+real database: what the portable session path does (rooms per
 endpoint, parking rows of inactive subscriptions, the lease, previous secrets inside a rotation)
 in one statement each; and many outcomes booked in one statement. SQLite keeps the portable path
 (its own tests are the worker tests in the other files), so these are skipped there."""
@@ -200,6 +201,100 @@ async def test_many_successes_are_booked_in_one_statement_and_a_changed_delivery
         conn, [(c, AttemptResult(status_code=204)) for c in claimed[1:]], now
     ))
     assert again == ["stale"] * 19
+
+
+FAILURES = [  # (attempts already made before this claim, what the receiver did)
+    (0, AttemptResult(status_code=500, latency_ms=3.25)),
+    (0, AttemptResult(error="timeout after 15 s", latency_ms=15000.0)),
+    (1, AttemptResult(status_code=503, retry_after="120", latency_ms=1.5)),  # Retry-After wins
+    (1, AttemptResult(status_code=429, retry_after="soon", latency_ms=1.0)),  # unparseable: schedule
+    (2, AttemptResult(status_code=302, latency_ms=0.5)),  # the schedule is spent: parked
+    (0, AttemptResult(error="connection failed: refused", latency_ms=0.25)),  # stale, see below
+]
+
+
+async def _claim_failures(engine: Engine, connection: WorkerConnection) -> list[Any]:
+    subscription_id = _subscribe(engine)
+    ids = _outbox(engine, subscription_id, len(FAILURES), seconds=1)
+    with session_scope(engine) as session:
+        for delivery_id, (before, _) in zip(ids, FAILURES, strict=True):
+            session.execute(text("UPDATE actions_deliveries SET attempts = :n WHERE delivery_id = :id"),
+                            {"n": before, "id": delivery_id})
+    claimed, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, START + timedelta(seconds=10), 100, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    assert [c.delivery_id for c in claimed] == ids
+    with session_scope(engine) as session:  # the last one replayed meanwhile
+        session.execute(text("UPDATE actions_deliveries SET attempts = 5 WHERE delivery_id = :id"),
+                        {"id": ids[-1]})
+    return claimed
+
+
+async def test_failures_booked_in_one_statement_match_the_portable_booking_row_for_row(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    """Retry, Retry-After, parking once the schedule is spent, and a delivery changed meanwhile:
+    the one statement on the loop leaves the deliveries and the attempt log exactly as the
+    portable booking (a thread and a session) does."""
+    engine, connection = pg
+    policy = webhooks.RetryPolicy(schedule=[5.0, 60.0])
+    now = START + timedelta(seconds=11)
+    one = await _claim_failures(engine, connection)
+    portable = await _claim_failures(engine, connection)
+
+    counting: list[Counting] = []
+
+    def book(conn: Any) -> Any:
+        counting.append(Counting(conn))
+        return webhooks.record_failures_pg(
+            counting[0], [(c, r) for c, (_, r) in zip(one, FAILURES, strict=True)], now, policy)
+
+    outcomes = await connection.run(book)
+    assert counting[0].statements == 1
+    with session_scope(engine) as session:
+        expected = webhooks.record_attempts(
+            session, [(c, r) for c, (_, r) in zip(portable, FAILURES, strict=True)], now, policy)
+    assert outcomes == expected == ["failed", "error", "rate_limited", "rate_limited", "parked", "stale"]
+
+    rows = _rows(engine)
+    with session_scope(engine) as session:
+        log = {a.delivery_id: a for a in session.exec(select(ActionsDeliveryAttempt)).all()}
+    fields = ("status", "attempts", "next_attempt_at", "last_error", "last_status_code")
+    for a, b in zip(one, portable, strict=True):
+        assert [getattr(rows[a.delivery_id], f) for f in fields] == \
+            [getattr(rows[b.delivery_id], f) for f in fields]
+        if a is one[-1]:
+            assert a.delivery_id not in log and b.delivery_id not in log  # stale: not logged
+            continue
+        assert (log[a.delivery_id].outcome, log[a.delivery_id].status_code, log[a.delivery_id].error,
+                log[a.delivery_id].latency_ms, log[a.delivery_id].attempted_at) == \
+            (log[b.delivery_id].outcome, log[b.delivery_id].status_code, log[b.delivery_id].error,
+             log[b.delivery_id].latency_ms, log[b.delivery_id].attempted_at)
+    first, _, limited, _, parked, _ = (rows[c.delivery_id] for c in one)
+    assert first.next_attempt_at == now + timedelta(seconds=5) and first.status == "pending"
+    assert limited.next_attempt_at == now + timedelta(seconds=120)
+    assert parked.status == "parked" and parked.last_error.startswith("retry schedule exhausted after 3")
+
+
+async def test_unsent_claims_are_released_in_one_statement_unless_changed_meanwhile(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    engine, connection = pg
+    subscription_id = _subscribe(engine)
+    ids = _outbox(engine, subscription_id, 4)
+    claimed, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
+        conn, START, 100, LEASE, blocked=[], rooms={}, default_room=50,
+    ))
+    with session_scope(engine) as session:  # booked elsewhere meanwhile
+        session.execute(text("UPDATE actions_deliveries SET attempts = 1 WHERE delivery_id = :id"),
+                        {"id": ids[0]})
+    probe_at = START + timedelta(seconds=60)
+    released = await connection.run(
+        lambda conn: webhooks.release_claims_pg(conn, claimed, probe_at))
+    assert released == 3
+    rows = _rows(engine)
+    assert rows[ids[0]].next_attempt_at == START + LEASE  # left with its lease
+    assert all(rows[i].next_attempt_at == probe_at for i in ids[1:])
 
 
 async def test_a_failed_statement_drops_the_connection_and_the_next_use_opens_a_new_one(
