@@ -5,8 +5,9 @@ and without a hanging receiver beside it.
 
 One run, one receiver process (aiohttp, answers 204 at once on /ok, never on /hang), the
 actions delivery worker (`services.actions.delivery.DeliveryWorker`, the service's pooled sender, signing
-every request) in the bench process on PostgreSQL (a fresh database on 127.0.0.1:5432, created
-and dropped by the run; SQLite with `--backend sqlite`):
+every request) in the bench process, with the service's collector settings (`shared.app.settled_heap`),
+on PostgreSQL (a fresh database on 127.0.0.1:5432, created and dropped by the run; SQLite with
+`--backend sqlite`):
 
 1. reference: bare httpx and aiohttp clients, N POSTs of the same signed body with
    `concurrency` requests in flight (closed loop);
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -74,6 +76,7 @@ from services.actions.delivery import DeliveryWorker, PooledSender, signed_heade
 from services.actions.tables import TABLES, ActionsDelivery, ActionsOffer
 from services.actions.url_guard import UrlPolicy
 from services.actions.webhooks import ClaimedDelivery, generate_secret
+from shared.app import settled_heap
 from shared.broker import free_port
 from shared.clock import SystemClock
 from shared.db import create_tables, make_engine, session_scope
@@ -753,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="churnguard-bench-actions-"))
     pg_name: str | None = None
     receiver = Receiver()
+    stack = contextlib.ExitStack()
     try:
         if args.backend == "postgresql":
             pg_name = f"cg_bench_{uuid.uuid4().hex[:10]}"
@@ -763,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
             url = f"sqlite:///{workdir / 'actions.db'}"
         engine = make_engine(url)
         create_tables(engine, TABLES)
+        # The worker runs in this process: with the collector settings the actions service
+        # serves with (startup's objects frozen, young collections rarer).
+        stack.enter_context(settled_heap())
         target = receiver.url("/ok")
         for concurrency in args.concurrency:
             row = throughput_row(engine, target, args.deliveries, concurrency, args.throughput_repeats)
@@ -789,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{lat['delivered']}/{lat['sent']} delivered", flush=True)
         engine.dispose()
     finally:
+        stack.close()
         receiver.stop()
         if pg_name:
             with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:

@@ -20,7 +20,7 @@ from services.actions.service import PolicyCache, Rules
 from services.actions.sweeps import ContractSweeper
 from services.actions.tables import TABLES
 from services.actions.webhook_routes import router as webhook_router
-from shared.app import create_service_app
+from shared.app import create_service_app, settled_heap
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, ping
 from shared.kafka import Publisher
@@ -156,14 +156,15 @@ def create_app(
                     return running_sweeper.alive
 
                 app.state.readiness["contract_sweep"] = contract_sweep_alive
-            yield {
-                "engine": engine,
-                "clock": clock,
-                "delivery_worker": worker,
-                "settings": settings,
-                "rules": rules,
-                "contract_sweeper": sweeper,
-            }
+            with settled_heap():
+                yield {
+                    "engine": engine,
+                    "clock": clock,
+                    "delivery_worker": worker,
+                    "settings": settings,
+                    "rules": rules,
+                    "contract_sweeper": sweeper,
+                }
         finally:
             app.state.readiness = {}
             if sweeper is not None:

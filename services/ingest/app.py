@@ -20,7 +20,7 @@ from services.ingest.service import IngestService
 from services.ingest.sources.routes import router as sources_router
 from services.ingest.sources.service import SourceService
 from services.ingest.tables import TABLES
-from shared.app import create_service_app
+from shared.app import create_service_app, settled_heap
 from shared.clock import Clock, SystemClock
 from shared.db import create_tables, make_engine, ping
 from shared.events import customer_event_adapter
@@ -56,7 +56,8 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
                 "database": lambda: asyncio.to_thread(ping, engine),
                 "erasure_status_consumer": _alive(status),
             }
-            yield
+            with settled_heap():
+                yield
         finally:
             await status.stop()
             await erased.stop()

@@ -5,12 +5,14 @@ readiness."""
 from __future__ import annotations
 
 import base64
+import gc
 from collections.abc import Callable
 
 from fastapi.testclient import TestClient
 
 from services.actions.app import create_app
 from services.actions.config import ActionsSettings
+from shared.app import YOUNG_GC_THRESHOLD
 from shared.clock import ManualClock
 from tests.actions.actions_support import OTHER_TENANT, START, headers, wait_until
 
@@ -35,6 +37,8 @@ async def test_webhook_subscriptions_bad_input_isolation_and_readiness(
             "events_consumer": True,
             "delivery_worker": True,
         }
+        # Serving on the settled heap (shared.app.settled_heap), as the other services do.
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] == YOUNG_GC_THRESHOLD
 
         # Only the gateway may call: the internal token is checked.
         assert client.get("/v1/webhooks", headers=headers(token=None)).status_code == 401
