@@ -1,8 +1,8 @@
 """The delivery worker's one-statement claim, bookings and release on PostgreSQL
-(`claim_due_deliveries_pg`, `record_successes_pg`, `record_failures_pg`, `release_claims_pg`), on a
-real database: what the portable session path does (rooms per
-endpoint, parking rows of inactive subscriptions, the lease, previous secrets inside a rotation)
-in one statement each; and many outcomes booked in one statement. SQLite keeps the portable path
+(`claim_due_deliveries_pg`, `record_successes_pg`, `record_failures_pg`, `release_claims_pg`), on
+a real database: what the portable session path does (rooms per endpoint, parking rows of
+inactive subscriptions, the lease, previous secrets inside a rotation, retries and parking) in
+one statement each; and many outcomes booked in one statement. SQLite keeps the portable path
 (its own tests are the worker tests in the other files), so these are skipped there."""
 
 from __future__ import annotations
