@@ -407,7 +407,7 @@ def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
     ).fit(X_fit, y)
     monkeypatch.setattr(reasons, "WHOLE_TREE_ROWS", whole_tree_rows)
     monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", merged_tree_cells)
-    folds = reasons._tree_parts(estimator)
+    folds = reasons._model_parts(estimator)
     assert folds is not None and len(folds) == (3 if ensemble else 1)
     assert all((fold.sigmoid is not None) == (method == "sigmoid") for fold in folds)
 
@@ -427,7 +427,82 @@ def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
     assert why == explain(estimator, names, rows, Predictor("v", tuple(names), estimator, 0.8).predict(rows))
     assert sum(bool(r) for r in why) > 10
     # a model the shortcut does not know takes the generic path
-    assert reasons._tree_parts(Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())])) is None
+    assert reasons._model_parts(Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())])) is None
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "isotonic"])
+@pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
+@pytest.mark.parametrize("front", ["scaler", "centre-only", "bare"])
+def test_the_logistic_shortcut_gives_what_predict_proba_gives(ensemble: bool, method: str, front: str) -> None:
+    """The calibrated logistic regression (training's other candidate) computed by
+    reasons._LinearFold against sklearn's predict_proba over the same stacked rows: realistic
+    rows at several cutoffs, hand-built ones and random ones far outside the training range;
+    score_and_explain takes the shortcut (sklearn's predict_proba is never called) and gives the
+    probabilities and reasons predict and explain give."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+
+    names = list(FEATURE_NAMES)
+    rows = [compute_features(events, datetime(2026, 6, 1, tzinfo=timezone.utc) - timedelta(days=d))
+            for d in (0, 90, 200) for events in simulated_histories(150, seed=8).values()]
+    X_fit = np.array([[row[name] for name in names] for row in rows], dtype=float)
+    rng = np.random.default_rng(4)
+    y = ((X_fit[:, 0] > 30) ^ (rng.random(len(X_fit)) < 0.2)).astype(int)
+    regression = LogisticRegression(C=0.5, max_iter=2000)
+    model = {"scaler": Pipeline([("scale", StandardScaler()), ("lr", regression)]),
+             "centre-only": Pipeline([("scale", StandardScaler(with_std=False)), ("lr", regression)]),
+             "bare": regression}[front]
+    estimator = CalibratedClassifierCV(model, method=method, cv=3, ensemble=ensemble).fit(X_fit, y)
+    folds = reasons._model_parts(estimator)
+    assert folds is not None and len(folds) == (3 if ensemble else 1)
+    assert all(isinstance(fold, reasons._LinearFold) for fold in folds)
+
+    rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
+    rows += [{name: float(rng.choice([TYPICAL_CUSTOMER[name], rng.normal(0, 500)])) for name in names}
+             for _ in range(50)]
+    X = np.array([[row[name] for name in names] for row in rows], dtype=float)
+    ref = np.array([TYPICAL_CUSTOMER[name] for name in names])
+    rows_at, features_at = np.nonzero(X != ref)
+    stacked = X[rows_at].copy()
+    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
+    expected = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
+    got = reasons._perturbed_proba(folds, X, stacked, rows_at, features_at)
+    assert got.shape == expected.shape
+    assert np.allclose(got, expected, rtol=0, atol=1e-12)
+    for size in (1, 3):  # a one-event batch scores a handful of rows
+        assert np.allclose(reasons._whole_proba(folds, X[:size]), estimator.predict_proba(X[:size])[:, 1],
+                           rtol=0, atol=1e-12)
+    predicted = Predictor("v", tuple(names), estimator, 0.8).predict(rows)
+    expected_reasons = explain(estimator, names, rows, predicted)
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the shortcut should not call predict_proba")
+
+    estimator.predict_proba = never  # type: ignore[method-assign]
+    probabilities, why = reasons.score_and_explain(estimator, names, rows)
+    assert np.allclose(probabilities, predicted, rtol=0, atol=1e-12)
+    assert why == expected_reasons
+    assert sum(bool(r) for r in why) > 10
+
+
+def test_models_the_shortcuts_do_not_know_take_predict_proba() -> None:
+    """A calibrated model of another shape (a second transformer, a scaler other than
+    StandardScaler, another classifier) gets no shortcut: sklearn computes its probabilities."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.preprocessing import MinMaxScaler
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(0, 10, size=(300, len(FEATURE_NAMES)))
+    y = (X[:, 0] + rng.normal(0, 5, size=300) > 0).astype(int)
+    for model in (Pipeline([("a", StandardScaler()), ("b", StandardScaler()), ("lr", LogisticRegression())]),
+                  Pipeline([("scale", MinMaxScaler()), ("lr", LogisticRegression())]),
+                  GaussianNB()):
+        estimator = CalibratedClassifierCV(model, method="sigmoid", cv=3, ensemble=False).fit(X, y)
+        assert reasons._model_parts(estimator) is None
+        rows = [dict(zip(FEATURE_NAMES, map(float, x))) for x in X[:5]]
+        probabilities, _ = reasons.score_and_explain(estimator, list(FEATURE_NAMES), rows)
+        assert np.allclose(probabilities, estimator.predict_proba(X[:5])[:, 1], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("n_trees", [1, 2, 7, 60])
@@ -444,7 +519,7 @@ def test_the_merged_trees_give_the_per_tree_sums_to_the_last_bit(n_trees: int, m
         HistGradientBoostingClassifier(max_iter=n_trees, max_leaf_nodes=15, random_state=0), method="sigmoid",
         cv=3, ensemble=False,
     ).fit(X_fit, y)
-    (fold,) = reasons._tree_parts(estimator)
+    (fold,) = reasons._model_parts(estimator)
     assert len(fold.trees) == n_trees
     rows = rng.normal(0, 15, size=(30, len(FEATURE_NAMES)))
     rows[rng.random(rows.shape) < 0.05] = np.nan
