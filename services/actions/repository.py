@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, delete, func, insert, text, tuple_
+from sqlalchemy import JSON, bindparam, delete, func, insert, text, tuple_, update
 from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, col, select
 
@@ -131,11 +131,11 @@ def insert_rows(
     """Rows (every column's value) into `model`'s table in one statement. `ignore_existing`:
     ON CONFLICT DO NOTHING.
 
-    PostgreSQL: `INSERT ... SELECT FROM unnest(<one array per column>)`, a short statement whose
-    parameters are one array per column. The alternatives measured worse on the decision path:
-    SQLAlchemy's executemany sends one INSERT per row (psycopg pipelines them, the server still
-    runs each), and its multi-row VALUES ("insertmanyvalues") makes a statement of 10-25 kB that
-    psycopg parses again on every call (its query cache stops at 4 kB): 40% of a decision's CPU.
+    PostgreSQL: `INSERT ... SELECT FROM <the rows>` (`_row_source`), a short statement. The
+    alternatives measured worse on the decision path: SQLAlchemy's executemany sends one INSERT
+    per row (psycopg pipelines them, the server still runs each), and its multi-row VALUES
+    ("insertmanyvalues") makes a statement of 10-25 kB that psycopg parses again on every call
+    (its query cache stops at 4 kB): 40% of a decision's CPU.
     SQLite: executemany (in-process, no round trips)."""
     if not rows:
         return
@@ -144,41 +144,98 @@ def insert_rows(
         statement = dialect_insert(session, table).on_conflict_do_nothing() if ignore_existing else insert(table)
         session.execute(statement, list(rows))
         return
-    sql, columns = _unnest_insert(table, ignore_existing)
-    params: dict[str, list[Any]] = {column.name: [] for column in columns}
-    for row in rows:
-        for column in columns:
-            value = row.get(column.name)
-            if isinstance(column.type, JSON) and value is not None:
-                value = JSON_CODEC["json_serializer"](value)
-            elif isinstance(value, datetime):
-                if value.tzinfo is None:
-                    raise ValueError("naive datetime: domain times must be timezone-aware")
-                value = value.astimezone(timezone.utc)
-            params[column.name].append(value)
-    session.connection().exec_driver_sql(sql, params)
+    columns = tuple(table.columns)
+    names = ", ".join(column.name for column in columns)
+    selected = ", ".join(
+        f"v.{column.name}::json" if isinstance(column.type, JSON) else f"v.{column.name}" for column in columns
+    )
+    sql = f"INSERT INTO {table.name} ({names}) SELECT {selected} FROM {_row_source(columns, len(rows))}"
+    if ignore_existing:
+        sql += " ON CONFLICT DO NOTHING"
+    session.connection().exec_driver_sql(sql, _row_parameters(columns, rows))
+
+
+def update_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Set the given columns of existing rows, found by primary key (every row names the same
+    columns, the primary key's among them), in one statement: on PostgreSQL
+    `UPDATE ... FROM <the rows>`, on SQLite an executemany (in-process)."""
+    if not rows:
+        return
+    table = model.__table__
+    keys = tuple(table.primary_key.columns)
+    columns = tuple(table.columns[name] for name in rows[0])
+    changed = [column for column in columns if column not in keys]
+    if session.get_bind().dialect.name != "postgresql":
+        statement = (
+            update(table)
+            .where(*(key == bindparam(f"key_{key.name}") for key in keys))
+            .values({column.name: bindparam(f"set_{column.name}") for column in changed})
+        )
+        session.connection().execute(statement, [
+            {**{f"key_{key.name}": row[key.name] for key in keys},
+             **{f"set_{column.name}": row[column.name] for column in changed}}
+            for row in rows
+        ])
+        return
+    assignments = ", ".join(
+        f"{column.name} = v.{column.name}" + ("::json" if isinstance(column.type, JSON) else "") for column in changed
+    )
+    matches = " AND ".join(f"{table.name}.{key.name} = v.{key.name}" for key in keys)
+    sql = f"UPDATE {table.name} SET {assignments} FROM {_row_source(columns, len(rows))} WHERE {matches}"
+    session.connection().exec_driver_sql(sql, _row_parameters(columns, rows))
+
+
+VALUES_ROWS = 4
+"""Up to this many rows, `_row_source` is a VALUES list with one parameter per value; above
+it, one array per column. psycopg dumps scalars in C but builds each array in Python, which
+cost a one-decision batch more than its SQL."""
 
 
 @functools.lru_cache(maxsize=None)
-def _unnest_insert(table: Any, ignore_existing: bool) -> tuple[str, list[Any]]:
-    columns = list(table.columns)
+def _row_source(columns: tuple[Any, ...], rows: int) -> str:
+    """`rows` rows of `columns` as a FROM item named v(<the column names>), with positional
+    parameters (`_row_parameters`). JSON values travel as text (the caller casts them)."""
     dialect = postgresql.dialect()
-    arrays, selected = [], []
-    for column in columns:
-        if isinstance(column.type, JSON):
-            arrays.append(f"%({column.name})s::text[]")
-            selected.append(f"{column.name}::json")
-        else:
-            arrays.append(f"%({column.name})s::{column.type.compile(dialect=dialect)}[]")
-            selected.append(column.name)
-    names = ", ".join(column.name for column in columns)
-    sql = (
-        f"INSERT INTO {table.name} ({names}) SELECT {', '.join(selected)} "
-        f"FROM unnest({', '.join(arrays)}) AS rows({names})"
-    )
-    if ignore_existing:
-        sql += " ON CONFLICT DO NOTHING"
-    return sql, columns
+    types = ["text" if isinstance(column.type, JSON) else column.type.compile(dialect=dialect) for column in columns]
+    if rows <= VALUES_ROWS:
+        row = "(" + ", ".join(f"%s::{name}" for name in types) + ")"
+        body = "(VALUES " + ", ".join([row] * rows) + ")"
+    else:
+        body = "unnest(" + ", ".join(f"%s::{name}[]" for name in types) + ")"
+    return f"{body} AS v({', '.join(column.name for column in columns)})"
+
+
+def _row_parameters(columns: Sequence[Any], rows: Sequence[dict[str, Any]]) -> tuple[Any, ...]:
+    """The parameters of `_row_source(columns, len(rows))`: row by row for VALUES, one list per
+    column for unnest."""
+    values = [[_pg_value(column, row.get(column.name)) for column in columns] for row in rows]
+    if len(rows) <= VALUES_ROWS:
+        return tuple(value for row in values for value in row)
+    return tuple(list(column) for column in zip(*values, strict=True))
+
+
+def _pg_value(column: Any, value: Any) -> Any:
+    if isinstance(column.type, JSON) and value is not None:
+        return JSON_CODEC["json_serializer"](value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: domain times must be timezone-aware")
+        return value.astimezone(timezone.utc)
+    return value
+
+
+# The decision path's per-batch reads, built once: building a statement costs more CPU than
+# running it for a batch of one (SQLAlchemy caches the compiled SQL, not the construction).
+_LOCK_CUSTOMERS = (
+    select(ActionsCustomer)
+    .where(ActionsCustomer.tenant_id == bindparam("tenant_id"),
+           col(ActionsCustomer.customer_id).in_(bindparam("ids", expanding=True)))
+    .order_by(col(ActionsCustomer.customer_id))
+    .with_for_update()
+)
+_DECISIONS_BY_TRIGGER = select(ActionsDecision).where(
+    ActionsDecision.tenant_id == bindparam("tenant_id"), col(ActionsDecision.score_id).in_(bindparam("ids", expanding=True))
+)
 
 
 def lock_customers(
@@ -192,13 +249,7 @@ def lock_customers(
     def lock(wanted: Sequence[tuple[str, str]]) -> None:
         for tenant_id, customer_ids in _by_tenant(wanted).items():
             for chunk in _chunks(customer_ids):
-                rows = session.exec(
-                    select(ActionsCustomer)
-                    .where(ActionsCustomer.tenant_id == tenant_id,
-                           col(ActionsCustomer.customer_id).in_(chunk))
-                    .order_by(col(ActionsCustomer.customer_id))
-                    .with_for_update()
-                ).all()
+                rows = session.exec(_LOCK_CUSTOMERS, params={"tenant_id": tenant_id, "ids": chunk}).all()
                 for row in rows:
                     found[(row.tenant_id, row.customer_id)] = row
 
@@ -219,11 +270,7 @@ def decisions_by_trigger(
     found: dict[tuple[str, str], ActionsDecision] = {}
     for tenant_id, score_ids in _by_tenant(keys).items():
         for chunk in _chunks(score_ids):
-            for row in session.exec(
-                select(ActionsDecision).where(
-                    ActionsDecision.tenant_id == tenant_id, col(ActionsDecision.score_id).in_(chunk)
-                )
-            ).all():
+            for row in session.exec(_DECISIONS_BY_TRIGGER, params={"tenant_id": tenant_id, "ids": chunk}).all():
                 found[(row.tenant_id, row.score_id)] = row
     return found
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
@@ -391,16 +390,15 @@ class _Batch:
 
     def write(self, session: Session) -> None:
         """Offers, then (they reference them) outbox rows, and decisions: one multi-row INSERT
-        per table; and the customers' latest scores in one executemany UPDATE."""
+        per table; and the customers' latest scores in one UPDATE."""
         repository.insert_rows(session, ActionsOffer, self.offers)
         repository.insert_rows(session, ActionsDelivery, self.deliveries)
         repository.insert_rows(session, ActionsDecision, self.decisions)
-        if self.scored:
-            session.execute(update(ActionsCustomer), [
-                {"tenant_id": state.tenant_id, "customer_id": state.customer_id,
-                 **{name: getattr(state, name) for name in _SCORE_COLUMNS}}
-                for _, state in sorted(self.scored.items())
-            ])
+        repository.update_rows(session, ActionsCustomer, [
+            {"tenant_id": state.tenant_id, "customer_id": state.customer_id,
+             **{name: getattr(state, name) for name in _SCORE_COLUMNS}}
+            for _, state in sorted(self.scored.items())
+        ])
 
 
 def _needs_contracts(document: PolicyDocument, trigger: TriggerInput) -> bool:

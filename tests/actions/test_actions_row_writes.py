@@ -1,0 +1,87 @@
+"""The decision path's set-based writes (`repository.insert_rows`, `repository.update_rows`), on
+a real database: what they store is what the ORM reads back, value for value (strings, None,
+booleans, floats, integers, JSON, aware datetimes), for every shape of statement: a VALUES list
+for a few rows, one array per column for more (PostgreSQL), executemany (SQLite)."""
+
+from __future__ import annotations
+
+from datetime import timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.exc import StatementError
+from sqlmodel import select
+
+from services.actions import repository
+from services.actions.tables import ActionsCustomer
+from shared.db import session_scope
+from tests.actions.actions_support import START
+from tests.actions.test_actions_guardrails import engine  # noqa: F401
+
+SIZES = [1, 2, repository.VALUES_ROWS, repository.VALUES_ROWS + 1, 40]
+
+
+def _customer(tenant: str, n: int) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant, "customer_id": f"c-{n:03d}", "marketing_consent": [True, False, None][n % 3],
+        "consent_at": START + timedelta(minutes=n) if n % 2 else None, "segment": f"seg'{n}\"",
+        "attributes": {"plan": "gold", "n": n, "nested": {"ü": [1, 2.5, None]}} if n % 4 else {},
+        "profile_at": None, "loyalty_tier": None, "tier_at": None, "last_activity_at": START,
+        "last_complaint_at": None, "last_nps": n % 11, "nps_at": None, "last_csat": None, "csat_at": None,
+        "last_score_id": None, "last_probability": None, "last_band": None, "last_model_version": None,
+        "spend_365d": n * 10.25 if n % 5 else None, "last_scored_at": None, "erased_at": None,
+    }
+
+
+def _stored(engine: Engine, tenant: str) -> list[dict[str, Any]]:  # noqa: F811
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(ActionsCustomer).where(ActionsCustomer.tenant_id == tenant).order_by(ActionsCustomer.customer_id)
+        ).all()
+        return [row.model_dump() for row in rows]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_inserted_rows_read_back_as_written(engine: Engine, size: int) -> None:  # noqa: F811
+    tenant = f"ins-{size}"
+    rows = [_customer(tenant, n) for n in range(size)]
+    with session_scope(engine) as session:
+        repository.insert_rows(session, ActionsCustomer, rows)
+    assert _stored(engine, tenant) == rows
+    # ignore_existing: the rows already there stay as they are, the new ones are added
+    changed = [{**row, "segment": "changed"} for row in rows]
+    extra = [_customer(tenant, n) for n in range(size, size + 2)]
+    with session_scope(engine) as session:
+        repository.insert_rows(session, ActionsCustomer, changed + extra, ignore_existing=True)
+    assert _stored(engine, tenant) == rows + extra
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_updated_rows_change_only_the_named_columns_of_the_named_rows(engine: Engine, size: int) -> None:  # noqa: F811
+    tenant = f"upd-{size}"
+    rows = [_customer(tenant, n) for n in range(size + 1)]  # the last one is not updated
+    with session_scope(engine) as session:
+        repository.insert_rows(session, ActionsCustomer, rows)
+    later = START.astimezone(timezone(timedelta(hours=2))) + timedelta(days=3)  # stored in UTC
+    updates = [
+        {"tenant_id": tenant, "customer_id": row["customer_id"], "last_score_id": f"s-{n}",
+         "last_probability": n / 100, "last_band": None if n % 2 else "high", "last_scored_at": later,
+         "attributes": {"updated": n}}
+        for n, row in enumerate(rows[:size])
+    ]
+    with session_scope(engine) as session:
+        repository.update_rows(session, ActionsCustomer, updates)
+    expected = [{**row, **update, "last_scored_at": later.astimezone(timezone.utc)}
+                for row, update in zip(rows, updates)] + [rows[-1]]
+    assert _stored(engine, tenant) == expected
+
+
+def test_naive_datetimes_are_refused(engine: Engine) -> None:  # noqa: F811
+    """Refused by name (PostgreSQL: insert_rows itself; SQLite: the UtcDateTime column type),
+    nothing stored."""
+    row = {**_customer("naive", 1), "consent_at": START.replace(tzinfo=None)}
+    # SQLAlchemy wraps the column type's ValueError in a StatementError naming it
+    with pytest.raises((ValueError, StatementError), match="naive datetime"), session_scope(engine) as session:
+        repository.insert_rows(session, ActionsCustomer, [row])
+    assert _stored(engine, "naive") == []
