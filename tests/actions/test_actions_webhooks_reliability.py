@@ -38,9 +38,14 @@ def _only(client: TestClient, subscription_id: str) -> dict[str, Any]:
 
 
 async def _attempted(client: TestClient, subscription_id: str, count: int) -> dict[str, Any]:
+    """The delivery once its attempt `count` is booked. The listing reads the delivery row and
+    its attempt log in two statements, so the log may already hold an attempt whose booking the
+    row read just before it did not show (the row still under the claim's lease): the row's own
+    counter, from the same read as its next_attempt_at, says the booking is in."""
     return await wait_until(
         lambda: (
             (d := deliveries(client, subscription_id=subscription_id))
+            and d[0]["attempts"] >= count
             and len(d[0]["attempt_log"]) >= count
             and d[0]
         ),
