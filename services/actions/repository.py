@@ -175,11 +175,20 @@ def update_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) ->
             for row in rows
         ])
         return
+    session.connection().exec_driver_sql(update_rows_sql(table, tuple(changed)), (document, len(rows)))
+
+
+def update_rows_sql(table: Any, changed: Sequence[Any]) -> str:
+    """update_rows' statement on PostgreSQL; its parameters: the rows' JSON document, their count.
+
+    LIMIT (the rows' own count) gives the planner the true number of rows: it assumes 100 rows
+    of any function, and a hash join over a sequential scan of the whole table then looked
+    cheaper than one index lookup per row on tables of up to ~100,000 rows."""
     assignments = ", ".join(f"{column.name} = v.{column.name}" for column in changed)
-    matches = " AND ".join(f"{table.name}.{key.name} = v.{key.name}" for key in keys)
-    sql = (f"UPDATE {table.name} SET {assignments} "
-           f"FROM json_populate_recordset(NULL::{table.name}, %s::json) AS v WHERE {matches}")
-    session.connection().exec_driver_sql(sql, (document,))
+    matches = " AND ".join(f"{table.name}.{key.name} = v.{key.name}" for key in table.primary_key.columns)
+    return (f"UPDATE {table.name} SET {assignments} "
+            f"FROM (SELECT * FROM json_populate_recordset(NULL::{table.name}, %s::json) LIMIT %s) AS v "
+            f"WHERE {matches}")
 
 
 def _rows_document(table: Any, rows: Sequence[dict[str, Any]]) -> str:

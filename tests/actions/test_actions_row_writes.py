@@ -101,3 +101,19 @@ def test_numbers_that_are_not_finite_are_refused_by_name(engine: Engine, value: 
         repository.update_rows(session, ActionsCustomer, [
             {"tenant_id": "nonfinite", "customer_id": good["customer_id"], "last_probability": value}])
     assert _stored(engine, "nonfinite") == [good]
+
+
+def test_a_few_updated_rows_are_found_through_the_primary_key(engine: Engine) -> None:  # noqa: F811
+    """update_rows tells PostgreSQL how many rows it brings: for a batch of one, the plan looks
+    the row up by primary key instead of scanning the whole table (what the planner chose for
+    a function's assumed 100 rows on a table of thousands)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the statement's plan is PostgreSQL's (SQLite updates row by row by key)")
+    with session_scope(engine) as session:
+        repository.insert_rows(session, ActionsCustomer, [_customer("plan", n) for n in range(5000)])
+    table = ActionsCustomer.__table__  # type: ignore[attr-defined]
+    sql = repository.update_rows_sql(table, (table.c.last_probability,))
+    document = '[{"tenant_id": "plan", "customer_id": "c-007", "last_probability": 0.5}]'
+    with engine.connect() as connection:
+        plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN " + sql, (document, 1)))
+    assert "Index Scan using actions_customers_pkey" in plan and "Seq Scan on actions_customers" not in plan, plan
