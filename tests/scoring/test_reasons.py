@@ -379,6 +379,30 @@ def test_score_and_explain_is_predict_then_explain_in_one_model_call(trained_mod
     assert score_and_explain(counting, names, []) == ([], [])
 
 
+def _far_rows(names: Sequence[str], rng: np.random.Generator) -> list[dict[str, float]]:
+    """Hand-built customers, and random ones far outside any training range."""
+    return [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)] + [
+        {name: float(rng.choice([TYPICAL_CUSTOMER[name], rng.normal(0, 500)])) for name in names} for _ in range(50)
+    ]
+
+
+def _assert_shortcut_gives_predict_proba(
+    estimator: Any, folds: Any, names: Sequence[str], rows: Sequence[dict[str, float]]
+) -> np.ndarray:
+    """reasons._perturbed_proba over the rows and their perturbed copies equals sklearn's
+    predict_proba over the same stacked rows; returns the rows' matrix."""
+    X = np.array([[row[name] for name in names] for row in rows], dtype=float)
+    ref = np.array([TYPICAL_CUSTOMER[name] for name in names])
+    rows_at, features_at = np.nonzero(X != ref)
+    stacked = X[rows_at].copy()
+    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
+    expected = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
+    got = reasons._perturbed_proba(folds, X, stacked, rows_at, features_at)
+    assert got.shape == expected.shape
+    assert np.allclose(got, expected, rtol=0, atol=1e-12)
+    return X
+
+
 @pytest.mark.parametrize("method", ["sigmoid", "isotonic"])
 @pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
 @pytest.mark.parametrize(("whole_tree_rows", "merged_tree_cells"), [(0, 0), (10**9, 0), (10**9, 10**9)],
@@ -411,18 +435,8 @@ def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
     assert folds is not None and len(folds) == (3 if ensemble else 1)
     assert all((fold.sigmoid is not None) == (method == "sigmoid") for fold in folds)
 
-    rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
-    rows += [{name: float(rng.choice([TYPICAL_CUSTOMER[name], rng.normal(0, 500)])) for name in names}
-             for _ in range(50)]
-    X = np.array([[row[name] for name in names] for row in rows], dtype=float)
-    ref = np.array([TYPICAL_CUSTOMER[name] for name in names])
-    rows_at, features_at = np.nonzero(X != ref)
-    stacked = X[rows_at].copy()
-    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
-    expected = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
-    got = reasons._perturbed_proba(folds, X, stacked, rows_at, features_at)
-    assert got.shape == expected.shape
-    assert np.allclose(got, expected, rtol=0, atol=1e-12)
+    rows += _far_rows(names, rng)
+    _assert_shortcut_gives_predict_proba(estimator, folds, names, rows)
     probabilities, why = reasons.score_and_explain(estimator, names, rows)  # takes the shortcut
     assert why == explain(estimator, names, rows, Predictor("v", tuple(names), estimator, 0.8).predict(rows))
     assert sum(bool(r) for r in why) > 10
@@ -457,18 +471,8 @@ def test_the_logistic_shortcut_gives_what_predict_proba_gives(ensemble: bool, me
     assert folds is not None and len(folds) == (3 if ensemble else 1)
     assert all(isinstance(fold, reasons._LinearFold) for fold in folds)
 
-    rows += [at_risk_customer(), loyal_customer(), dict(TYPICAL_CUSTOMER)]
-    rows += [{name: float(rng.choice([TYPICAL_CUSTOMER[name], rng.normal(0, 500)])) for name in names}
-             for _ in range(50)]
-    X = np.array([[row[name] for name in names] for row in rows], dtype=float)
-    ref = np.array([TYPICAL_CUSTOMER[name] for name in names])
-    rows_at, features_at = np.nonzero(X != ref)
-    stacked = X[rows_at].copy()
-    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
-    expected = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
-    got = reasons._perturbed_proba(folds, X, stacked, rows_at, features_at)
-    assert got.shape == expected.shape
-    assert np.allclose(got, expected, rtol=0, atol=1e-12)
+    rows += _far_rows(names, rng)
+    X = _assert_shortcut_gives_predict_proba(estimator, folds, names, rows)
     for size in (1, 3):  # a one-event batch scores a handful of rows
         assert np.allclose(reasons._whole_proba(folds, X[:size]), estimator.predict_proba(X[:size])[:, 1],
                            rtol=0, atol=1e-12)
