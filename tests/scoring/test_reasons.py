@@ -386,6 +386,24 @@ def _far_rows(names: Sequence[str], rng: np.random.Generator) -> list[dict[str, 
     ]
 
 
+def _not_called(*args: Any) -> None:
+    raise AssertionError("this path was not to be taken")
+
+
+def _rows_at_thresholds(folds: Any, names: Sequence[str], rng: np.random.Generator) -> list[dict[str, float]]:
+    """Typical customers with one or more features exactly at a split threshold of the model's
+    trees (a value equal to the threshold goes left), or at the reference value."""
+    nodes = np.concatenate([tree.nodes for fold in folds for tree in fold.trees])
+    splits = nodes[nodes["is_leaf"] == 0]
+    rows = []
+    for _ in range(40):
+        row = dict(TYPICAL_CUSTOMER)
+        for split in rng.choice(splits, size=int(rng.integers(1, 4))):
+            row[names[int(split["feature_idx"])]] = float(split["num_threshold"])
+        rows.append(row)
+    return rows
+
+
 def _assert_shortcut_gives_predict_proba(
     estimator: Any, folds: Any, names: Sequence[str], rows: Sequence[dict[str, float]]
 ) -> np.ndarray:
@@ -397,7 +415,7 @@ def _assert_shortcut_gives_predict_proba(
     stacked = X[rows_at].copy()
     stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
     expected = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
-    got = reasons._perturbed_proba(folds, X, stacked, rows_at, features_at)
+    got = reasons._perturbed_proba(folds, X, ref, rows_at, features_at)
     assert got.shape == expected.shape
     assert np.allclose(got, expected, rtol=0, atol=1e-12)
     return X
@@ -405,18 +423,21 @@ def _assert_shortcut_gives_predict_proba(
 
 @pytest.mark.parametrize("method", ["sigmoid", "isotonic"])
 @pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
-@pytest.mark.parametrize(("whole_tree_rows", "merged_tree_cells"), [(0, 0), (10**9, 0), (10**9, 10**9)],
-                         ids=["split-by-feature", "whole-tree", "merged-trees"])
+@pytest.mark.parametrize(("walk_min_rows", "walk_chunk_rows", "merged_tree_cells"),
+                         [(2, 256, 0), (2, 7, 0), (10**9, 256, 0), (10**9, 256, 10**9)],
+                         ids=["walked", "walked-in-chunks", "tree-by-tree", "merged-trees"])
 def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
-    ensemble: bool, whole_tree_rows: int, merged_tree_cells: int, method: str, monkeypatch: pytest.MonkeyPatch
+    ensemble: bool, walk_min_rows: int, walk_chunk_rows: int, merged_tree_cells: int, method: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """reasons._perturbed_proba (copies evaluated only in trees that split on the changed
-    feature, or every tree over all rows for small batches, one call per tree or one call into
-    all trees merged for the smallest) against sklearn's predict_proba
-    over the same stacked rows, for calibrated boosted-tree models like training's (one model,
-    and the average of fold models that earlier versions registered): realistic rows at several
-    cutoffs, hand-built ones, and random ones far outside the training range. Both calibration
-    methods: a sigmoid is computed by the shortcut itself, isotonic by sklearn's calibrator."""
+    """reasons._perturbed_proba (all trees walked as arrays, the copies only from where they
+    leave their rows' paths, in one chunk or several; or, as for a single row, every row and copy
+    through sklearn's trees, one call per tree or one call into all trees merged) against
+    sklearn's predict_proba over the same stacked rows, for calibrated boosted-tree models like
+    training's (one model, and the average of fold models that earlier versions registered):
+    realistic rows at several cutoffs, hand-built ones, random ones far outside the training
+    range, and ones exactly at split thresholds. Both calibration methods: a sigmoid is computed
+    by the shortcut itself, isotonic by sklearn's calibrator."""
     from sklearn.calibration import CalibratedClassifierCV
 
     names = list(FEATURE_NAMES)
@@ -429,13 +450,18 @@ def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
         HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method=method, cv=3,
         ensemble=ensemble,
     ).fit(X_fit, y)
-    monkeypatch.setattr(reasons, "WHOLE_TREE_ROWS", whole_tree_rows)
+    monkeypatch.setattr(reasons, "WALK_MIN_ROWS", walk_min_rows)
+    monkeypatch.setattr(reasons, "WALK_CHUNK_ROWS", walk_chunk_rows)
     monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", merged_tree_cells)
     folds = reasons._model_parts(estimator)
     assert folds is not None and len(folds) == (3 if ensemble else 1)
     assert all((fold.sigmoid is not None) == (method == "sigmoid") for fold in folds)
 
-    rows += _far_rows(names, rng)
+    if walk_min_rows == 2:  # the walk alone: sklearn's trees are never asked
+        monkeypatch.setattr(reasons, "_whole_proba", _not_called)
+        monkeypatch.setattr(reasons, "_raw_predictions", _not_called)
+
+    rows += _far_rows(names, rng) + _rows_at_thresholds(folds, names, rng)
     _assert_shortcut_gives_predict_proba(estimator, folds, names, rows)
     probabilities, why = reasons.score_and_explain(estimator, names, rows)  # takes the shortcut
     assert why == explain(estimator, names, rows, Predictor("v", tuple(names), estimator, 0.8).predict(rows))
