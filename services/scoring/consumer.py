@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -103,6 +104,7 @@ class ScoringConsumer:
         self.bands = service.Bands(high=settings.high_threshold, medium=settings.medium_threshold)
         self.predictor: Predictor | None = None
         self.drift = ScoreDrift(())
+        metrics.watch_score_drift(weakref.ref(self))
         self.loop: ConsumeLoop[CustomerRecord] | None = None
         self.cache = HistoryCache(settings.history_cache_events) if settings.history_cache_events > 0 else None
         # Batches are computed one after another on ONE worker thread, and written on another:
@@ -266,7 +268,6 @@ class ScoringConsumer:
             metrics.SCORE.observe(score.probability)
             metrics.SCORES_PUBLISHED.labels(score.band).inc()
         self.drift.observe(score.probability for score in scores)
-        metrics.SCORE_DRIFT.set(self.drift.value())
         if erased:  # after the commit: ingest marks scoring's part of each erasure done
             done_at = self.clock.now()
             await self.publisher.publish_many(ERASURE_STATUS, [

@@ -35,3 +35,33 @@ def test_no_reference_scores_means_no_drift_figure() -> None:
     drift = ScoreDrift([], min_live=1)
     drift.observe([0.5, 0.7])
     assert math.isnan(drift.value())
+
+
+def test_the_drift_gauge_reads_the_consumers_drift_when_scraped_and_lets_it_go() -> None:
+    import gc
+    import weakref
+
+    from prometheus_client import REGISTRY
+
+    from services.scoring import metrics
+
+    class Consumer:  # what the gauge reads of a ScoringConsumer
+        def __init__(self, drift: ScoreDrift) -> None:
+            self.drift = drift
+
+    def scraped() -> float | None:
+        return REGISTRY.get_sample_value("churnguard_scoring_score_drift")
+
+    rng = np.random.default_rng(5)
+    consumer = Consumer(ScoreDrift(rng.beta(1, 12, 5_000), min_live=200, window=1_000))
+    metrics.watch_score_drift(weakref.ref(consumer))
+    assert math.isnan(scraped())
+    consumer.drift.observe(rng.beta(6, 4, 1_000))  # nothing set the gauge since: it reads on scrape
+    assert scraped() == consumer.drift.value() > 1.0
+    consumer.drift = ScoreDrift(rng.beta(1, 12, 5_000), min_live=200)  # a new model: a new reference
+    assert math.isnan(scraped())
+    gone = weakref.ref(consumer)
+    del consumer
+    gc.collect()
+    assert gone() is None  # the gauge did not keep it alive
+    assert math.isnan(scraped())
