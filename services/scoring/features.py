@@ -158,6 +158,16 @@ def sorted_history(events: Iterable[Any]) -> list[HistoryEvent]:
     return sorted((to_history_event(e) for e in events), key=HistoryEvent.sort_key)
 
 
+def with_events(history: list[HistoryEvent], new: Iterable[HistoryEvent]) -> list[HistoryEvent]:
+    """`history` (sorted by HistoryEvent.sort_key) with `new` added, sorted as one stable sort of
+    both would sort them. Events mostly arrive in order: when the new ones all sort after the
+    history, only they are sorted (a customer's whole history was, once per batch)."""
+    added = sorted(new, key=HistoryEvent.sort_key)
+    if not history or not added or history[-1].sort_key() <= added[0].sort_key():
+        return [*history, *added]
+    return sorted([*history, *added], key=HistoryEvent.sort_key)
+
+
 def compute_features(events: Iterable[Any], as_of: datetime, currency: str = MAIN_CURRENCY) -> dict[str, float]:
     """The feature vector of one customer from their event history, as of `as_of`."""
     return features_as_of(sorted_history(events), as_of, currency)

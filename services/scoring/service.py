@@ -25,6 +25,7 @@ from services.scoring.features import (
     as_utc,
     event_flags,
     features_as_of,
+    with_events,
 )
 from services.scoring.history_cache import BatchHistories
 from services.scoring.model import (
@@ -178,7 +179,7 @@ def plan_batch(
     for key in customers:
         current = stored[key]
         if key in new_events:
-            current = sorted([*current, *new_events[key]], key=HistoryEvent.sort_key)
+            current = with_events(current, new_events[key])
         histories.put(key, partition_of[key], current)
         vectors.append(features_as_of(current, as_of))
     # one model call for the scores and their reasons (= predictor.predict, then reasons.explain)

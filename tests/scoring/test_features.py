@@ -12,9 +12,11 @@ from services.scoring.features import (
     FEATURE_NAMES,
     NEUTRAL_NPS,
     NO_CONTRACT_END_DAYS,
+    HistoryEvent,
     compute_features,
     feature_vector,
     to_history_event,
+    with_events,
 )
 from services.scoring.simulate import simulate_history
 from shared.events import parse_event
@@ -149,3 +151,27 @@ def test_arrival_order_and_event_shape_do_not_matter() -> None:
                 assert compute_features(shuffled, as_of) == expected
             assert compute_features([parse_event(e) for e in shuffled], as_of) == expected
             assert compute_features([to_history_event(e) for e in shuffled], as_of) == expected
+
+
+def test_adding_events_to_a_sorted_history_gives_what_sorting_everything_gives() -> None:
+    """with_events: in order (only the new events sorted), out of order, ties on time (the type's
+    rank and then the id decide), and empty either side; the same list, event for event, as one
+    stable sort of both."""
+    rng = random.Random(7)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    kinds = ["order.completed", "subscription.started", "subscription.ended", "support.complaint", "feedback.nps"]
+
+    def event(n: int, minute: int) -> HistoryEvent:
+        return HistoryEvent(type=rng.choice(kinds), occurred_at=start + timedelta(minutes=minute), id=f"e{n:04d}")
+
+    for case in range(300):
+        size, added = rng.randint(0, 12), rng.randint(0, 6)
+        later = case % 2 == 0  # half the cases: every new event after the history
+        events = [event(n, rng.randint(0, 30)) for n in range(size)]
+        history = sorted(events, key=HistoryEvent.sort_key)
+        offset = 30 if later else 0
+        new = [event(size + n, offset + rng.randint(0, 30)) for n in range(added)]
+        expected = sorted([*history, *new], key=HistoryEvent.sort_key)
+        got = with_events(history, new)
+        assert [e.id for e in got] == [e.id for e in expected], case
+        assert got is not history  # the cached list is never changed in place
