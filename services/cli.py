@@ -36,6 +36,7 @@ class Service(str, Enum):
     actions = "actions"
 
 
+CONSUMING_SERVICES = (Service.scoring, Service.actions)
 DEFAULT_PORTS = {Service.gateway: 8000, Service.ingest: 8001, Service.scoring: 8002, Service.actions: 8003}
 RECEIVER_PORT = 8004
 BROKER_PORT = 9092
@@ -54,23 +55,33 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default: the service's own).")] = None,
     log_level: Annotated[str | None, typer.Option(help="Overrides CHURNGUARD_LOG_LEVEL.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes sharing the port "
-                                         "(about one per CPU core for ingest and the gateway).")] = 1,
+                                         "(ingest and the gateway: about one per CPU core; /metrics adds "
+                                         "up all of them).")] = 1,
 ) -> None:
     """Run one service (scale with --workers on one machine, with more processes/pods beyond)."""
     import uvicorn
 
     from shared.logs import LogSettings, logging_config
+    from shared.metrics import multiprocess_metrics
 
+    if workers > 1 and service in CONSUMING_SERVICES:
+        # Their gauges (active model, history cache, circuits) describe one consumer each.
+        raise typer.BadParameter(f"{service.value} runs one worker per instance: start more instances "
+                                 "(they share the partitions) instead of --workers", param_hint="--workers")
     log_settings = LogSettings(**({"level": log_level.upper()} if log_level else {}))
-    uvicorn.run(
-        f"services.{service.value}.app:create_app",
-        factory=True,
-        host=host,
-        port=port or DEFAULT_PORTS[service],
-        log_config=logging_config(log_settings),
-        workers=workers,
-        timeout_graceful_shutdown=20,
-    )
+    forget_metrics_directory = multiprocess_metrics(workers)
+    try:
+        uvicorn.run(
+            f"services.{service.value}.app:create_app",
+            factory=True,
+            host=host,
+            port=port or DEFAULT_PORTS[service],
+            log_config=logging_config(log_settings),
+            workers=workers,
+            timeout_graceful_shutdown=20,
+        )
+    finally:
+        forget_metrics_directory()
 
 
 @app.command()

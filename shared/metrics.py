@@ -2,16 +2,31 @@
 
 Names follow `churnguard_<service>_<what>_<unit>`; labels are low-cardinality (route
 template, method, status class), never a customer id or a raw path.
+
+Several uvicorn workers sharing a port (`churnguard serve --workers N`) answer /metrics for the
+whole instance: `serve` points prometheus_client's multiprocess mode at a directory
+(MULTIPROCESS_DIR_ENV) before the workers start, each worker's values go to files there, and
+whichever worker is scraped adds them up. Without it a scrape would see one worker's counters,
+a different one each time.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -31,7 +46,8 @@ class HttpMetrics:
             buckets=LATENCY_BUCKETS,
         )
         self.in_flight = Gauge(
-            f"churnguard_{service}_http_requests_in_flight", "HTTP requests being handled."
+            f"churnguard_{service}_http_requests_in_flight", "HTTP requests being handled.",
+            multiprocess_mode="livesum",
         )
 
 
@@ -88,7 +104,65 @@ def instrument(app: FastAPI, service: str) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     def _metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)
+
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own: read when it is imported
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def scrape_registry() -> CollectorRegistry:
+    """This process's registry; with several workers, one that adds up every worker's files
+    (process_* and python_* metrics are then left out: they would describe one worker)."""
+    directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if not directory:
+        return REGISTRY
+    forget_dead_workers(directory)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return registry
+
+
+def forget_dead_workers(directory: str) -> None:
+    """A worker that died (uvicorn starts another in its place) leaves its live gauges' file,
+    e.g. the requests it had in flight: dropped at the next scrape. Its counters stay counted."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        match = _LIVE_GAUGE_FILE.fullmatch(os.path.basename(path))
+        if match and not _alive(int(match.group(1))):
+            multiprocess.mark_process_dead(int(match.group(1)), directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def multiprocess_metrics(workers: int) -> Callable[[], None]:
+    """Before starting `workers` > 1 worker processes: give them a metrics directory, empty (files
+    left by an earlier run would be added to this one's). An operator's MULTIPROCESS_DIR_ENV
+    (e.g. a pod's emptyDir) is used and emptied; otherwise a temporary one is made. Returns what
+    to call once the workers are gone."""
+    if workers <= 1:
+        return lambda: None
+    given = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in glob.glob(os.path.join(given, "*.db")):
+            os.remove(stale)
+        return lambda: None
+    made = tempfile.mkdtemp(prefix="churnguard-metrics-")
+    os.environ[MULTIPROCESS_DIR_ENV] = made
+
+    def remove() -> None:
+        os.environ.pop(MULTIPROCESS_DIR_ENV, None)
+        shutil.rmtree(made, ignore_errors=True)
+
+    return remove
 
 
 class ConsumerMetrics:
