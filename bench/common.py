@@ -1,8 +1,27 @@
-"""What every benchmark script shares: rewriting its generated block in a doc."""
+"""What every benchmark script shares: rewriting its generated block in a doc, naming the code
+that was measured."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> str:
+    """The commit checked out, and whether Python files differ from it ("unknown" outside git):
+    taken when a run starts, so later edits do not change what it reports."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                   if line.endswith(".py")]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit} with uncommitted changes to {len(changed)} Python files" if changed else commit
 
 
 def replace_generated_block(

@@ -14,6 +14,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.common import code_version
 from tests.chaos.harness import ChaosConfig, ChaosRun, failures, summary
 from tests.chaos.report import write_doc
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     databases = ("postgresql", "sqlite") if args.database == "both" else (args.database,)
+    code = code_version()
     runs: dict[str, dict] = {}
     failed = False
     for database in databases:
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     if not args.no_doc:
         write_doc(runs, " ".join(["make chaos"] if argv is None and len(sys.argv) == 1 else
-                                  ["python -m tests.chaos", *(argv if argv is not None else sys.argv[1:])]))
+                                  ["python -m tests.chaos", *(argv if argv is not None else sys.argv[1:])]),
+                  note=f" (code of commit {code})")
     return 1 if failed else 0
 
 
