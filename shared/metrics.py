@@ -143,17 +143,16 @@ def _alive(pid: int) -> bool:
 
 
 def multiprocess_metrics(workers: int) -> Callable[[], None]:
-    """Before starting `workers` > 1 worker processes: give them a metrics directory, empty (files
-    left by an earlier run would be added to this one's). An operator's MULTIPROCESS_DIR_ENV
-    (e.g. a pod's emptyDir) is used and emptied; otherwise a temporary one is made. Returns what
-    to call once the workers are gone."""
-    if workers <= 1:
-        return lambda: None
+    """Before starting the worker processes: an operator's MULTIPROCESS_DIR_ENV (e.g. a pod's
+    emptyDir) is emptied (files left by an earlier run would be added to this one's); without
+    one, several workers get a temporary directory. Returns what to call once they are gone."""
     given = os.environ.get(MULTIPROCESS_DIR_ENV)
     if given:
         Path(given).mkdir(parents=True, exist_ok=True)
         for stale in glob.glob(os.path.join(given, "*.db")):
             os.remove(stale)
+        return lambda: None
+    if workers <= 1:
         return lambda: None
     made = tempfile.mkdtemp(prefix="churnguard-metrics-")
     os.environ[MULTIPROCESS_DIR_ENV] = made
