@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -178,19 +179,27 @@ class Stack:
                 process.kill()
 
 
-async def fetch_scores(gateway: str, api_key: str, customers: list[str], concurrency: int) -> dict[str, dict]:
+async def fetch_scores(
+    gateway: str, api_key: str, customers: list[str], concurrency: int
+) -> tuple[dict[str, dict], dict[str, int]]:
+    """Every customer's live score through the gateway, waiting out its rate limit (429 +
+    Retry-After) as a client should; and how many answers of each other status there were."""
     scores: dict[str, dict] = {}
+    other_answers: Counter[str] = Counter()
     queue = list(reversed(customers))
     async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {api_key}"},
                                  timeout=30) as client:
         async def worker() -> None:
             while queue:
                 customer = queue.pop()
-                response = await client.get(f"/v1/customers/{customer}/score")
+                while (response := await client.get(f"/v1/customers/{customer}/score")).status_code == 429:
+                    await asyncio.sleep(float(response.headers.get("retry-after", "1")))
                 if response.status_code == 200:
                     scores[customer] = response.json()
+                else:
+                    other_answers[str(response.status_code)] += 1
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return scores
+    return scores, dict(other_answers)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -294,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         labels = telco.read_labels(labels_path)
         customers = list(labels)
         started = time.perf_counter()
-        scores = asyncio.run(fetch_scores(stack.gateway, stack.api_key, customers, args.concurrency))
+        scores, other_answers = asyncio.run(fetch_scores(stack.gateway, stack.api_key, customers, args.concurrency))
         results["scoring"]["read_seconds"] = time.perf_counter() - started
         results["scoring"]["customers_scored"] = len(scores)
         missing = [c for c in customers if c not in scores]
         if missing:
-            raise RuntimeError(f"{len(missing)} customers have no score, e.g. {missing[:3]}")
+            raise RuntimeError(f"{len(missing)} customers have no score, e.g. {missing[:3]}; "
+                               f"answers other than 200 and 429: {other_answers}")
         results["scoring"]["model_versions"] = sorted({s["model_version"] for s in scores.values()})
 
         y = np.array([labels[c] for c in customers])
