@@ -69,13 +69,14 @@ def serve(
         raise typer.BadParameter(f"{service.value} runs one worker per instance: start more instances "
                                  "(they share the partitions) instead of --workers", param_hint="--workers")
     log_settings = LogSettings(**({"level": log_level.upper()} if log_level else {}))
-    forget_metrics_directory = multiprocess_metrics(workers)
+    port = port or DEFAULT_PORTS[service]
+    forget_metrics_directory = multiprocess_metrics(workers, f"{service.value}-{port}")
     try:
         uvicorn.run(
             f"services.{service.value}.app:create_app",
             factory=True,
             host=host,
-            port=port or DEFAULT_PORTS[service],
+            port=port,
             log_config=logging_config(log_settings),
             workers=workers,
             timeout_graceful_shutdown=20,

@@ -5,9 +5,9 @@ template, method, status class), never a customer id or a raw path.
 
 Several uvicorn workers sharing a port (`churnguard serve --workers N`) answer /metrics for the
 whole instance: `serve` points prometheus_client's multiprocess mode at a directory
-(MULTIPROCESS_DIR_ENV) before the workers start, each worker's values go to files there, and
-whichever worker is scraped adds them up. Without it a scrape would see one worker's counters,
-a different one each time.
+(MULTIPROCESS_DIR_ENV, one per service and port) before the workers start, each worker's values
+go to files there, and whichever worker is scraped adds them up. Without it a scrape would see
+one worker's counters, a different one each time.
 """
 
 from __future__ import annotations
@@ -142,16 +142,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def multiprocess_metrics(workers: int) -> Callable[[], None]:
-    """Before starting the worker processes: an operator's MULTIPROCESS_DIR_ENV (e.g. a pod's
-    emptyDir) is emptied (files left by an earlier run would be added to this one's); without
-    one, several workers get a temporary directory. Returns what to call once they are gone."""
+def multiprocess_metrics(workers: int, name: str) -> Callable[[], None]:
+    """Before starting the worker processes of the server `name` (service and port): under an
+    operator's MULTIPROCESS_DIR_ENV (e.g. a pod's emptyDir) it gets a directory of its own, so
+    services sharing the variable neither add up nor wipe each other's values, emptied of an
+    earlier run's files (a restarted process would otherwise add its predecessor's counters).
+    Without one, several workers get a temporary directory. Returns what to call once they are gone."""
     given = os.environ.get(MULTIPROCESS_DIR_ENV)
     if given:
-        Path(given).mkdir(parents=True, exist_ok=True)
-        for stale in glob.glob(os.path.join(given, "*.db")):
+        own = Path(given) / name
+        own.mkdir(parents=True, exist_ok=True)
+        for stale in glob.glob(os.path.join(own, "*.db")):
             os.remove(stale)
-        return lambda: None
+        os.environ[MULTIPROCESS_DIR_ENV] = str(own)
+        return lambda: os.environ.__setitem__(MULTIPROCESS_DIR_ENV, given)
     if workers <= 1:
         return lambda: None
     made = tempfile.mkdtemp(prefix="churnguard-metrics-")

@@ -52,15 +52,15 @@ def _write_value(directory: Path, kind: str, pid: int, name: str, value: float) 
 
 
 def test_every_scrape_counts_every_worker(kafka_settings: KafkaSettings, database_url: str, tmp_path: Path) -> None:
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
+    port = free_port()
+    metrics_dir = tmp_path / "metrics" / f"ingest-{port}"  # serve's own under the operator's
+    metrics_dir.mkdir(parents=True)
     # Left by an earlier run of the instance: must not be added to this one's.
     _write_value(metrics_dir, "counter", 4_000_000, f"{ACCEPTED}_total", 1000.0)
-    port = free_port()
     env = {**os.environ, "CHURNGUARD_DATABASE_URL": database_url,
            "CHURNGUARD_KAFKA_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
            "CHURNGUARD_KAFKA_TOPIC_PREFIX": kafka_settings.topic_prefix,
-           "CHURNGUARD_INTERNAL_TOKEN": INTERNAL_TOKEN, MULTIPROCESS_DIR_ENV: str(metrics_dir)}
+           "CHURNGUARD_INTERNAL_TOKEN": INTERNAL_TOKEN, MULTIPROCESS_DIR_ENV: str(tmp_path / "metrics")}
     log = tmp_path / "ingest.log"
     ingest = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "serve", "ingest", "--port", str(port), "--workers", "2"],
