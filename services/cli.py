@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +49,24 @@ def _database_url(service: str) -> str:
     return DatabaseSettings().url_for(service)
 
 
+def _metrics_for_workers(service: Service, workers: int, port: int) -> Callable[[], None]:
+    """Scoring and actions run one worker, with their metrics in the process's own registry:
+    their gauges (active model, history cache, score drift, open circuits) are one consumer's,
+    and some are computed when scraped, which prometheus_client's multiprocess mode cannot
+    export. So an inherited PROMETHEUS_MULTIPROC_DIR is dropped for them, before anything
+    imports prometheus_client (it reads the variable then). Ingest and the gateway: see
+    shared.metrics.multiprocess_metrics."""
+    if service in CONSUMING_SERVICES:
+        if workers > 1:
+            raise typer.BadParameter(f"{service.value} runs one worker per instance: start more instances "
+                                     "(they share the partitions) instead of --workers", param_hint="--workers")
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        return lambda: None
+    from shared.metrics import multiprocess_metrics
+
+    return multiprocess_metrics(workers, f"{service.value}-{port}")
+
+
 @app.command()
 def serve(
     service: Service,
@@ -62,15 +81,10 @@ def serve(
     import uvicorn
 
     from shared.logs import LogSettings, logging_config
-    from shared.metrics import multiprocess_metrics
 
-    if workers > 1 and service in CONSUMING_SERVICES:
-        # Their gauges (active model, history cache, circuits) describe one consumer each.
-        raise typer.BadParameter(f"{service.value} runs one worker per instance: start more instances "
-                                 "(they share the partitions) instead of --workers", param_hint="--workers")
-    log_settings = LogSettings(**({"level": log_level.upper()} if log_level else {}))
     port = port or DEFAULT_PORTS[service]
-    forget_metrics_directory = multiprocess_metrics(workers, f"{service.value}-{port}")
+    forget_metrics_directory = _metrics_for_workers(service, workers, port)
+    log_settings = LogSettings(**({"level": log_level.upper()} if log_level else {}))
     try:
         uvicorn.run(
             f"services.{service.value}.app:create_app",

@@ -12,12 +12,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.cli import Service, _metrics_for_workers, app
 from shared.broker import free_port
 from shared.metrics import MULTIPROCESS_DIR_ENV
 from shared.settings import KafkaSettings
@@ -106,3 +107,16 @@ def test_consuming_services_refuse_workers() -> None:
         result = CliRunner().invoke(app, ["serve", service, "--workers", "2"])
         assert result.exit_code == 2, result.output
         assert "one worker per instance" in result.output and "--workers" in result.output
+
+
+def test_consuming_services_keep_their_metrics_in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An inherited multiprocess directory (say, set for every service alike) is dropped for
+    scoring and actions, and used, in a directory of its own, by ingest and the gateway."""
+    for service in (Service.scoring, Service.actions):
+        monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(tmp_path))
+        _metrics_for_workers(service, 1, 8002)()
+        assert MULTIPROCESS_DIR_ENV not in os.environ
+    monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(tmp_path))
+    done = _metrics_for_workers(Service.gateway, 1, 8000)
+    assert os.environ[MULTIPROCESS_DIR_ENV] == str(tmp_path / "gateway-8000")
+    done()
