@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import hmac
@@ -9,6 +10,7 @@ import inspect
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Annotated, Any
@@ -112,6 +114,40 @@ def settled_heap(
     finally:
         gc.set_threshold(*previous)
         gc.unfreeze()
+
+
+class FreeMemoryReturner:
+    """Hands the C allocator's free memory back to the operating system (glibc's `malloc_trim`),
+    at most once per `interval_s`, from the thread that just finished a batch.
+
+    glibc keeps what a batch freed for the next one. In scoring's bench (100,000 events of
+    10,000 customers, most histories read from the database) that left 22-25 MB more resident at
+    the end of the backlog and its peak 2-6 MB higher; with 2,000 customers 5 MB. No CPU cost
+    per event the bench could tell (a call takes 0.2-0.8 ms, outside the interpreter lock; at
+    most ten a second). Python's own small-object arenas go back by themselves once empty.
+    Without glibc (musl, macOS) it does nothing."""
+
+    def __init__(self, interval_s: float = 0.1, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._monotonic = monotonic
+        self._last: float | None = None
+        self._trim = _malloc_trim()
+
+    def __call__(self) -> bool:
+        """True when it asked the allocator to give memory back."""
+        now = self._monotonic()
+        if self._trim is None or (self._last is not None and now - self._last < self.interval_s):
+            return False
+        self._last = now
+        self._trim(0)
+        return True
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
 
 
 def hot_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

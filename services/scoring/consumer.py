@@ -25,7 +25,7 @@ from services.scoring.drift import ScoreDrift
 from services.scoring.features import HistoryEvent
 from services.scoring.history_cache import BatchHistories, HistoryCache, Key
 from services.scoring.model import Predictor
-from shared.app import freeze_heap
+from shared.app import FreeMemoryReturner, freeze_heap
 from shared.clock import Clock
 from shared.db import session_scope
 from shared.events import (
@@ -113,6 +113,7 @@ class ScoringConsumer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring-batch")
         # One writer: writes commit in batch order.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring-write")
+        self._return_free_memory = FreeMemoryReturner()  # called on the writer thread after a batch
         self._write_epoch = 0  # bumped (on the writer thread) by every failed write
         self._careful = self.cache is None
         self._in_flight: tuple[int, Mapping[Key, tuple[int, list[HistoryEvent]]], Future[list[str]]] | None = None
@@ -334,6 +335,7 @@ class ScoringConsumer:
         planned.histories.commit()
         if self.cache is not None:
             metrics.set_history_cache(self.cache)
+        self._return_free_memory()
         return flagged
 
     def _process_in_turn(
@@ -344,6 +346,7 @@ class ScoringConsumer:
             raise EarlierWriteFailed("the batch before this one was not stored; this one is redone after it")
         outcome = self.process(records, partitions, predictor)
         self._careful = self.cache is None
+        self._return_free_memory()
         return outcome
 
     def process(
