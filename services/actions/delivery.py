@@ -360,6 +360,13 @@ class DeliveryWorker:
         rounds = math.ceil(self.queue_per_endpoint / endpoint_concurrency)
         self.lease = timedelta(seconds=rounds * attempt_timeout_s + LEASE_MARGIN_S)
         self._wakeup = asyncio.Event()
+        # Endpoints the last claim may have left due rows of (blocked, or as many rows claimed
+        # as they had room for): a finished attempt or sender of one of them wakes the claim
+        # loop. Others do not: a claim that took everything due finds nothing new until new
+        # rows are written (wake()) or become due (the poll). At 50 webhooks/s every delivery
+        # cost three claims, two of them empty.
+        self._capped: set[str] = set()
+        self.claim_rounds = 0  # claims made (statements or transactions), for tests and benches
         self._queues: dict[str, collections.deque[ClaimedDelivery]] = {}
         self._senders: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -458,19 +465,27 @@ class DeliveryWorker:
         Returns how many rows were claimed or parked."""
         self._spawn_senders()
         if sum(len(q) for q in self._queues.values()) >= self._max_queued:
+            self._capped = set(self._queues)  # no claim made: any finished attempt may make room
             return 0
         known = set(self._queues) | set(self.guard.known())
         rooms = {endpoint: self._room(endpoint) for endpoint in known}
         blocked = sorted(e for e, room in rooms.items() if room == 0)
         defer = self._due_deferrals(known)
+        self.claim_rounds += 1
         if self._one_statement:
             claimed, parked = await self._claim_one_statement(blocked, rooms, defer)
         else:
             claimed, parked = await asyncio.to_thread(self._claim, blocked, rooms, defer)
         if parked:
             metrics.WEBHOOK_ATTEMPTS.labels("parked").inc(parked)
+        taken: collections.Counter[str] = collections.Counter()
         for delivery in claimed:
             self._queues.setdefault(delivery.subscription_id, collections.deque()).append(delivery)
+            taken[delivery.subscription_id] += 1
+        self._capped = set(blocked) | {
+            endpoint for endpoint, count in taken.items()
+            if count >= rooms.get(endpoint, self.queue_per_endpoint)
+        }
         self._spawn_senders()
         return len(claimed) + parked
 
@@ -569,7 +584,13 @@ class DeliveryWorker:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook sender task failed", exc_info=task.exception())
-        self._wakeup.set()
+        # Another round: rows queued while max_in_flight left them without a sender, or an
+        # endpoint whose rows the last claim may not have taken all of.
+        if self._capped or any(
+            queue and self._senders.get(endpoint, 0) < self.guard.limit(endpoint)
+            for endpoint, queue in self._queues.items()
+        ):
+            self._wakeup.set()
 
     async def _release(self, unsent: list[ClaimedDelivery], at: datetime | None = None) -> None:
         """Due again at `at` (default now) instead of after their lease. On PostgreSQL one
@@ -599,7 +620,8 @@ class DeliveryWorker:
             self._results_ready.set()
         finally:
             self.guard.finished(claimed.subscription_id, success, gone=gone)
-            if len(self._queues.get(claimed.subscription_id, ())) <= self.queue_per_endpoint // 2:
+            if (claimed.subscription_id in self._capped
+                    and len(self._queues.get(claimed.subscription_id, ())) <= self.queue_per_endpoint // 2):
                 self._wakeup.set()  # room for at least half a queue: claim more now
 
     async def attempt(self, claimed: ClaimedDelivery) -> AttemptResult:

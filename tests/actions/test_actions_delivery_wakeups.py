@@ -1,0 +1,101 @@
+"""When the delivery worker claims: once per wake-up for new rows, again when an endpoint had more
+due than its queue could take, never for nothing. A real database, a real receiver over HTTP,
+a poll interval far longer than each test, so every claim counted here was woken."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import select
+
+from services.actions.delivery import DeliveryWorker, PooledSender
+from services.actions.tables import ActionsDelivery
+from shared.clock import ManualClock
+from shared.db import session_scope
+from tests.actions.actions_support import START
+from tests.actions.test_actions_guardrails import engine  # noqa: F401
+from tests.actions.test_actions_outbox_statements import _outbox, _subscribe
+from tests.actions.webhook_support import Answer, ScriptedReceiver
+from tests.helpers import async_wait_until
+
+NEVER_S = 3_600.0  # the poll: no claim in these tests comes from it
+
+
+@pytest.fixture
+async def worker(engine: Engine) -> AsyncIterator[DeliveryWorker]:  # noqa: F811
+    worker = DeliveryWorker(engine, PooledSender(allow_local=True), ManualClock(START),
+                            retry_schedule_s=[60.0], poll_s=NEVER_S, endpoint_concurrency=1)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+def _delivered(engine: Engine) -> int:  # noqa: F811
+    with session_scope(engine) as session:
+        return len(session.exec(select(ActionsDelivery).where(ActionsDelivery.status == "delivered")).all())
+
+
+def _attempted(engine: Engine) -> int:  # noqa: F811
+    with session_scope(engine) as session:
+        return sum(d.attempts for d in session.exec(select(ActionsDelivery)).all())
+
+
+async def test_each_new_delivery_costs_one_claim(
+    engine: Engine, worker: DeliveryWorker, scripted: ScriptedReceiver,  # noqa: F811
+) -> None:
+    """Rows written one at a time, each announced by wake() as the consumers do: one claim
+    each (plus the one at start). The finished attempt and its sender wake nobody: the claim
+    before them took everything that was due (it made three claims per delivery)."""
+    endpoint = _subscribe(engine, scripted.url())
+    await async_wait_until(lambda: worker.claim_rounds == 1, what="the claim at start")
+    for n in range(1, 11):
+        _outbox(engine, endpoint, 1)
+        worker.wake()
+        await async_wait_until(lambda: _delivered(engine) == n, what=f"delivery {n} booked")  # noqa: B023
+    assert scripted.effects == 10
+    assert worker.claim_rounds == 11
+
+
+async def test_an_endpoint_with_more_due_than_its_queue_is_claimed_again_without_the_poll(
+    engine: Engine, worker: DeliveryWorker, scripted: ScriptedReceiver,  # noqa: F811
+) -> None:
+    """120 rows due for one endpoint, whose queue takes 50 (one sending slot): a claim takes 50,
+    and attempts finishing with the queue half empty claim more, until all are delivered."""
+    assert worker.queue_per_endpoint == 50
+    endpoint = _subscribe(engine, scripted.url())
+    _outbox(engine, endpoint, 120)
+    worker.wake()
+    await async_wait_until(lambda: _delivered(engine) == 120, timeout_s=60.0, what="all 120 booked")
+    assert scripted.effects == 120
+    assert 3 <= worker.claim_rounds <= 120 // 25 + 2  # refills at half a queue, not one per row
+
+
+async def test_a_blocked_endpoint_is_claimed_again_once_its_circuit_lets_a_probe_through(
+    engine: Engine, scripted: ScriptedReceiver,  # noqa: F811
+) -> None:
+    """An endpoint whose circuit opened is left out of claims (blocked); once the circuit lets a
+    probe through and the probe succeeds, its remaining rows are claimed without the poll."""
+    clock = ManualClock(START)
+    worker = DeliveryWorker(engine, PooledSender(allow_local=True), clock, retry_schedule_s=[1.0] * 5,
+                            poll_s=NEVER_S, endpoint_concurrency=1, breaker_failure_threshold=1,
+                            breaker_cooldown_s=30.0)
+    worker.start()
+    try:
+        scripted.default = Answer(500)
+        endpoint = _subscribe(engine, scripted.url())
+        _outbox(engine, endpoint, 3)
+        worker.wake()
+        await async_wait_until(lambda: worker.guard.state(endpoint) == "open", what="the circuit opens")
+        await async_wait_until(lambda: _attempted(engine) == 1, what="the failed attempt booked")
+        scripted.default = Answer(200)
+        clock.advance(timedelta(seconds=31))  # the rows are due again, the circuit half-open
+        worker.wake()
+        await async_wait_until(lambda: _delivered(engine) == 3, timeout_s=30.0, what="all 3 booked")
+        assert worker.guard.state(endpoint) == "closed"
+    finally:
+        await worker.stop()
