@@ -145,11 +145,47 @@ def insert_rows(
         statement = dialect_insert(session, table).on_conflict_do_nothing() if ignore_existing else insert(table)
         session.execute(statement, list(rows))
         return
+    session.connection().exec_driver_sql(insert_rows_sql(table, ignore_existing), (document,))
+
+
+def insert_rows_sql(table: Any, ignore_existing: bool = False) -> str:
+    """insert_rows' statement on PostgreSQL; its parameter: the rows' JSON document."""
     names = ", ".join(column.name for column in table.columns)
     sql = f"INSERT INTO {table.name} ({names}) SELECT {names} FROM json_populate_recordset(NULL::{table.name}, %s::json)"
-    if ignore_existing:
-        sql += " ON CONFLICT DO NOTHING"
-    session.connection().exec_driver_sql(sql, (document,))
+    return sql + " ON CONFLICT DO NOTHING" if ignore_existing else sql
+
+
+def write_rows(
+    session: Session,
+    inserts: Sequence[tuple[Any, Sequence[dict[str, Any]]]],
+    updates: Sequence[tuple[Any, Sequence[dict[str, Any]]]] = (),
+) -> None:
+    """`insert_rows` for each (model, rows) of `inserts`, then `update_rows` for each of `updates`;
+    on PostgreSQL in ONE statement, each part a data-modifying WITH query: a decision batch's
+    offers, outbox rows, decisions and customer scores are one round trip instead of four.
+    Foreign keys are checked at the end of the statement, so a row may reference one another
+    part inserts (the parts run on one snapshot: none sees another's rows, none needs to)."""
+    inserts = [(model, rows) for model, rows in inserts if rows]
+    updates = [(model, rows) for model, rows in updates if rows]
+    if session.get_bind().dialect.name != "postgresql" or len(inserts) + len(updates) < 2:
+        for model, rows in inserts:
+            insert_rows(session, model, rows)
+        for model, rows in updates:
+            update_rows(session, model, rows)
+        return
+    parts: list[str] = []
+    params: list[Any] = []
+    for model, rows in inserts:
+        parts.append(insert_rows_sql(model.__table__))
+        params.append(_rows_document(model.__table__, rows))
+    for model, rows in updates:
+        table = model.__table__
+        keys = tuple(table.primary_key.columns)
+        parts.append(update_rows_sql(table, [table.columns[name] for name in rows[0] if table.columns[name] not in keys]))
+        params += [_rows_document(table, rows), len(rows)]
+    *first, last = parts
+    sql = "WITH " + ", ".join(f"part_{i} AS ({part})" for i, part in enumerate(first)) + " " + last
+    session.connection().exec_driver_sql(sql, tuple(params))
 
 
 def update_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:

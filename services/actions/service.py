@@ -389,16 +389,17 @@ class _Batch:
         return len(self.subscriptions[tenant])
 
     def write(self, session: Session) -> None:
-        """Offers, then (they reference them) outbox rows, and decisions: one multi-row INSERT
-        per table; and the customers' latest scores in one UPDATE."""
-        repository.insert_rows(session, ActionsOffer, self.offers)
-        repository.insert_rows(session, ActionsDelivery, self.deliveries)
-        repository.insert_rows(session, ActionsDecision, self.decisions)
-        repository.update_rows(session, ActionsCustomer, [
-            {"tenant_id": state.tenant_id, "customer_id": state.customer_id,
-             **{name: getattr(state, name) for name in _SCORE_COLUMNS}}
-            for _, state in sorted(self.scored.items())
-        ])
+        """Offers, outbox rows (they reference the offers) and decisions, and the customers'
+        latest scores: one statement on PostgreSQL (repository.write_rows)."""
+        repository.write_rows(
+            session,
+            [(ActionsOffer, self.offers), (ActionsDelivery, self.deliveries), (ActionsDecision, self.decisions)],
+            [(ActionsCustomer, [
+                {"tenant_id": state.tenant_id, "customer_id": state.customer_id,
+                 **{name: getattr(state, name) for name in _SCORE_COLUMNS}}
+                for _, state in sorted(self.scored.items())
+            ])],
+        )
 
 
 def _needs_contracts(document: PolicyDocument, trigger: TriggerInput) -> bool:

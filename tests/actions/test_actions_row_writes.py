@@ -10,11 +10,13 @@ from datetime import timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from services.actions import repository
-from services.actions.tables import ActionsCustomer
+from services.actions import repository, webhooks
+from services.actions.tables import ActionsCustomer, ActionsDelivery, ActionsOffer
+from services.actions.url_guard import UrlPolicy
 from shared.db import session_scope
 from tests.actions.actions_support import START
 from tests.actions.test_actions_guardrails import engine  # noqa: F401
@@ -117,3 +119,70 @@ def test_a_few_updated_rows_are_found_through_the_primary_key(engine: Engine) ->
     with engine.connect() as connection:
         plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN " + sql, (document, 1)))
     assert "Index Scan using actions_customers_pkey" in plan and "Seq Scan on actions_customers" not in plan, plan
+
+
+def _offer_and_delivery(tenant: str, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    offer = {
+        "offer_id": f"o-{tenant}-{n}", "tenant_id": tenant, "customer_id": f"c-{n:03d}", "policy": "p",
+        "kind": "discount", "discount_percent": 10, "valid_until": START + timedelta(days=14),
+        "churn_probability": 0.9, "band": "high", "model_version": "m-1", "score_id": f"s-{tenant}-{n}",
+        "created_at": START, "trigger": "score", "offer_key": "d10", "service": False, "cost": 2.5, "details": {},
+    }
+    delivery = webhooks.outbox_row("", tenant_id=tenant, offer_id=offer["offer_id"],
+                                   payload=f'{{"n": {n}}}', now=START)
+    return offer, delivery
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_several_tables_are_written_in_one_statement_on_postgresql(engine: Engine, size: int) -> None:  # noqa: F811
+    """write_rows: offers, outbox rows referencing them (the foreign key is checked at the end of
+    the statement) and customer updates; one statement on PostgreSQL, one per table on SQLite;
+    what is stored is what insert_rows and update_rows store."""
+    tenant = f"many-{size}"
+    customers = [_customer(tenant, n) for n in range(size)]
+    with session_scope(engine) as session:
+        subscription = webhooks.create_subscription(session, tenant, "http://127.0.0.1:9/hook", START,
+                                                    UrlPolicy(allow_local=True)).id
+        repository.insert_rows(session, ActionsCustomer, customers)
+    pairs = [_offer_and_delivery(tenant, n) for n in range(size)]
+    offers = [offer for offer, _ in pairs]
+    deliveries = [{**delivery, "subscription_id": subscription} for _, delivery in pairs]
+    scored = [{"tenant_id": tenant, "customer_id": c["customer_id"], "last_probability": 0.9} for c in customers]
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with session_scope(engine) as session:
+            repository.write_rows(session, [(ActionsOffer, offers), (ActionsDelivery, deliveries)],
+                                  [(ActionsCustomer, scored)])
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) == (1 if engine.dialect.name == "postgresql" else 3)
+    with session_scope(engine) as session:
+        stored_offers = session.exec(select(ActionsOffer).where(ActionsOffer.tenant_id == tenant)).all()
+        stored_deliveries = session.exec(select(ActionsDelivery).where(ActionsDelivery.tenant_id == tenant)).all()
+    assert sorted(o.offer_id for o in stored_offers) == sorted(o["offer_id"] for o in offers)
+    assert sorted((d.delivery_id, d.offer_id) for d in stored_deliveries) == sorted(
+        (d["delivery_id"], d["offer_id"]) for d in deliveries)
+    assert [row["last_probability"] for row in _stored(engine, tenant)] == [0.9] * size
+
+
+def test_a_row_another_part_refuses_leaves_nothing_written(engine: Engine) -> None:  # noqa: F811
+    """An outbox row naming an offer nobody inserts: the foreign key refuses it (PostgreSQL: at the
+    end of the statement), and the offers and updates of the same call are not stored either."""
+    tenant = "refused"
+    with session_scope(engine) as session:
+        repository.insert_rows(session, ActionsCustomer, [_customer(tenant, 0)])
+        subscription = webhooks.create_subscription(session, tenant, "http://127.0.0.1:9/hook", START,
+                                                    UrlPolicy(allow_local=True)).id
+    offer, delivery = _offer_and_delivery(tenant, 0)
+    orphan = {**delivery, "subscription_id": subscription, "offer_id": "o-nobody"}
+    with pytest.raises(IntegrityError), session_scope(engine) as session:
+        repository.write_rows(session, [(ActionsOffer, [offer]), (ActionsDelivery, [orphan])],
+                              [(ActionsCustomer, [{"tenant_id": tenant, "customer_id": "c-000", "last_probability": 0.5}])])
+    with session_scope(engine) as session:
+        assert session.exec(select(ActionsOffer).where(ActionsOffer.tenant_id == tenant)).all() == []
+    assert _stored(engine, tenant)[0]["last_probability"] is None
