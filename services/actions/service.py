@@ -176,7 +176,8 @@ def decide_many(
     Set-based: the customers are locked, and their earlier decisions, contracts and offer
     history, the budgets and the subscriptions are read, in a few queries for the whole batch;
     the batch's own offers count for the cooldowns and budgets of the triggers after them; the
-    offers, outbox rows and decisions are written in one INSERT per table at the end.
+    offers, outbox rows, decisions and customer scores are written together at the end (one
+    statement on PostgreSQL: repository.write_rows).
 
     A trigger already decided (before, or earlier in this batch) returns the stored decision
     (so the caller may re-publish it) and writes nothing. The customer row locks serialise
