@@ -35,13 +35,17 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings.kafka, client_id="ingest", send_timeout_s=settings.publish_timeout_s)
         engine = make_engine(settings.database.url_for("ingest"), echo=settings.database.database_echo)
+        # The ledger's own: no ping per checkout (services/ingest/ledger.py); one lookup and one
+        # write round at a time need no more than two connections.
+        ledger_engine = make_engine(settings.database.url_for("ingest"), echo=settings.database.database_echo,
+                                    pre_ping=False, pool_size=2)
         ledger: EventIdLedger | None = None
         erased = ErasedCustomers(engine, settings.erasure_refresh_s)
         status = StatusConsumer(settings.kafka, "ingest-erasure-status", engine)
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             app.state.settings = settings
-            ledger = EventIdLedger(engine)
+            ledger = EventIdLedger(ledger_engine)
             ledger.start()
             await erased.refresh()
             erased.start()
@@ -65,6 +69,7 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
                 await ledger.stop()
             await publisher.close()
             engine.dispose()
+            ledger_engine.dispose()
 
     app = create_service_app(
         "ingest",
