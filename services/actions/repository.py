@@ -81,13 +81,7 @@ def budget_used(
     session: Session, tenant_id: str, policy: str, since: datetime
 ) -> tuple[int, float]:
     """Offers of `policy` created since `since` (the period start): count and summed cost."""
-    count, cost = session.exec(
-        select(func.count(), func.coalesce(func.sum(ActionsOffer.cost), 0.0)).where(
-            ActionsOffer.tenant_id == tenant_id,
-            ActionsOffer.policy == policy,
-            col(ActionsOffer.created_at) >= since,
-        )
-    ).one()
+    count, cost = session.execute(_BUDGET_USED, {"tenant_id": tenant_id, "policy": policy, "since": since}).one()
     return int(count), float(cost)
 
 
@@ -263,6 +257,23 @@ _LOCK_CUSTOMERS = (
 _DECISIONS_BY_TRIGGER = select(ActionsDecision).where(
     ActionsDecision.tenant_id == bindparam("tenant_id"), col(ActionsDecision.score_id).in_(bindparam("ids", expanding=True))
 )
+_CONTRACTS_OF_CUSTOMERS = (
+    select(ActionsContract)
+    .where(ActionsContract.tenant_id == bindparam("tenant_id"),
+           col(ActionsContract.customer_id).in_(bindparam("ids", expanding=True)))
+    .order_by(col(ActionsContract.customer_id), col(ActionsContract.contract_id))
+)
+_OFFER_HISTORY = (
+    select(ActionsOffer.customer_id, ActionsOffer.policy, ActionsOffer.service, func.max(ActionsOffer.created_at))
+    .where(ActionsOffer.tenant_id == bindparam("tenant_id"),
+           col(ActionsOffer.customer_id).in_(bindparam("ids", expanding=True)))
+    .group_by(ActionsOffer.customer_id, ActionsOffer.policy, ActionsOffer.service)
+)
+_BUDGET_USED = select(func.count(), func.coalesce(func.sum(ActionsOffer.cost), 0.0)).where(
+    ActionsOffer.tenant_id == bindparam("tenant_id"),
+    ActionsOffer.policy == bindparam("policy"),
+    col(ActionsOffer.created_at) >= bindparam("since"),
+)
 
 
 def lock_customers(
@@ -309,12 +320,7 @@ def contracts_of_customers(
     found: dict[tuple[str, str], list[ActionsContract]] = {}
     for tenant_id, customer_ids in _by_tenant(keys).items():
         for chunk in _chunks(customer_ids):
-            for row in session.exec(
-                select(ActionsContract)
-                .where(ActionsContract.tenant_id == tenant_id,
-                       col(ActionsContract.customer_id).in_(chunk))
-                .order_by(col(ActionsContract.customer_id), col(ActionsContract.contract_id))
-            ).all():
+            for row in session.exec(_CONTRACTS_OF_CUSTOMERS, params={"tenant_id": tenant_id, "ids": chunk}).all():
                 found.setdefault((row.tenant_id, row.customer_id), []).append(row)
     return found
 
@@ -325,14 +331,9 @@ def offer_history(
     """Per (tenant, customer): when the latest offer of each (policy, service flag) was made
     (the cooldowns: per policy, and any marketing offer)."""
     found: dict[tuple[str, str], dict[tuple[str, bool], datetime]] = {}
-    o = ActionsOffer
     for tenant_id, customer_ids in _by_tenant(keys).items():
         for chunk in _chunks(customer_ids):
-            rows = session.execute(
-                select(o.customer_id, o.policy, o.service, func.max(o.created_at))
-                .where(o.tenant_id == tenant_id, col(o.customer_id).in_(chunk))
-                .group_by(o.customer_id, o.policy, o.service)
-            ).all()
+            rows = session.execute(_OFFER_HISTORY, {"tenant_id": tenant_id, "ids": chunk}).all()
             for customer_id, policy, service_flag, at in rows:
                 when = _aware(at)
                 if when is not None:
