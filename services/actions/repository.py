@@ -245,7 +245,7 @@ def _checked_columns(table: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return times, floats
 
 
-# The decision path's per-batch reads, built once: building a statement costs more CPU than
+# The decision path's and the event fold's per-batch reads, built once: building a statement costs more CPU than
 # running it for a batch of one (SQLAlchemy caches the compiled SQL, not the construction).
 _LOCK_CUSTOMERS = (
     select(ActionsCustomer)
@@ -256,6 +256,10 @@ _LOCK_CUSTOMERS = (
 )
 _DECISIONS_BY_TRIGGER = select(ActionsDecision).where(
     ActionsDecision.tenant_id == bindparam("tenant_id"), col(ActionsDecision.score_id).in_(bindparam("ids", expanding=True))
+)
+_CONTRACTS_BY_ID = select(ActionsContract).where(
+    ActionsContract.tenant_id == bindparam("tenant_id"),
+    col(ActionsContract.contract_id).in_(bindparam("ids", expanding=True)),
 )
 _CONTRACTS_OF_CUSTOMERS = (
     select(ActionsContract)
@@ -379,12 +383,7 @@ def contracts_by_id(
     found: dict[tuple[str, str], ActionsContract | None] = dict.fromkeys(keys)
     for tenant_id, contract_ids in _by_tenant(keys).items():
         for chunk in _chunks(contract_ids):
-            for row in session.exec(
-                select(ActionsContract).where(
-                    ActionsContract.tenant_id == tenant_id,
-                    col(ActionsContract.contract_id).in_(chunk),
-                )
-            ).all():
+            for row in session.exec(_CONTRACTS_BY_ID, params={"tenant_id": tenant_id, "ids": chunk}).all():
                 found[(row.tenant_id, row.contract_id)] = row
     return found
 
