@@ -174,8 +174,7 @@ def write_rows(
         params.append(_rows_document(model.__table__, rows))
     for model, rows in updates:
         table = model.__table__
-        keys = tuple(table.primary_key.columns)
-        parts.append(update_rows_sql(table, [table.columns[name] for name in rows[0] if table.columns[name] not in keys]))
+        parts.append(update_rows_sql(table, _changed_columns(table, rows)))
         params += [_rows_document(table, rows), len(rows)]
     *first, last = parts
     sql = "WITH " + ", ".join(f"part_{i} AS ({part})" for i, part in enumerate(first)) + " " + last
@@ -192,7 +191,7 @@ def update_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) ->
     table = model.__table__
     document = _rows_document(table, rows)
     keys = tuple(table.primary_key.columns)
-    changed = [table.columns[name] for name in rows[0] if table.columns[name] not in keys]
+    changed = _changed_columns(table, rows)
     if session.get_bind().dialect.name != "postgresql":
         statement = (
             update(table)
@@ -205,7 +204,13 @@ def update_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) ->
             for row in rows
         ])
         return
-    session.connection().exec_driver_sql(update_rows_sql(table, tuple(changed)), (document, len(rows)))
+    session.connection().exec_driver_sql(update_rows_sql(table, changed), (document, len(rows)))
+
+
+def _changed_columns(table: Any, rows: Sequence[dict[str, Any]]) -> tuple[Any, ...]:
+    """The columns update_rows sets: those the rows name, less the primary key's."""
+    keys = tuple(table.primary_key.columns)
+    return tuple(table.columns[name] for name in rows[0] if table.columns[name] not in keys)
 
 
 def update_rows_sql(table: Any, changed: Sequence[Any]) -> str:
