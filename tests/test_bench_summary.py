@@ -35,7 +35,10 @@ def _scoring(date: str = "2026-11-23 17:23 UTC") -> dict[str, Any]:
             "bare": [{"name": "bare aiokafka consumer: read + commit", "events_per_s": 200_000.0},
                      {"name": "bare aiokafka consumer: read + commit + decode EventRecord", "events_per_s": 100_000.0}],
             "backends": [{"backend": "postgresql", "throughput": {"events_per_s": 12_000.0},
-                          "latency": [lat(200, 50.0), lat(1000, 99.0)]}]}
+                          "latency": [lat(200, 50.0), lat(1000, 99.0)], "rss_peak_mb": 240.0,
+                          "rss_at_rest_mb": 200.0},
+                         {"backend": "sqlite", "throughput": {"events_per_s": 8_000.0}, "latency": [],
+                          "rss_peak_mb": 255.0}]}
 
 
 def _actions(date: str = "2026-11-23 17:26 UTC") -> dict[str, Any]:
@@ -103,11 +106,16 @@ def test_figures_references_ratios_and_goal_verdicts_come_from_the_files(tmp_pat
     rss = rows["RSS scoring, peak under load, MB"]
     assert (rss["ours"], rss["reference"], rss["ratio"], rss["met"]) == (260.0, 200.0, 1.3, False)
     assert rows["RSS ingest, peak under load, MB"]["met"] is True
+    # and scoring's peak over its own bench, the heavier load, per database
+    own_pg = rows["RSS scoring, peak over its own bench (postgresql), MB"]
+    assert (own_pg["ours"], own_pg["reference"], own_pg["ratio"], own_pg["met"]) == (240.0, 200.0, 1.2, True)
+    own_sqlite = rows["RSS scoring, peak over its own bench (sqlite), MB"]
+    assert (own_sqlite["met"], own_sqlite["note"]) == (False, "no RSS at rest in scoring.json")
 
     assert result["warnings"] == []
     assert [s["date"] for s in result["sources"]] == ["2026-11-23 17:20 UTC", "2026-11-23 17:23 UTC",
                                                       "2026-11-23 17:26 UTC", "2026-11-23 17:28 UTC"]
-    assert result["goals"] == {"judged": 10, "met": 6, "not_met": 4, "not_measured": 0}
+    assert result["goals"] == {"judged": 12, "met": 7, "not_met": 5, "not_measured": 0}
     table = summary.table(result)
     assert "| ingest | batch, via gateway: events/s (best: 1 conn) | 55,000 | 100,000 msg/s raw producer " \
            "(send + flush) | 0.55 | >= 50% of the raw producer (#3) | yes |  |" in table
@@ -145,7 +153,7 @@ def test_main_writes_the_json_and_puts_the_block_at_the_top_of_the_doc_then_repl
 
     assert summary.main(["--results", str(tmp_path), "--doc", str(doc)]) == 0
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["goals"]["judged"] == 10
+    assert written["goals"]["judged"] == 12
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\n" + summary.DOC_START + "\n## Summary (issue #8)")
     assert text.index(summary.DOC_END) < text.index("Intro.") < text.index("bench:ingest:start")
