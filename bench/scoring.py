@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scoring on {backend}: working through {args.backlog_repeats} backlogs of {produced:,} events ...",
                   flush=True)
             instance.start()
-            rss_at_rest = instance.memory_mb()  # model loaded, consuming not begun: the topic's backlog waits
+            rss_at_rest = instance.memory_mb()  # just ready: model loaded, the first poll at most begun
             try:
                 runs = [backlog_throughput(instance, produced)]
                 for repeat in range(1, args.backlog_repeats):
