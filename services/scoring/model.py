@@ -23,19 +23,21 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import sklearn.utils
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.inspection import permutation_importance
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import ThreadpoolController
 
 from services.scoring.features import FEATURE_NAMES, HistoryEvent, feature_vector, features_from_sorted
+from services.scoring.serving import ModelLoadError, ServingModel
 from shared.clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from sklearn.calibration import CalibratedClassifierCV
+    from threadpoolctl import ThreadpoolController
+
+# sklearn (and scipy under it) is imported where a model is trained, evaluated or read from its
+# skops artifact, never to serve one: the scoring service scores from the registry's serving
+# arrays (services.scoring.serving) and stays ~110 MB smaller for it.
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ CALIBRATION_BINS = 10
 
 @functools.cache
 def _threadpools() -> ThreadpoolController:
+    from threadpoolctl import ThreadpoolController
+
     return ThreadpoolController()
 
 
@@ -61,10 +65,6 @@ def single_threaded() -> Any:
 
 class InsufficientData(ValueError):
     """Not enough history to train or evaluate a model honestly."""
-
-
-class ModelLoadError(ValueError):
-    """A registered model cannot be used by this code: corrupt or incompatible artifact."""
 
 
 class UntrustedArtifact(ModelLoadError):
@@ -211,8 +211,11 @@ class Predictor:
         if not rows:
             return []
         matrix = np.array([feature_vector(row, self.feature_names) for row in rows], dtype=float)
-        with single_threaded():
-            probabilities = self.estimator.predict_proba(matrix)[:, 1]
+        if isinstance(self.estimator, ServingModel):
+            probabilities = self.estimator.churn_probability(matrix)
+        else:
+            with single_threaded():
+                probabilities = self.estimator.predict_proba(matrix)[:, 1]
         return [float(min(1.0, max(0.0, p))) for p in probabilities]
 
 
@@ -313,6 +316,11 @@ predictions (not an average of 3 fold models): the same validation AUC on simula
 
 def make_logistic() -> CalibratedClassifierCV:
     """L2-regularised logistic regression on standardised features, sigmoid-calibrated."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
     pipeline = Pipeline([
         ("scale", StandardScaler()),
         ("logreg", LogisticRegression(C=0.5, max_iter=2000)),
@@ -322,6 +330,9 @@ def make_logistic() -> CalibratedClassifierCV:
 
 def make_gradient_boosting() -> CalibratedClassifierCV:
     """Histogram gradient boosting (shallow trees, L2, fixed rounds), sigmoid-calibrated."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
     boosting = HistGradientBoostingClassifier(
         learning_rate=0.06, max_iter=150, max_leaf_nodes=15, min_samples_leaf=40,
         l2_regularization=1.0, early_stopping=False, random_state=0,
@@ -380,6 +391,8 @@ def feature_importance(
 ) -> list[dict[str, float | str]]:
     """Permutation importance on the validation set (drop in ROC AUC when a feature is
     shuffled): the same measure for either model kind. Largest first."""
+    from sklearn.inspection import permutation_importance
+
     result = permutation_importance(estimator, X, y, scoring="roc_auc", n_repeats=repeats, random_state=0)
     rows = [
         {"feature": name, "mean": round(float(m), 6), "std": round(float(s), 6)}
@@ -402,6 +415,8 @@ def train(
     """Fit the candidates on customer histories (customer id -> events), keep the one with
     the best ROC AUC on the validation period, and report it next to the others and the
     recency-only baseline."""
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
     if horizon_days < 1:
         raise ValueError("horizon_days must be at least 1")
     if not candidates:
@@ -480,11 +495,14 @@ def train(
 # --- artifacts ------------------------------------------------------------------------
 
 
-def _import_skops_io() -> Any:
+@functools.cache
+def _skops_io() -> Any:
     """skops.io, imported without its default trust list of every sklearn estimator: building
-    it imports all of sklearn (all_estimators), ~16 MB resident in the scoring service for
-    modules it never uses. load_artifact does not rely on that default: it trusts sklearn and
-    numpy types by name, so with the list empty the same artifacts load and the same refuse."""
+    it imports all of sklearn (all_estimators), ~16 MB resident for modules never used.
+    load_artifact does not rely on that default: it trusts sklearn and numpy types by name, so
+    with the list empty the same artifacts load and the same refuse."""
+    import sklearn.utils
+
     all_estimators = sklearn.utils.all_estimators
     sklearn.utils.all_estimators = lambda *args, **kwargs: []
     try:
@@ -494,18 +512,24 @@ def _import_skops_io() -> Any:
     return skops.io
 
 
-sio = _import_skops_io()
-
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.")
 
 
 def dump_artifact(estimator: Any) -> bytes:
-    return sio.dumps(estimator, compression=zipfile.ZIP_DEFLATED)
+    return _skops_io().dumps(estimator, compression=zipfile.ZIP_DEFLATED)
+
+
+def serving_arrays(estimator: Any) -> bytes | None:
+    """What the registry stores beside the artifact for scoring to serve the model from
+    (services.scoring.serving), or None for a model of a kind not served from arrays."""
+    form = ServingModel.from_estimator(estimator)
+    return form.to_bytes() if form is not None else None
 
 
 def load_artifact(blob: bytes) -> Any:
     """skops load, trusting only sklearn and numpy types beyond skops' defaults. Raises
     ModelLoadError (UntrustedArtifact for foreign types) instead of loading anything else."""
+    sio = _skops_io()
     try:
         untrusted = sio.get_untrusted_types(data=blob)
     except Exception as exc:  # a zip that is not one, a skops schema it does not know, ...
@@ -522,11 +546,13 @@ def load_artifact(blob: bytes) -> Any:
 def load_predictor(
     version: str, feature_names: Sequence[str], blob: bytes, roc_auc: float,
     trained_at: datetime | None = None, reference_scores: Sequence[float] = (),
-    reference: Mapping[str, float] | None = None,
+    reference: Mapping[str, float] | None = None, serving: bytes | None = None,
 ) -> Predictor:
-    """A registered model, checked before it may score: the artifact loads safely, is a binary
+    """A registered model, checked before it may score: it loads safely, is a binary
     classifier with probabilities, and its inputs are features this code computes, as many as
-    the registry says. Every refusal is a ModelLoadError naming the version."""
+    the registry says. With `serving` arrays, the model is read from them alone (numpy, no
+    sklearn); without (a model of another kind, or registered before serving arrays existed),
+    from the skops artifact `blob`. Every refusal is a ModelLoadError naming the version."""
     unknown = sorted(set(feature_names) - set(FEATURE_NAMES))
     if unknown:
         raise ModelLoadError(
@@ -535,7 +561,7 @@ def load_predictor(
     if len(set(feature_names)) != len(feature_names) or not feature_names:
         raise ModelLoadError(f"model {version} has an empty or repeated feature list")
     try:
-        estimator = load_artifact(blob)
+        estimator = ServingModel.from_bytes(serving) if serving is not None else load_artifact(blob)
     except ModelLoadError as exc:
         raise type(exc)(f"model {version}: {exc}") from exc
     if not callable(getattr(estimator, "predict_proba", None)):

@@ -23,15 +23,14 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import expit
 
 from services.scoring import metrics
 from services.scoring.features import FEATURE_NAMES, NO_CONTRACT_END_DAYS, feature_vector
 from services.scoring.model import Predictor, single_threaded
+from services.scoring.serving import ServingModel, perturbed_copies
 
 MAX_REASONS = 3
 MIN_CONTRIBUTION = 0.005
@@ -227,8 +226,7 @@ def contributions(
     # A feature already at its reference contributes exactly nothing: only the others are
     # perturbed and scored (typically half of them or fewer).
     rows_at, features_at = np.nonzero(X != ref)
-    stacked = X[rows_at].copy()
-    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
+    stacked = perturbed_copies(X, ref, rows_at, features_at)
     if probabilities is None:
         stacked = np.vstack([stacked, X])
     with single_threaded():  # as Predictor.predict: OpenMP (HistGradientBoosting) on one thread
@@ -315,12 +313,12 @@ def score_and_explain(
         X = np.array([feature_vector(row, feature_names) for row in rows], dtype=float)
         ref = np.array([float(reference[name]) for name in feature_names], dtype=float)
         rows_at, features_at = np.nonzero(X != ref)
-        parts = _model_parts(estimator)
-        if parts is not None and np.isfinite(X).all() and np.isfinite(ref).all():
-            scored = _perturbed_proba(parts, X, ref, rows_at, features_at)
+        form = _serving_form(estimator)
+        if form is not None and np.isfinite(X).all() and np.isfinite(ref).all():
+            scored = form.perturbed_proba(X, ref, rows_at, features_at)
         else:
             with single_threaded():  # as Predictor.predict
-                scored = estimator.predict_proba(np.vstack([_copies(X, ref, rows_at, features_at), X]))[:, 1]
+                scored = estimator.predict_proba(np.vstack([perturbed_copies(X, ref, rows_at, features_at), X]))[:, 1]
         # Predictor.predict's clipping. A row's probability does not depend on the rows it is
         # scored with (up to the last bit where vectorised math treats a batch's tail apart)
         base = np.clip(scored[len(rows_at):], 0.0, 1.0)
@@ -335,362 +333,27 @@ def score_and_explain(
         metrics.EXPLAIN_SECONDS.observe(time.perf_counter() - started)
 
 
-# --- the same predictions, faster, for the calibrated models training makes ------------------
-#
-# A perturbed copy differs from its row in ONE feature, so in a tree it follows the row's path
-# until the first split on that feature where the reference value goes the other way, and only
-# from there needs a walk of its own. For CalibratedClassifierCV over
-# HistGradientBoostingClassifier, all trees of a fold are walked at once, level by level, as
-# numpy arrays (`_Forest`): every row in every tree, noting where each of its copies leaves its
-# path; then only those copies from there on. A copy's raw prediction is its row's plus, in the
-# trees it left, its leaf value minus the row's; then each fold's calibrator and the mean over
-# folds, as CalibratedClassifierCV.predict_proba. Same numbers up to the last bits of the sums
-# (sklearn adds the trees one by one; here numpy adds them pairwise: ~1e-15 apart). With 150
-# trees of 15 leaves, score_and_explain costs 0.26 / 0.5 of sklearn's own predict_proba on the
-# same rows for batches of 10 / 1,000 rows, against 0.4-0.6 / 0.9-1.1 when sklearn's trees
-# predicted the copies of the features they split on (`python -m bench.reasons`).
-#
-# For CalibratedClassifierCV over a logistic regression (alone or behind a StandardScaler, as
-# training makes it), the raw predictions are the scaler's and the regression's arithmetic done
-# here, as sklearn does it: sklearn's own call spends ~1.1 ms checking its input, however few the
-# rows, against ~10 µs for the arithmetic of a one-event batch. Any other model: predict_proba.
+# --- the model's fast form --------------------------------------------------------------
+
+_SERVING_FORMS: weakref.WeakKeyDictionary[Any, ServingModel | None] = weakref.WeakKeyDictionary()
 
 
-WALK_MIN_ROWS = 2
-"""From this many rows, a tree model's rows and copies are walked as arrays (`_walk`); a single
-row goes through `_whole_proba`, whose one call into all trees merged costs less for it."""
-
-WALK_CHUNK_ROWS = 256
-"""Rows walked together: larger chunks' arrays outgrow the CPU caches (1,000 rows at once cost
-~1.5x as much per row as 256)."""
-
-MERGED_TREE_CELLS = 4_000
-"""Up to this many rows x trees (a one- or two-event batch: ~11 rows per event), ONE call into a
-predictor that holds all of a fold's trees (`_merged_predictor`) replaces the call per tree:
-measured with 150 trees, 11 rows take 150 µs instead of 590; at ~55 rows both cost the same
-(every row is copied once per tree and walks a routing tree first)."""
-
-
-def _calibrate(calibrator: Any, sigmoid: tuple[Any, Any] | None, raw: np.ndarray) -> np.ndarray:
-    """calibrator.predict(raw). A sigmoid is computed here as sklearn computes it, without its
-    input validation (column_or_1d, ~0.2 ms per call: a tenth of a one-event batch)."""
-    if sigmoid is None:
-        return calibrator.predict(raw)
-    a, b = sigmoid
-    return expit(-(a * raw + b))
-
-
-@dataclass(frozen=True)
-class _Fold:
-    """One calibrated boosted-tree model."""
-
-    baseline: float
-    trees: tuple[Any, ...]  # sklearn's tree predictors, in order
-    bitsets: Any
-    f_idx_map: Any
-    calibrator: Any
-    sigmoid: tuple[Any, Any] | None  # the calibrator's (a_, b_) when it is sigmoid
-    merged: Any  # all the trees in one predictor (_merged_predictor)
-    forest: _Forest  # all the trees as arrays (_walk)
-
-    def calibrate(self, raw: np.ndarray) -> np.ndarray:
-        return _calibrate(self.calibrator, self.sigmoid, raw)
-
-    def raw_predictions(self, rows: np.ndarray) -> np.ndarray:
-        return _raw_predictions(self, rows)
-
-
-@dataclass(frozen=True)
-class _LinearFold:
-    """One calibrated logistic regression, with the StandardScaler before it if any."""
-
-    mean: np.ndarray | None  # the scaler's mean_ (None: no centring)
-    scale: np.ndarray | None  # the scaler's scale_ (None: no scaling)
-    coef: np.ndarray  # (features, 1): the regression's coef_.T
-    intercept: np.ndarray
-    calibrator: Any
-    sigmoid: tuple[Any, Any] | None
-
-    def calibrate(self, raw: np.ndarray) -> np.ndarray:
-        return _calibrate(self.calibrator, self.sigmoid, raw)
-
-    def raw_predictions(self, rows: np.ndarray) -> np.ndarray:
-        """decision_function(rows): StandardScaler.transform (subtract mean_, then divide by
-        scale_, on a copy) and LogisticRegression.decision_function (rows @ coef_.T + intercept_)."""
-        scaled = rows
-        if self.mean is not None:
-            scaled = scaled - self.mean
-        if self.scale is not None:
-            scaled = scaled / self.scale
-        return (scaled @ self.coef + self.intercept).reshape(-1)
-
-
-_PARTS: weakref.WeakKeyDictionary[Any, tuple[_Fold | _LinearFold, ...] | None] = weakref.WeakKeyDictionary()
-
-
-def _model_parts(estimator: Any) -> tuple[_Fold | _LinearFold, ...] | None:
+def _serving_form(estimator: Any) -> ServingModel | None:
+    """The estimator as arrays (services.scoring.serving), which score a row and its perturbed
+    copies at a fraction of sklearn's cost (`python -m bench.reasons`); None for a model of
+    another kind, which sklearn's predict_proba scores."""
+    if isinstance(estimator, ServingModel):
+        return estimator
     try:
-        return _PARTS[estimator]
+        return _SERVING_FORMS[estimator]
     except (KeyError, TypeError):
         pass
-    parts = None
     try:
-        parts = _fold_parts(estimator)
+        form = ServingModel.from_estimator(estimator)
     except Exception:  # an sklearn whose internals differ: the generic path
-        parts = None
+        form = None
     try:
-        _PARTS[estimator] = parts
+        _SERVING_FORMS[estimator] = form
     except TypeError:
         pass
-    return parts
-
-
-def _fold_parts(estimator: Any) -> tuple[_Fold | _LinearFold, ...] | None:
-    from sklearn.calibration import CalibratedClassifierCV, _SigmoidCalibration
-
-    if not isinstance(estimator, CalibratedClassifierCV) or len(estimator.classes_) != 2:
-        return None
-    folds: list[_Fold | _LinearFold] = []
-    for calibrated in estimator.calibrated_classifiers_:
-        model = calibrated.estimator
-        if (len(calibrated.calibrators) != 1 or list(model.classes_) != list(estimator.classes_)
-                or calibrated.method not in ("sigmoid", "isotonic")):
-            return None
-        calibrator = calibrated.calibrators[0]
-        sigmoid = (calibrator.a_, calibrator.b_) if type(calibrator) is _SigmoidCalibration else None
-        fold = _tree_fold(model, calibrator, sigmoid) or _linear_fold(model, calibrator, sigmoid)
-        if fold is None:
-            return None
-        folds.append(fold)
-    return tuple(folds)
-
-
-def _tree_fold(model: Any, calibrator: Any, sigmoid: tuple[Any, Any] | None) -> _Fold | None:
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
-    if (type(model) is not HistGradientBoostingClassifier or model.n_trees_per_iteration_ != 1
-            or model.is_categorical_ is not None):
-        return None
-    bitsets, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
-    trees = tuple(tree for (tree,) in model._predictors)
-    return _Fold(float(model._baseline_prediction.ravel()[0]), trees, bitsets, f_idx_map,
-                 calibrator, sigmoid, _merged_predictor(trees, model.n_features_in_), _Forest.of(trees))
-
-
-def _linear_fold(model: Any, calibrator: Any, sigmoid: tuple[Any, Any] | None) -> _LinearFold | None:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = None
-    if type(model) is Pipeline:
-        steps = [step for _, step in model.steps if step not in (None, "passthrough")]
-        if len(steps) != 2 or type(steps[0]) is not StandardScaler:
-            return None
-        scaler, model = steps
-    if type(model) is not LogisticRegression or model.coef_.shape != (1, model.n_features_in_):
-        return None
-    mean = scaler.mean_ if scaler is not None and scaler.with_mean else None
-    scale = scaler.scale_ if scaler is not None and scaler.with_std else None
-    return _LinearFold(mean, scale, model.coef_.T, model.intercept_, calibrator, sigmoid)
-
-
-def _merged_predictor(trees: Sequence[Any], n_features: int) -> Any:
-    """One sklearn TreePredictor holding `trees` behind a routing tree: a row with the tree's
-    number t in an extra column (index n_features) is routed to tree t's root (splits
-    `t <= k - 0.5`) and then walks that tree exactly as tree.predict would (same nodes, same
-    thresholds), so its prediction is tree t's leaf value."""
-    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
-    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
-
-    sizes = [len(tree.nodes) for tree in trees]
-    routing = len(trees) - 1  # internal nodes of a binary tree with one leaf per tree
-    offsets = np.cumsum([routing, *sizes[:-1]])
-    nodes = np.zeros(routing + sum(sizes), dtype=PREDICTOR_RECORD_DTYPE)
-    free = iter(range(routing))
-
-    def route(lo: int, hi: int) -> int:  # the node that leads to trees lo..hi-1
-        if hi - lo == 1:
-            return int(offsets[lo])
-        index, middle = next(free), (lo + hi) // 2
-        nodes[index]["feature_idx"] = n_features
-        nodes[index]["num_threshold"] = middle - 0.5
-        nodes[index]["left"] = route(lo, middle)
-        nodes[index]["right"] = route(middle, hi)
-        return index
-
-    if route(0, len(trees)) != 0:  # the predictor starts at node 0
-        raise ValueError("routing tree must start at node 0")
-    for tree, offset in zip(trees, offsets, strict=True):
-        part = tree.nodes.copy()
-        inner = part["is_leaf"] == 0
-        part["left"][inner] += np.uint32(offset)
-        part["right"][inner] += np.uint32(offset)
-        nodes[offset:offset + len(part)] = part
-    return TreePredictor(nodes, trees[0].binned_left_cat_bitsets, trees[0].raw_left_cat_bitsets)
-
-
-def _raw_predictions(fold: _Fold, rows: np.ndarray) -> np.ndarray:
-    """baseline + the sum of the trees' values for `rows` (C-contiguous float64), added tree by
-    tree in order as sklearn adds them (so to the last bit)."""
-    n, trees = len(rows), len(fold.trees)
-    if n * trees <= MERGED_TREE_CELLS:
-        copies = np.empty((n, trees, rows.shape[1] + 1))
-        copies[:, :, :-1] = rows[:, None, :]
-        copies[:, :, -1] = np.arange(trees)
-        values = np.empty((n, trees + 1))
-        values[:, 0] = fold.baseline
-        values[:, 1:] = fold.merged.predict(
-            copies.reshape(n * trees, -1), fold.bitsets, fold.f_idx_map, 1).reshape(n, trees)
-        return np.cumsum(values, axis=1)[:, -1]  # a running sum: left to right, as the loop below
-    raw = np.zeros(n) + fold.baseline
-    for tree in fold.trees:
-        raw += tree.predict(rows, fold.bitsets, fold.f_idx_map, 1)
-    return raw
-
-
-def _copies(X: np.ndarray, ref: np.ndarray, rows_at: np.ndarray, features_at: np.ndarray) -> np.ndarray:
-    """Row rows_at[i] of X with feature features_at[i] replaced by its reference value, for each i."""
-    copies = X[rows_at].copy()
-    copies[np.arange(len(rows_at)), features_at] = ref[features_at]
-    return copies
-
-
-def _perturbed_proba(
-    folds: tuple[_Fold | _LinearFold, ...], X: np.ndarray, ref: np.ndarray, rows_at: np.ndarray,
-    features_at: np.ndarray,
-) -> np.ndarray:
-    """predict_proba(vstack([copies, X]))[:, 1] for a calibrated model `_model_parts` knows, where
-    copy i is X[rows_at[i]] with feature features_at[i] set to ref[features_at[i]] (rows_at in
-    ascending order, as np.nonzero gives them). X and ref finite."""
-    if len(X) < WALK_MIN_ROWS or not all(isinstance(fold, _Fold) for fold in folds):
-        return _whole_proba(folds, np.vstack([_copies(X, ref, rows_at, features_at), X]))
-    m = len(rows_at)
-    X = np.ascontiguousarray(X, dtype=np.float64)
-    raw = np.empty(m + len(X))
-    total = np.zeros(m + len(X))
-    for fold in folds:
-        for lo in range(0, len(X), WALK_CHUNK_ROWS):
-            hi = min(lo + WALK_CHUNK_ROWS, len(X))
-            first, last = np.searchsorted(rows_at, (lo, hi))
-            raw[m + lo:m + hi], raw[first:last] = _walk(
-                fold.forest, fold.baseline, X[lo:hi], ref, rows_at[first:last] - lo, features_at[first:last])
-        total += fold.calibrate(raw)
-    total /= len(folds)
-    return total
-
-
-@dataclass(frozen=True)
-class _Forest:
-    """A fold's trees as flat arrays, each node numbered once across all trees. A leaf is its
-    own left and right child with threshold +inf, so a walk that reached it stays there."""
-
-    feature: np.ndarray
-    threshold: np.ndarray
-    children: np.ndarray  # node i's right child at 2i, its left at 2i + 1: children[2i + goes_left]
-    value: np.ndarray
-    is_leaf: np.ndarray
-    roots: np.ndarray
-    depth: int  # the deepest leaf's depth: steps that take every walk to its leaf
-
-    @classmethod
-    def of(cls, trees: Sequence[Any]) -> _Forest:
-        sizes = [len(tree.nodes) for tree in trees]
-        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
-        nodes = np.concatenate([tree.nodes for tree in trees])
-        offset = np.repeat(roots, sizes)
-        leaf = nodes["is_leaf"].astype(bool)
-        itself = np.arange(len(nodes), dtype=np.intp)
-        children = np.empty(2 * len(nodes), dtype=np.intp)
-        children[0::2] = np.where(leaf, itself, nodes["right"].astype(np.intp) + offset)
-        children[1::2] = np.where(leaf, itself, nodes["left"].astype(np.intp) + offset)
-        return cls(
-            feature=np.where(leaf, 0, nodes["feature_idx"]).astype(np.intp),
-            threshold=np.where(leaf, np.inf, nodes["num_threshold"]).astype(np.float64),
-            children=children, value=nodes["value"].astype(np.float64), is_leaf=leaf, roots=roots,
-            depth=int(nodes["depth"].max()),
-        )
-
-
-def _walk(
-    forest: _Forest, baseline: float, X: np.ndarray, ref: np.ndarray, rows_at: np.ndarray, features_at: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The raw predictions of X's rows and of their copies (as `_perturbed_proba`'s), as
-    TreePredictor.predict computes a finite row's: left when value <= threshold."""
-    n, width = X.shape
-    trees = len(forest.roots)
-    m = len(rows_at)
-    values = X.ravel()
-    ref_goes_left_at = ref[forest.feature] <= forest.threshold  # per node: where the reference goes
-    # every (row, tree): where it is, whether each of its copies has left its path yet
-    row_start = np.repeat(np.arange(n, dtype=np.intp) * width, trees)
-    left_path = np.zeros((n * trees, width), dtype=bool)
-    leaf_of = np.empty(n * trees, dtype=np.intp)
-    active, at, start = np.arange(n * trees), np.tile(forest.roots, n), row_start
-    departed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (walker, feature, node)
-    for step in range(forest.depth):
-        feature = forest.feature[at]
-        goes_left = values[start + feature] <= forest.threshold[at]
-        split = np.flatnonzero(goes_left != ref_goes_left_at[at])
-        if len(split):
-            walker, changed = active[split], feature[split]
-            first = ~left_path[walker, changed]  # a copy leaves its row's path once
-            if first.any():
-                walker, changed, split = walker[first], changed[first], split[first]
-                left_path[walker, changed] = True
-                departed.append((walker, changed, forest.children[2 * at[split] + ~goes_left[split]]))
-        at = forest.children[2 * at + goes_left]
-        if step % 2:  # drop the walks that reached their leaf, once they are many
-            done = forest.is_leaf[at]
-            if done.sum() * 4 > len(at):
-                leaf_of[active[done]] = at[done]
-                going = ~done
-                active, at, start = active[going], at[going], start[going]
-    leaf_of[active] = at
-    leaf_value = forest.value[leaf_of]
-    raw_rows = baseline + leaf_value.reshape(n, trees).sum(axis=1)
-    raw_copies = raw_rows[rows_at]
-    if departed:
-        walkers = np.concatenate([d[0] for d in departed])
-        changed = np.concatenate([d[1] for d in departed])
-        leaves = _walk_copies(forest, values, ref_goes_left_at, row_start[walkers], changed,
-                              np.concatenate([d[2] for d in departed]))
-        copy_at = np.full(n * width, -1, dtype=np.intp)
-        copy_at[rows_at * width + features_at] = np.arange(m)
-        raw_copies = raw_copies + np.bincount(copy_at[row_start[walkers] + changed],
-                                              weights=forest.value[leaves] - leaf_value[walkers], minlength=m)
-    return raw_rows, raw_copies
-
-
-def _walk_copies(
-    forest: _Forest, values: np.ndarray, ref_goes_left_at: np.ndarray, start: np.ndarray, changed: np.ndarray,
-    at: np.ndarray,
-) -> np.ndarray:
-    """The leaves copies reach from the nodes `at` where they left their rows' paths: the row's
-    values (flat, each row from `start`) except feature `changed`, which goes where the
-    reference goes."""
-    leaf_of = np.empty(len(at), dtype=np.intp)
-    active = np.arange(len(at))
-    for step in range(forest.depth):
-        feature = forest.feature[at]
-        goes_left = np.where(feature == changed, ref_goes_left_at[at], values[start + feature] <= forest.threshold[at])
-        at = forest.children[2 * at + goes_left]
-        if step % 2:
-            done = forest.is_leaf[at]
-            if done.sum() * 4 > len(at):
-                leaf_of[active[done]] = at[done]
-                going = ~done
-                active, at, start, changed = active[going], at[going], start[going], changed[going]
-    leaf_of[active] = at
-    return leaf_of
-
-
-def _whole_proba(folds: tuple[_Fold | _LinearFold, ...], rows: np.ndarray) -> np.ndarray:
-    """predict_proba(rows)[:, 1] as CalibratedClassifierCV computes it, without its per-call
-    input checks (which cost more than the model itself for a few rows)."""
-    rows = np.ascontiguousarray(rows, dtype=np.float64)
-    total = np.zeros(len(rows))
-    for fold in folds:
-        total += fold.calibrate(fold.raw_predictions(rows))
-    total /= len(folds)
-    return total
+    return form

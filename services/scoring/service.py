@@ -36,6 +36,7 @@ from services.scoring.model import (
     ValidationData,
     dump_artifact,
     load_predictor,
+    serving_arrays,
     train,
 )
 from services.scoring.tables import ScoringModel
@@ -325,7 +326,7 @@ def register_model(session: Session, trained: TrainedModel, tenant_id: str, acti
         validation_cutoff=datetime.fromisoformat(report.holdout_cutoff) if report.holdout_cutoff else None,
         trained_on_tenant=tenant_id, trained_at=report.trained_at, active=activate,
         reasons_reference=dict(report.reference),
-        artifact=dump_artifact(trained.estimator),
+        artifact=dump_artifact(trained.estimator), serving=serving_arrays(trained.estimator),
     ))
     return replace(report, activated=activate)
 
@@ -344,7 +345,7 @@ def _predictor(row: ScoringModel) -> Predictor:
     return load_predictor(row.version, list(row.feature_names), row.artifact, row.roc_auc,
                           trained_at=as_utc(row.trained_at) if row.trained_at else None,
                           reference_scores=validation.probabilities if validation else (),
-                          reference=row.reasons_reference or None)
+                          reference=row.reasons_reference or None, serving=row.serving)
 
 
 def load_active_predictor(session: Session) -> Predictor | None:

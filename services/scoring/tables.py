@@ -91,6 +91,11 @@ class ScoringModel(SQLModel, table=True):
     trained_at: datetime = _ts()
     active: bool = False
     artifact: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    serving: bytes | None = Field(
+        default=None, sa_column=Column(LargeBinary, nullable=True),
+        description="the model as numpy arrays (.npz, services.scoring.serving), what scoring loads; "
+                    "NULL for a model of another kind or registered before them: scoring loads the artifact",
+    )
     # training window and validation-period metrics (model.TrainReport)
     candidate: str = Field(default="", max_length=64, description="winning candidate's short name")
     first_cutoff: datetime | None = Field(default=None, sa_column=Column(UtcDateTime, nullable=True))

@@ -19,12 +19,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from services.scoring import reasons
+from services.scoring import reasons, serving
 from services.scoring.app import create_app
 from services.scoring.config import ScoringSettings
 from services.scoring.features import FEATURE_NAMES, compute_features
 from services.scoring.model import ModelLoadError, Predictor, TrainedModel, dump_artifact, load_predictor
+from services.scoring.model import serving_arrays
 from services.scoring.reasons import TYPICAL_CUSTOMER, contributions, explain, explain_scores, render, top_reasons
+from services.scoring.serving import ServingModel, perturbed_copies
 from services.scoring.service import load_active_predictor, score_id_for
 from shared.clock import ManualClock
 from shared.db import make_engine, session_scope
@@ -386,127 +388,118 @@ def _far_rows(names: Sequence[str], rng: np.random.Generator) -> list[dict[str, 
     ]
 
 
-def _not_called(*args: Any) -> None:
-    raise AssertionError("this path was not to be taken")
-
-
-def _rows_at_thresholds(folds: Any, names: Sequence[str], rng: np.random.Generator) -> list[dict[str, float]]:
+def _rows_at_thresholds(form: ServingModel, names: Sequence[str], rng: np.random.Generator) -> list[dict[str, float]]:
     """Typical customers with one or more features exactly at a split threshold of the model's
     trees (a value equal to the threshold goes left), or at the reference value."""
-    nodes = np.concatenate([tree.nodes for fold in folds for tree in fold.trees])
-    splits = nodes[nodes["is_leaf"] == 0]
+    splits = [(int(fold.forest.feature[i]), float(fold.forest.threshold[i]))
+              for fold in form.folds for i in np.flatnonzero(~fold.forest.is_leaf)]
     rows = []
     for _ in range(40):
         row = dict(TYPICAL_CUSTOMER)
-        for split in rng.choice(splits, size=int(rng.integers(1, 4))):
-            row[names[int(split["feature_idx"])]] = float(split["num_threshold"])
+        for k in rng.choice(len(splits), size=int(rng.integers(1, 4))):
+            feature, threshold = splits[int(k)]
+            row[names[feature]] = threshold
         rows.append(row)
     return rows
 
 
-def _assert_shortcut_gives_predict_proba(
-    estimator: Any, folds: Any, names: Sequence[str], rows: Sequence[dict[str, float]]
+def _assert_serving_gives_predict_proba(
+    estimator: Any, form: ServingModel, names: Sequence[str], rows: Sequence[dict[str, float]]
 ) -> np.ndarray:
-    """reasons._perturbed_proba over the rows and their perturbed copies equals sklearn's
-    predict_proba over the same stacked rows; returns the rows' matrix."""
+    """The serving form's probabilities of the rows and their perturbed copies (the walk) and
+    of the stacked rows (predict_proba) equal sklearn's predict_proba over the same stacked
+    rows, and so do those of the form read back from its serving file; returns the rows' matrix."""
     X = np.array([[row[name] for name in names] for row in rows], dtype=float)
     ref = np.array([TYPICAL_CUSTOMER[name] for name in names])
     rows_at, features_at = np.nonzero(X != ref)
-    stacked = X[rows_at].copy()
-    stacked[np.arange(len(rows_at)), features_at] = ref[features_at]
-    expected = estimator.predict_proba(np.vstack([stacked, X]))[:, 1]
-    got = reasons._perturbed_proba(folds, X, ref, rows_at, features_at)
-    assert got.shape == expected.shape
-    assert np.allclose(got, expected, rtol=0, atol=1e-12)
+    stacked = np.vstack([perturbed_copies(X, ref, rows_at, features_at), X])
+    expected = estimator.predict_proba(stacked)
+    for model in (form, ServingModel.from_bytes(form.to_bytes())):
+        walked = model.perturbed_proba(X, ref, rows_at, features_at)
+        assert walked.shape == expected[:, 1].shape
+        assert np.allclose(walked, expected[:, 1], rtol=0, atol=1e-12)
+        assert np.allclose(model.predict_proba(stacked), expected, rtol=0, atol=1e-12)
     return X
 
 
-@pytest.mark.parametrize("method", ["sigmoid", "isotonic"])
-@pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
-@pytest.mark.parametrize(("walk_min_rows", "walk_chunk_rows", "merged_tree_cells"),
-                         [(2, 256, 0), (2, 7, 0), (10**9, 256, 0), (10**9, 256, 10**9)],
-                         ids=["walked", "walked-in-chunks", "tree-by-tree", "merged-trees"])
-def test_the_boosted_tree_shortcut_gives_what_predict_proba_gives(
-    ensemble: bool, walk_min_rows: int, walk_chunk_rows: int, merged_tree_cells: int, method: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """reasons._perturbed_proba (all trees walked as arrays, the copies only from where they
-    leave their rows' paths, in one chunk or several; or, as for a single row, every row and copy
-    through sklearn's trees, one call per tree or one call into all trees merged) against
-    sklearn's predict_proba over the same stacked rows, for calibrated boosted-tree models like
-    training's (one model, and the average of fold models that earlier versions registered):
-    realistic rows at several cutoffs, hand-built ones, random ones far outside the training
-    range, and ones exactly at split thresholds. Both calibration methods: a sigmoid is computed
-    by the shortcut itself, isotonic by sklearn's calibrator."""
-    from sklearn.calibration import CalibratedClassifierCV
-
+def _training_like_rows(seed: int) -> tuple[list[dict[str, float]], np.ndarray, np.ndarray]:
     names = list(FEATURE_NAMES)
     rows = [compute_features(events, datetime(2026, 6, 1, tzinfo=timezone.utc) - timedelta(days=d))
             for d in (0, 90, 200) for events in simulated_histories(150, seed=8).values()]
     X_fit = np.array([[row[name] for name in names] for row in rows], dtype=float)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     y = ((X_fit[:, 0] > 30) ^ (rng.random(len(X_fit)) < 0.2)).astype(int)
+    return rows, X_fit, y
+
+
+@pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
+@pytest.mark.parametrize(("walk_min_rows", "walk_chunk_rows"), [(2, 256), (1, 7), (10**9, 256)],
+                         ids=["walked", "walked-in-chunks", "rows-only"])
+def test_the_boosted_tree_serving_form_gives_what_predict_proba_gives(
+    ensemble: bool, walk_min_rows: int, walk_chunk_rows: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ServingModel (all trees walked as arrays, the copies only from where they leave their
+    rows' paths, in one chunk or several; or the copies walked as rows of their own, as for a
+    single row) against sklearn's predict_proba over the same stacked
+    rows, for sigmoid-calibrated boosted-tree models like training's (one model, and the average
+    of fold models that earlier versions registered): realistic rows at several cutoffs,
+    hand-built ones, random ones far outside the training range, ones exactly at split
+    thresholds, and a single row (a one-event batch)."""
+    from sklearn.calibration import CalibratedClassifierCV
+
+    names = list(FEATURE_NAMES)
+    rows, X_fit, y = _training_like_rows(3)
     estimator = CalibratedClassifierCV(
-        HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method=method, cv=3,
+        HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0), method="sigmoid", cv=3,
         ensemble=ensemble,
     ).fit(X_fit, y)
-    monkeypatch.setattr(reasons, "WALK_MIN_ROWS", walk_min_rows)
-    monkeypatch.setattr(reasons, "WALK_CHUNK_ROWS", walk_chunk_rows)
-    monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", merged_tree_cells)
-    folds = reasons._model_parts(estimator)
-    assert folds is not None and len(folds) == (3 if ensemble else 1)
-    assert all((fold.sigmoid is not None) == (method == "sigmoid") for fold in folds)
+    monkeypatch.setattr(serving, "WALK_MIN_ROWS", walk_min_rows)
+    monkeypatch.setattr(serving, "WALK_CHUNK_ROWS", walk_chunk_rows)
+    form = reasons._serving_form(estimator)
+    assert form is not None and len(form.folds) == (3 if ensemble else 1)
+    assert all(isinstance(fold, serving.TreeFold) for fold in form.folds)
 
-    if walk_min_rows == 2:  # the walk alone: sklearn's trees are never asked
-        monkeypatch.setattr(reasons, "_whole_proba", _not_called)
-        monkeypatch.setattr(reasons, "_raw_predictions", _not_called)
-
-    rows += _far_rows(names, rng) + _rows_at_thresholds(folds, names, rng)
-    _assert_shortcut_gives_predict_proba(estimator, folds, names, rows)
-    probabilities, why = reasons.score_and_explain(estimator, names, rows)  # takes the shortcut
+    rng = np.random.default_rng(3)
+    rows += _far_rows(names, rng) + _rows_at_thresholds(form, names, rng)
+    _assert_serving_gives_predict_proba(estimator, form, names, rows)
+    _assert_serving_gives_predict_proba(estimator, form, names, [at_risk_customer()])
+    probabilities, why = reasons.score_and_explain(estimator, names, rows)  # takes the serving form
     assert why == explain(estimator, names, rows, Predictor("v", tuple(names), estimator, 0.8).predict(rows))
+    assert reasons.score_and_explain(form, names, rows) == (probabilities, why)
     assert sum(bool(r) for r in why) > 10
-    # a model the shortcut does not know takes the generic path
-    assert reasons._model_parts(Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())])) is None
 
 
-@pytest.mark.parametrize("method", ["sigmoid", "isotonic"])
 @pytest.mark.parametrize("ensemble", [False, True], ids=["one-model", "fold-models"])
 @pytest.mark.parametrize("front", ["scaler", "centre-only", "bare"])
-def test_the_logistic_shortcut_gives_what_predict_proba_gives(ensemble: bool, method: str, front: str) -> None:
-    """The calibrated logistic regression (training's other candidate) computed by
-    reasons._LinearFold against sklearn's predict_proba over the same stacked rows: realistic
-    rows at several cutoffs, hand-built ones and random ones far outside the training range;
-    score_and_explain takes the shortcut (sklearn's predict_proba is never called) and gives the
-    probabilities and reasons predict and explain give."""
+def test_the_logistic_serving_form_gives_what_predict_proba_gives(ensemble: bool, front: str) -> None:
+    """The sigmoid-calibrated logistic regression (training's other candidate) as a ServingModel
+    against sklearn's predict_proba over the same stacked rows: realistic rows at several
+    cutoffs, hand-built ones and random ones far outside the training range; score_and_explain
+    takes the serving form (sklearn's predict_proba is never called) and gives the probabilities
+    and reasons predict and explain give."""
     from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.linear_model import LogisticRegression
 
     names = list(FEATURE_NAMES)
-    rows = [compute_features(events, datetime(2026, 6, 1, tzinfo=timezone.utc) - timedelta(days=d))
-            for d in (0, 90, 200) for events in simulated_histories(150, seed=8).values()]
-    X_fit = np.array([[row[name] for name in names] for row in rows], dtype=float)
-    rng = np.random.default_rng(4)
-    y = ((X_fit[:, 0] > 30) ^ (rng.random(len(X_fit)) < 0.2)).astype(int)
+    rows, X_fit, y = _training_like_rows(4)
     regression = LogisticRegression(C=0.5, max_iter=2000)
     model = {"scaler": Pipeline([("scale", StandardScaler()), ("lr", regression)]),
              "centre-only": Pipeline([("scale", StandardScaler(with_std=False)), ("lr", regression)]),
              "bare": regression}[front]
-    estimator = CalibratedClassifierCV(model, method=method, cv=3, ensemble=ensemble).fit(X_fit, y)
-    folds = reasons._model_parts(estimator)
-    assert folds is not None and len(folds) == (3 if ensemble else 1)
-    assert all(isinstance(fold, reasons._LinearFold) for fold in folds)
+    estimator = CalibratedClassifierCV(model, method="sigmoid", cv=3, ensemble=ensemble).fit(X_fit, y)
+    form = reasons._serving_form(estimator)
+    assert form is not None and len(form.folds) == (3 if ensemble else 1)
+    assert all(isinstance(fold, serving.LinearFold) for fold in form.folds)
 
-    rows += _far_rows(names, rng)
-    X = _assert_shortcut_gives_predict_proba(estimator, folds, names, rows)
+    rows += _far_rows(names, np.random.default_rng(4))
+    X = _assert_serving_gives_predict_proba(estimator, form, names, rows)
     for size in (1, 3):  # a one-event batch scores a handful of rows
-        assert np.allclose(reasons._whole_proba(folds, X[:size]), estimator.predict_proba(X[:size])[:, 1],
+        assert np.allclose(form.churn_probability(X[:size]), estimator.predict_proba(X[:size])[:, 1],
                            rtol=0, atol=1e-12)
     predicted = Predictor("v", tuple(names), estimator, 0.8).predict(rows)
     expected_reasons = explain(estimator, names, rows, predicted)
 
     def never(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the shortcut should not call predict_proba")
+        raise AssertionError("the serving form should not call predict_proba")
 
     estimator.predict_proba = never  # type: ignore[method-assign]
     probabilities, why = reasons.score_and_explain(estimator, names, rows)
@@ -515,9 +508,10 @@ def test_the_logistic_shortcut_gives_what_predict_proba_gives(ensemble: bool, me
     assert sum(bool(r) for r in why) > 10
 
 
-def test_models_the_shortcuts_do_not_know_take_predict_proba() -> None:
-    """A calibrated model of another shape (a second transformer, a scaler other than
-    StandardScaler, another classifier) gets no shortcut: sklearn computes its probabilities."""
+def test_models_without_a_serving_form_take_predict_proba() -> None:
+    """A model of another shape (isotonic calibration, a second transformer, a scaler other
+    than StandardScaler, another classifier, no calibration) has no serving form: sklearn
+    computes its probabilities, and the reasons from them."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.naive_bayes import GaussianNB
     from sklearn.preprocessing import MinMaxScaler
@@ -525,39 +519,42 @@ def test_models_the_shortcuts_do_not_know_take_predict_proba() -> None:
     rng = np.random.default_rng(6)
     X = rng.normal(0, 10, size=(300, len(FEATURE_NAMES)))
     y = (X[:, 0] + rng.normal(0, 5, size=300) > 0).astype(int)
-    for model in (Pipeline([("a", StandardScaler()), ("b", StandardScaler()), ("lr", LogisticRegression())]),
-                  Pipeline([("scale", MinMaxScaler()), ("lr", LogisticRegression())]),
-                  GaussianNB()):
-        estimator = CalibratedClassifierCV(model, method="sigmoid", cv=3, ensemble=False).fit(X, y)
-        assert reasons._model_parts(estimator) is None
+    calibrated = [
+        CalibratedClassifierCV(model, method="sigmoid", cv=3, ensemble=False).fit(X, y)
+        for model in (Pipeline([("a", StandardScaler()), ("b", StandardScaler()), ("lr", LogisticRegression())]),
+                      Pipeline([("scale", MinMaxScaler()), ("lr", LogisticRegression())]),
+                      GaussianNB())
+    ]
+    calibrated.append(CalibratedClassifierCV(LogisticRegression(), method="isotonic", cv=3).fit(X, y))
+    calibrated.append(HistGradientBoostingClassifier(max_iter=20).fit(X, y))
+    for estimator in calibrated:
+        assert reasons._serving_form(estimator) is None
+        assert serving_arrays(estimator) is None
         rows = [dict(zip(FEATURE_NAMES, map(float, x))) for x in X[:5]]
         probabilities, _ = reasons.score_and_explain(estimator, list(FEATURE_NAMES), rows)
         assert np.allclose(probabilities, estimator.predict_proba(X[:5])[:, 1], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("n_trees", [1, 2, 7, 60])
-def test_the_merged_trees_give_the_per_tree_sums_to_the_last_bit(n_trees: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """reasons._raw_predictions: one call into all trees merged (small batches) and one call per
-    tree sum the same leaf values in the same order, so the raw predictions are identical, for
-    any number of trees (the routing tree) and rows with missing values too."""
+def test_missing_values_go_where_the_trees_send_them() -> None:
+    """A row with missing (NaN) features, scored by a boosted-tree serving form, takes the
+    branch each split learnt for missing values, as sklearn's trees do. (Features are never
+    missing today; a model trained on data with gaps must still score as it was validated.)"""
     from sklearn.calibration import CalibratedClassifierCV
 
     rng = np.random.default_rng(5)
     X_fit = rng.normal(0, 10, size=(600, len(FEATURE_NAMES)))
-    y = (X_fit[:, 0] + rng.normal(0, 5, size=600) > 0).astype(int)
-    estimator = CalibratedClassifierCV(
-        HistGradientBoostingClassifier(max_iter=n_trees, max_leaf_nodes=15, random_state=0), method="sigmoid",
-        cv=3, ensemble=False,
-    ).fit(X_fit, y)
-    (fold,) = reasons._model_parts(estimator)
-    assert len(fold.trees) == n_trees
-    rows = rng.normal(0, 15, size=(30, len(FEATURE_NAMES)))
-    rows[rng.random(rows.shape) < 0.05] = np.nan
-    monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", 10**9)
-    merged = reasons._raw_predictions(fold, rows)
-    monkeypatch.setattr(reasons, "MERGED_TREE_CELLS", 0)
-    per_tree = reasons._raw_predictions(fold, rows)
-    assert np.array_equal(merged, per_tree)
+    X_fit[rng.random(X_fit.shape) < 0.1] = np.nan
+    y = (np.nan_to_num(X_fit[:, 0], nan=8.0) + rng.normal(0, 5, size=600) > 0).astype(int)
+    estimator = CalibratedClassifierCV(HistGradientBoostingClassifier(max_iter=30, random_state=0),
+                                       method="sigmoid", cv=3, ensemble=False).fit(X_fit, y)
+    form = ServingModel.from_bytes(serving_arrays(estimator))
+    assert any(fold.forest.missing_left[~fold.forest.is_leaf].any() for fold in form.folds)
+    rows = rng.normal(0, 15, size=(200, len(FEATURE_NAMES)))
+    rows[rng.random(rows.shape) < 0.2] = np.nan
+    assert np.allclose(form.predict_proba(rows), estimator.predict_proba(rows), rtol=0, atol=1e-12)
+    named = [dict(zip(FEATURE_NAMES, map(float, x))) for x in rows[:20]]
+    probabilities = Predictor("v", FEATURE_NAMES, form, 0.8).predict(named)
+    assert np.allclose(probabilities, estimator.predict_proba(rows[:20])[:, 1], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("tenant", ["acme", "t_1a2b", "ünïcode tenant"])

@@ -137,13 +137,17 @@ def _not_sklearn(x):  # noqa: ANN001, ANN202
 
 
 def _register_broken(database_url: str, trained: TrainedModel) -> dict[str, str]:
-    """Three models that must never score: corrupt bytes, a feature this code does not
-    compute, a type outside sklearn/numpy. Returns version -> expected refusal."""
+    """Models that must never score: corrupt serving arrays, a corrupt artifact where there are
+    no serving arrays (a model registered before them), a feature this code does not compute,
+    a type outside sklearn/numpy. Returns version -> expected refusal."""
     register(database_url, retrained(trained, "m-corrupt"), activate=False)
+    register(database_url, retrained(trained, "m-corrupt-artifact"), activate=False)
     engine = make_engine(database_url)
     try:
         with session_scope(engine) as session:
-            session.execute(update(ScoringModel).where(ScoringModel.version == "m-corrupt").values(artifact=b"PK\x03\x04 junk"))
+            session.execute(update(ScoringModel).where(ScoringModel.version == "m-corrupt").values(serving=b"PK\x03\x04 junk"))
+            session.execute(update(ScoringModel).where(ScoringModel.version == "m-corrupt-artifact")
+                            .values(serving=None, artifact=b"PK\x03\x04 junk"))
     finally:
         engine.dispose()
     other_features = replace(trained.report, version="m-features", feature_names=(*FEATURE_NAMES[:-1], "churn_vibes"))
@@ -152,7 +156,9 @@ def _register_broken(database_url: str, trained: TrainedModel) -> dict[str, str]
     foreign = Pipeline([("f", FunctionTransformer(_not_sklearn)), ("s", StandardScaler())]).fit(X)
     register(database_url, TrainedModel(estimator=foreign, report=replace(trained.report, version="m-foreign")), activate=False)
     return {
-        "m-corrupt": "model m-corrupt cannot be promoted: model m-corrupt: model artifact is not a readable skops file",
+        "m-corrupt": "model m-corrupt cannot be promoted: model m-corrupt: serving arrays are not a readable .npz file",
+        "m-corrupt-artifact": "model m-corrupt-artifact cannot be promoted: model m-corrupt-artifact: "
+                              "model artifact is not a readable skops file",
         "m-features": "model m-features cannot be promoted: model m-features needs features this code does not compute: churn_vibes",
         "m-foreign": "model m-foreign cannot be promoted: model m-foreign: model artifact contains untrusted types:",
     }
@@ -174,8 +180,8 @@ def test_broken_models_are_refused_and_the_previous_model_stays(
 
         # activated behind the API's back (operator, or bytes damaged in the database): the
         # running scorer refuses to load it and keeps scoring with the model it has
-        for version, error in (("m-corrupt", ModelLoadError), ("m-features", ModelLoadError),
-                               ("m-foreign", UntrustedArtifact)):
+        for version, error in (("m-corrupt", ModelLoadError), ("m-corrupt-artifact", ModelLoadError),
+                               ("m-features", ModelLoadError), ("m-foreign", UntrustedArtifact)):
             assert cli_ops.activate(database_url, version)
             with pytest.raises(error, match=f"model {version}"):
                 client.portal.call(scoring.refresh_model)
