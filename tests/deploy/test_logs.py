@@ -20,7 +20,15 @@ from pydantic import ValidationError
 
 from services.gateway import manage as gateway_ops
 from shared.broker import free_port
-from shared.logs import TEXT_FORMAT, LogSettings, bind_tenant, logging_config, request_id_var, tenant_var
+from shared.logs import (
+    TEXT_FORMAT,
+    LogSettings,
+    bind_tenant,
+    logging_config,
+    request_id_var,
+    skip_unused_record_fields,
+    tenant_var,
+)
 from tests.helpers import answers, stop_processes, wait_until
 
 SERVICES = ("ingest", "actions", "gateway")
@@ -48,6 +56,46 @@ def test_level_and_access_log_follow_the_settings() -> None:
     assert verbose["formatters"]["default"] == {"format": TEXT_FORMAT}
     json_config = logging_config(LogSettings(format="json"))
     assert json_config["formatters"]["default"]["()"] == "pythonjsonlogger.json.JsonFormatter"
+
+
+def test_records_skip_the_caller_thread_and_process_lookups_no_format_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both formats are written without the calling function, thread or process: with those
+    lookups off (as every service configures logging), a caller lookup would fail the test."""
+    for flag in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))  # restored after the test
+    skip_unused_record_fields()
+
+    def no_caller_lookup(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the caller was looked up")
+
+    monkeypatch.setattr(logging.Logger, "findCaller", no_caller_lookup)
+    for settings in (LogSettings(format="text"), LogSettings(format="json")):
+        config = logging_config(settings)
+        factory = dict(config["formatters"]["default"])
+        if "()" in factory:
+            from pythonjsonlogger.json import JsonFormatter
+
+            factory.pop("()")
+            formatter: logging.Formatter = JsonFormatter(**factory)
+        else:
+            formatter = logging.Formatter(factory["format"])
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(formatter)
+        handler.addFilter(config["filters"]["context"]["()"]())
+        logger = logging.getLogger(f"churnguard.test.fields.{settings.format}")
+        logger.propagate = False
+        logger.addHandler(handler)
+        try:
+            logger.warning("a line")
+        finally:
+            logger.removeHandler(handler)
+        line = stream.getvalue().strip()
+        assert "a line" in line
+        if settings.format == "json":
+            record = json.loads(line)
+            assert record["message"] == "a line" and record["level"] == "WARNING"
+            assert not {"funcName", "lineno", "threadName", "processName"} & set(record)
 
 
 def test_text_format_names_request_and_tenant_only_when_known() -> None:
