@@ -39,6 +39,7 @@ from services.scoring.model import (
     serving_arrays,
     train,
 )
+from services.scoring.serving import ServingModel
 from services.scoring.tables import ScoringModel
 from shared.clock import Clock
 from shared.events import EventRecord, RiskBand, ScoreRecord, parse_event
@@ -340,12 +341,27 @@ def active_version(session: Session) -> str | None:
 
 
 def _predictor(row: ScoringModel) -> Predictor:
-    """Raises model.ModelLoadError (a ValueError with the version and the cause)."""
+    """Raises model.ModelLoadError (a ValueError with the version and the cause). A model
+    registered before serving arrays existed is read from its artifact, and its serving arrays
+    are written into its row (committed with the caller's session), so later loads need no
+    sklearn: upgrading needs no retraining and no step of its own."""
     validation = ValidationData.from_json(row.validation)
-    return load_predictor(row.version, list(row.feature_names), row.artifact, row.roc_auc,
-                          trained_at=as_utc(row.trained_at) if row.trained_at else None,
-                          reference_scores=validation.probabilities if validation else (),
-                          reference=row.reasons_reference or None, serving=row.serving)
+    predictor = load_predictor(row.version, list(row.feature_names), row.artifact, row.roc_auc,
+                               trained_at=as_utc(row.trained_at) if row.trained_at else None,
+                               reference_scores=validation.probabilities if validation else (),
+                               reference=row.reasons_reference or None, serving=row.serving)
+    if row.serving is None and not isinstance(predictor.estimator, ServingModel):
+        try:
+            arrays = serving_arrays(predictor.estimator)
+            served = ServingModel.from_bytes(arrays) if arrays is not None else None
+        except Exception:  # an estimator whose internals this code does not know: keep the artifact
+            log.exception("model %s: no serving arrays could be made; it is served from its artifact", row.version)
+            return predictor
+        if served is not None:
+            row.serving = arrays
+            log.info("model %s: serving arrays written beside its artifact", row.version)
+            predictor = replace(predictor, estimator=served)
+    return predictor
 
 
 def load_active_predictor(session: Session) -> Predictor | None:

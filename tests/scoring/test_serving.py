@@ -76,16 +76,22 @@ def test_a_registered_model_is_served_from_its_arrays_as_its_artifact_would_scor
     matrix = np.array([[row[name] for name in names] for row in rows])
     assert np.allclose(predictor.predict(rows), from_artifact.predict_proba(matrix)[:, 1], rtol=0, atol=1e-12)
 
-    # a model registered before serving arrays existed is served from its artifact, as before
+    # a model registered before serving arrays existed is read from its artifact once: its
+    # serving arrays are written on that load, and it scores from them from then on
     engine = make_engine(database_url)
     try:
         with session_scope(engine) as session:
             session.execute(update(ScoringModel).where(ScoringModel.version == "m-arrays").values(serving=None))
     finally:
         engine.dispose()
+    assert _stored(database_url, "m-arrays")[1] is None
     older = _active(database_url)
-    assert not isinstance(older.estimator, ServingModel)
+    assert isinstance(older.estimator, ServingModel)
     assert np.allclose(older.predict(rows), predictor.predict(rows), rtol=0, atol=1e-12)
+    backfilled = _stored(database_url, "m-arrays")[1]
+    assert backfilled is not None
+    assert np.allclose(ServingModel.from_bytes(backfilled).churn_probability(matrix),
+                       from_artifact.predict_proba(matrix)[:, 1], rtol=0, atol=1e-12)
 
 
 def test_the_scoring_service_scores_and_explains_without_importing_sklearn_or_scipy(
