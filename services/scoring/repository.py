@@ -313,6 +313,7 @@ _MODEL_INFO_COLUMNS = (
     ScoringModel.horizon_days, ScoringModel.first_cutoff, ScoringModel.last_cutoff, ScoringModel.validation_cutoff,
     ScoringModel.trained_on_tenant, ScoringModel.trained_at, ScoringModel.active, ScoringModel.activated_at,
     ScoringModel.previous_version, ScoringModel.report_path,
+    ScoringModel.serving.is_not(None).label("has_serving_arrays"),  # type: ignore[union-attr]
 )
 _MODEL_DETAIL_COLUMNS = (
     *_MODEL_INFO_COLUMNS, ScoringModel.calibration, ScoringModel.candidates, ScoringModel.importance,

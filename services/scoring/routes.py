@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
@@ -76,6 +76,10 @@ class ModelOut(BaseModel):
     activated_at: datetime | None
     previous_version: str | None = Field(description="the model a rollback from this one re-activates")
     report_path: str | None
+    served_from: Literal["arrays", "artifact"] = Field(
+        description="what scoring loads: `arrays`, the model's serving arrays (numpy alone); `artifact`, its "
+        "skops file through sklearn (a model of a kind without serving arrays, or one not loaded since they "
+        "were introduced: its first load writes them)")
 
 
 class ModelDetailOut(ModelOut):

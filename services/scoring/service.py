@@ -373,6 +373,7 @@ def load_active_predictor(session: Session) -> Predictor | None:
 
 def _model_out(row: Mapping[str, Any]) -> dict[str, Any]:
     result = dict(row)
+    result["served_from"] = "arrays" if result.pop("has_serving_arrays", False) else "artifact"
     for name in ("trained_at", "activated_at", "first_cutoff", "last_cutoff", "validation_cutoff"):
         if result.get(name) is not None:
             result[name] = as_utc(result[name])

@@ -16,7 +16,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sqlalchemy import select, update
 
-from services.scoring import reasons
+from services.scoring import cli_ops, reasons
 from services.scoring.features import FEATURE_NAMES, compute_features
 from services.scoring.model import (
     ModelLoadError,
@@ -26,7 +26,7 @@ from services.scoring.model import (
     serving_arrays,
 )
 from services.scoring.serving import ServingModel
-from services.scoring.service import load_active_predictor
+from services.scoring.service import load_active_predictor, model_detail
 from services.scoring.tables import ScoringModel
 from shared.db import make_engine, session_scope
 
@@ -48,6 +48,17 @@ def _stored(database_url: str, version: str) -> tuple[bytes, bytes | None]:
         engine.dispose()
 
 
+def _served_from(database_url: str, version: str) -> str:
+    listed = {m["version"]: m for m in cli_ops.list_models(database_url)}[version]
+    engine = make_engine(database_url)
+    try:
+        with session_scope(engine) as session:
+            assert model_detail(session, version)["served_from"] == listed["served_from"]
+    finally:
+        engine.dispose()
+    return listed["served_from"]
+
+
 def _active(database_url: str) -> object:
     engine = make_engine(database_url)
     try:
@@ -65,6 +76,7 @@ def test_a_registered_model_is_served_from_its_arrays_as_its_artifact_would_scor
     assert arrays is not None and arrays.startswith(b"PK")  # an .npz (zip) of plain arrays
     predictor = _active(database_url)
     assert isinstance(predictor.estimator, ServingModel)
+    assert _served_from(database_url, "m-arrays") == "arrays"
 
     rows = _rows()
     names = list(FEATURE_NAMES)
@@ -85,9 +97,11 @@ def test_a_registered_model_is_served_from_its_arrays_as_its_artifact_would_scor
     finally:
         engine.dispose()
     assert _stored(database_url, "m-arrays")[1] is None
+    assert _served_from(database_url, "m-arrays") == "artifact"
     older = _active(database_url)
     assert isinstance(older.estimator, ServingModel)
     assert np.allclose(older.predict(rows), predictor.predict(rows), rtol=0, atol=1e-12)
+    assert _served_from(database_url, "m-arrays") == "arrays"
     backfilled = _stored(database_url, "m-arrays")[1]
     assert backfilled is not None
     assert np.allclose(ServingModel.from_bytes(backfilled).churn_probability(matrix),
