@@ -21,9 +21,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,7 +35,7 @@ if TYPE_CHECKING:
 
 # sklearn (and scipy under it) is imported where a model is trained, evaluated or read from its
 # skops artifact, never to serve one: the scoring service scores from the registry's serving
-# arrays (services.scoring.serving) and stays ~110 MB smaller for it.
+# arrays (services.scoring.serving) and stays ~95 MB smaller for it.
 
 log = logging.getLogger(__name__)
 

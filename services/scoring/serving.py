@@ -3,7 +3,7 @@
 Training registers every model twice: as its skops artifact (the sklearn estimator exactly as
 it was validated, for evaluation reports and audits) and as serving arrays, written here as a
 compressed .npz. The arrays load with numpy alone and `allow_pickle=False`, so nothing in them
-can run code, and the scoring service never imports sklearn or scipy: they were ~110 MB of its
+can run code, and the scoring service never imports sklearn or scipy: they were ~95 MB of its
 ~200 MB resident at rest (#8), for a model that is, once fitted, a sum of tree leaves or a dot
 product behind a sigmoid.
 

@@ -111,7 +111,7 @@ def test_a_registered_model_is_served_from_its_arrays_as_its_artifact_would_scor
 def test_the_scoring_service_scores_and_explains_without_importing_sklearn_or_scipy(
     trained_model: TrainedModel, tmp_path: Path,
 ) -> None:
-    """Resident memory (#8): sklearn and scipy (which it imports) were ~110 MB of the scoring
+    """Resident memory (#8): sklearn and scipy (which it imports) were ~95 MB of the scoring
     service's ~200. A fresh interpreter starts the app's modules, creates its tables, loads a
     model from serving arrays and scores and explains a batch: none of them is imported."""
     script = (
