@@ -270,6 +270,12 @@ def _digest(value: str) -> bytes:
 TenantId = Annotated[str, Depends(internal_tenant)]
 
 
+def is_json_media_type(content_type: str) -> bool:
+    """application/json or any application/...+json, parameters (charset) aside."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds the limit of {limit} bytes")

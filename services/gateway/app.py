@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.config import GatewaySettings
+from services.gateway.joiner import EventJoiner
 from services.gateway.deps import GatewayState
 from services.gateway.export import add_export_route
 from services.gateway.openapi import MergedOpenApi
@@ -61,6 +62,11 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
                 ),
                 limiter=TokenBuckets(clock),
                 clock=clock,
+                joiner=EventJoiner(
+                    client, base_url=settings.upstreams()["ingest"],
+                    internal_token=settings.internal.internal_token.get_secret_value(),
+                    timeout_s=settings.upstream_timeout_s,
+                ) if settings.join_events else None,
             )
             # Ready = our own dependency (the key database) answers. Upstream reachability is
             # reported but does not gate readiness: if it did, one service being down would pull
@@ -72,6 +78,9 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
             with settled_heap():
                 yield
         finally:
+            gateway = getattr(app.state, "gateway", None)
+            if gateway is not None and gateway.joiner is not None:
+                await gateway.joiner.close()
             await client.aclose()
             engine.dispose()
 

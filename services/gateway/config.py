@@ -20,6 +20,12 @@ class GatewaySettings(BaseSettings):
     upstream_timeout_s: float = Field(10.0, gt=0)
     # Connections the gateway keeps to its upstreams, all of them together; more callers wait.
     upstream_max_connections: int = Field(200, gt=0)
+    join_events: bool = Field(
+        True,
+        description="Single events (POST /v1/events) of one tenant that arrive while earlier ones "
+        "are on their way to ingest go with the next in one request; each caller still gets its "
+        "own answer. false: one request to ingest per event.",
+    )
     auth_cache_s: float = Field(
         2.0, ge=0,
         description="How long a gateway process remembers a checked API key (0: ask the database "

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.gateway import metrics
 from services.gateway.config import GatewaySettings
+from services.gateway.joiner import EventJoiner
 from services.gateway.openapi import MergedOpenApi
 from services.gateway.query_key import accepts_query_key, take_query_key
 from services.gateway.ratelimit import TokenBuckets
@@ -44,6 +45,7 @@ class GatewayState:
     clock: Clock
     # Key lookups in the database now running, by key hash (see _looked_up).
     lookups: dict[str, asyncio.Future[Caller]] = field(default_factory=dict)
+    joiner: EventJoiner | None = None  # POST /v1/events, unless settings.join_events is off
 
 
 async def _state(request: Request) -> GatewayState:

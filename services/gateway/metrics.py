@@ -29,3 +29,9 @@ RATE_LIMITED = Counter(
     "Requests answered 429, by reason (key: the API key's token bucket was empty).",
     ["reason"],
 )
+JOINED_EVENTS = Histogram(
+    "churnguard_gateway_joined_events",
+    "Single events (POST /v1/events) per request to ingest: concurrent ones of a tenant travel "
+    "together (services/gateway/joiner.py); 1 when nothing else was waiting.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)

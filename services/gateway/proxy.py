@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from services.gateway import metrics
 from services.gateway.scopes import ACTIONS_ADMIN, EVENTS_WRITE, MODELS_ADMIN, SCORES_READ
 from services.gateway.query_key import without_query_key
-from shared.http_pool import UpstreamBroken, UpstreamPool, UpstreamUnavailable
+from shared.http_pool import Answer, UpstreamBroken, UpstreamPool, UpstreamUnavailable
 from shared.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,13 @@ _INTERNAL_TOKEN_RAW, _TENANT_RAW, _REQUEST_ID_RAW, _KEY_ID_RAW = (
 )
 
 
-def upstream_target(prefix: str, request: Request) -> str:
-    """The base URL's path prefix + the path exactly as the caller encoded it + the query
-    string. Built from strings: the path is already encoded (uvicorn hands it on as received)."""
+def upstream_target(request: Request) -> str:
+    """The path exactly as the caller encoded it + the query string. Built from strings: the
+    path is already encoded (uvicorn hands it on as received)."""
     scope = request.scope
     raw_path: bytes = scope.get("raw_path") or request.url.path.encode()
     query = without_query_key(scope.get("query_string", b""))  # a credential, never forwarded
-    target = prefix + _ascii(raw_path)
+    target = _ascii(raw_path)
     if query:
         target += "?" + _ascii(query)
     return target
@@ -206,6 +206,71 @@ class UpstreamClient(httpx.AsyncClient):
             await super().aclose()
 
 
+class UpstreamFailed(Exception):
+    """No usable answer from the upstream; `response` is what the caller gets instead."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+async def exchange(
+    client: UpstreamClient,
+    *,
+    upstream: str,
+    base_url: str,
+    method: str,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    timeout_s: float,
+) -> Answer:
+    """One request to an upstream (`target`: the path and query below the base URL's prefix).
+    Raises UpstreamFailed for upstream trouble: refused or unreachable -> 503 + Retry-After
+    (nothing was delivered, retrying is safe), too slow -> 504, anything else on the wire ->
+    502, a refusal of our internal token -> 502."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        origin, prefix = client.pool.origin(base_url)
+        try:
+            # This bounds the whole exchange, connect to last byte, so an upstream dripping
+            # bytes slowly cannot hold the caller past timeout_s.
+            async with asyncio.timeout(timeout_s):
+                answer = await client.pool.request(origin, method, prefix + target, headers, body)
+        except UpstreamUnavailable as exc:
+            outcome = "unavailable"
+            log.warning("upstream %s unavailable: %s", upstream, exc)
+            raise UpstreamFailed(_problem(
+                503, f"upstream service {upstream} is unavailable; retry later", {"Retry-After": "1"}
+            )) from exc
+        except TimeoutError as exc:
+            outcome = "timeout"
+            log.warning("upstream %s did not answer within %ss", upstream, timeout_s)
+            raise UpstreamFailed(_problem(
+                504, f"upstream service {upstream} did not answer within {timeout_s:g} s"
+            )) from exc
+        except UpstreamBroken as exc:
+            log.warning("upstream %s failed: %s", upstream, exc)
+            raise UpstreamFailed(
+                _problem(502, f"upstream service {upstream} failed: {type(exc).__name__}")
+            ) from exc
+        outcome = _OUTCOMES.get(answer.status // 100, "error")
+        if answer.status == 401 and "www-authenticate" not in answer.headers:
+            # Callers are authenticated here, so an upstream 401 means it refused *our* internal
+            # token: a deployment error, not the caller's. Do not let it look like a bad API key.
+            # (A 401 with a challenge is the upstream checking the caller's own proof, e.g. a
+            # source's webhook signature: that one is passed on.)
+            log.error("upstream %s rejected the internal token; check CHURNGUARD_INTERNAL_TOKEN",
+                      upstream)
+            raise UpstreamFailed(_problem(
+                502, f"upstream service {upstream} refused the gateway (internal token mismatch)"
+            ))
+        return answer
+    finally:
+        _upstream_requests(upstream, outcome).inc()
+        _upstream_duration(upstream).observe(time.perf_counter() - started)
+
+
 async def forward(
     client: UpstreamClient,
     *,
@@ -219,57 +284,25 @@ async def forward(
     timeout_s: float,
     key_id: str | None = None,
 ) -> Response:
-    """Send the request upstream and hand back its answer. Never raises for upstream trouble:
-    refused or unreachable -> 503 + Retry-After (nothing was delivered, retrying is safe),
-    too slow -> 504, anything else on the wire -> 502."""
-    started = time.perf_counter()
-    outcome = "error"
+    """Send the request upstream and hand back its answer. Never raises for upstream trouble
+    (see `exchange`)."""
     try:
-        origin, prefix = client.pool.origin(base_url)
-        try:
-            # This bounds the whole exchange, connect to last byte, so an upstream dripping
-            # bytes slowly cannot hold the caller past timeout_s.
-            async with asyncio.timeout(timeout_s):
-                answer = await client.pool.request(
-                    origin,
-                    request.method,
-                    upstream_target(prefix, request),  # the path exactly as the caller encoded it
-                    forward_headers(request, tenant_id, request_id, internal_token, key_id),
-                    body,
-                )
-        except UpstreamUnavailable as exc:
-            outcome = "unavailable"
-            log.warning("upstream %s unavailable: %s", upstream, exc)
-            return _problem(
-                503, f"upstream service {upstream} is unavailable; retry later", {"Retry-After": "1"}
-            )
-        except TimeoutError:
-            outcome = "timeout"
-            log.warning("upstream %s did not answer within %ss", upstream, timeout_s)
-            return _problem(
-                504, f"upstream service {upstream} did not answer within {timeout_s:g} s"
-            )
-        except UpstreamBroken as exc:
-            log.warning("upstream %s failed: %s", upstream, exc)
-            return _problem(502, f"upstream service {upstream} failed: {type(exc).__name__}")
-        outcome = _OUTCOMES.get(answer.status // 100, "error")
-        if answer.status == 401 and "www-authenticate" not in answer.headers:
-            # Callers are authenticated here, so an upstream 401 means it refused *our* internal
-            # token: a deployment error, not the caller's. Do not let it look like a bad API key.
-            # (A 401 with a challenge is the upstream checking the caller's own proof, e.g. a
-            # source's webhook signature: that one is passed on.)
-            log.error("upstream %s rejected the internal token; check CHURNGUARD_INTERNAL_TOKEN",
-                      upstream)
-            return _problem(
-                502, f"upstream service {upstream} refused the gateway (internal token mismatch)"
-            )
-        headers = {h: answer.headers[h] for h in _RESPONSE_HEADERS if h in answer.headers}
-        if "location" in headers:
-            headers["location"] = public_location(headers["location"], base_url)
-        return Response(content=answer.content, status_code=answer.status, headers=headers)
-    finally:
-        _upstream_requests(upstream, outcome).inc()
-        _upstream_duration(upstream).observe(time.perf_counter() - started)
+        answer = await exchange(
+            client,
+            upstream=upstream,
+            base_url=base_url,
+            method=request.method,
+            target=upstream_target(request),  # the path exactly as the caller encoded it
+            headers=forward_headers(request, tenant_id, request_id, internal_token, key_id),
+            body=body,
+            timeout_s=timeout_s,
+        )
+    except UpstreamFailed as failed:
+        return failed.response
+    headers = {h: answer.headers[h] for h in _RESPONSE_HEADERS if h in answer.headers}
+    if "location" in headers:
+        headers["location"] = public_location(headers["location"], base_url)
+    return Response(content=answer.content, status_code=answer.status, headers=headers)
 
 
 _OUTCOMES = {n: f"{n}xx" for n in range(1, 6)}

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.gateway import service
 from services.gateway.deps import GatewayState, StateDep, authenticated_caller, require_scope, take_token
+from services.gateway.joiner import joinable
 from services.gateway.proxy import ROUTE_TABLE, ProxyRoute, forward
 from shared.app import BodyTooLarge, hot_route, read_body_limited
 from shared.db import session_scope
@@ -39,6 +40,8 @@ def add_proxy_routes(app: FastAPI, table: tuple[ProxyRoute, ...] = ROUTE_TABLE) 
 def _proxy_endpoint(route: ProxyRoute) -> Callable[..., Awaitable[Response]]:
     # No FastAPI dependencies on this, the hot path: resolving them per request cost more than
     # the work they do (the same functions are called directly instead).
+    joins = route.upstream == "ingest" and route.path == "/v1/events"  # single events
+
     @hot_route
     async def proxy(request: Request) -> Response:
         gateway: GatewayState = request.app.state.gateway
@@ -50,6 +53,8 @@ def _proxy_endpoint(route: ProxyRoute) -> Callable[..., Awaitable[Response]]:
             body = await read_body_limited(request, settings.max_body_bytes)
         except BodyTooLarge as exc:
             return JSONResponse({"detail": str(exc)}, status_code=413)
+        if joins and gateway.joiner is not None and joinable(request, body):
+            return await gateway.joiner.submit(caller.tenant_id, body, request.state.request_id)
         response = await forward(
             gateway.client,
             upstream=route.upstream,

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from services.ingest import metrics
 from services.ingest.config import IngestSettings
@@ -19,7 +19,18 @@ from services.ingest.service import (
     parse_one_or_nothing,
     validate,
 )
-from shared.app import BodyTooLarge, TenantId, hot_route, read_body_limited, trusted_tenant
+from shared.app import BodyTooLarge, TenantId, hot_route, is_json_media_type, read_body_limited, trusted_tenant
+from shared.joined import (
+    ANSWERS_HEADER,
+    JOINED_CONTENT_TYPE,
+    JOINED_PATH,
+    LENGTHS_HEADER,
+    MAX_ITEM_BYTES,
+    MAX_ITEMS,
+    MalformedJoin,
+    join_answers,
+    split_bodies,
+)
 from shared.events import event_json_schema
 from shared.kafka import BrokerUnavailable
 
@@ -70,13 +81,8 @@ def _broker_down(retry_after_s: int) -> JSONResponse:
                     headers={"Retry-After": str(retry_after_s)})
 
 
-def _is_json(content_type: str) -> bool:
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
-    if not _is_json(request.headers.get("content-type", "")):
+    if not is_json_media_type(request.headers.get("content-type", "")):
         metrics.EVENTS_REJECTED.labels("content_type").inc()
         given = request.headers.get("content-type") or "none"
         raise _Reject(_problem(415, f"Content-Type must be application/json (got {given})"))
@@ -130,19 +136,72 @@ async def post_event(request: Request) -> JSONResponse:
     tenant_id, service, settings = _hot_route_context(request)
     now = service.clock.now()
     try:
-        body = await _read_body(request, settings.max_event_bytes)
+        judged = _judge_event(await _read_body(request, settings.max_event_bytes), now)
+    except _Reject as rejected:
+        return rejected.response
+    if isinstance(judged, JSONResponse):
+        return judged
+    try:
+        published = await service.publish(tenant_id, [judged])
+    except BrokerUnavailable:
+        return _broker_down(settings.retry_after_s)
+    return _accepted(published.counts(), judged)
+
+
+def _judge_event(body: bytes, now: datetime) -> Any:
+    """The event in a JSON body of at most the size limit, or the answer refusing it."""
+    try:
         result = parse_one_or_nothing(body, now) or validate(_decode(body), now=now)
     except _Reject as rejected:
         return rejected.response
     if isinstance(result, list):
         metrics.EVENTS_REJECTED.labels("invalid").inc()
         return _problem(422, "event rejected: " + "; ".join(f"{e.field}: {e.message}" for e in result), result)
+    return result
+
+
+def _accepted(counts: dict[str, int], event: Any) -> JSONResponse:
+    return JSONResponse({**counts, "id": event.id}, status_code=202)
+
+
+@router.post(JOINED_PATH.removeprefix("/v1"), include_in_schema=False)
+@hot_route
+async def post_joined_events(request: Request) -> Response:
+    """Single events of several of the gateway's callers in one request (shared/joined.py): each
+    is judged and answered as POST /v1/events would, and the valid ones are published together."""
+    tenant_id, service, settings = _hot_route_context(request)
+    now = service.clock.now()
+    if request.headers.get("content-type") != JOINED_CONTENT_TYPE:
+        return _problem(415, f"Content-Type must be {JOINED_CONTENT_TYPE}")
     try:
-        published = await service.publish(tenant_id, [result])
-    except BrokerUnavailable:
-        return _broker_down(settings.retry_after_s)
-    body = {**published.counts(), "id": result.id}  # type: ignore[attr-defined]
-    return JSONResponse(body, status_code=202)
+        body = await read_body_limited(request, MAX_ITEMS * MAX_ITEM_BYTES)
+        bodies = split_bodies(body, request.headers.get(LENGTHS_HEADER))
+    except (BodyTooLarge, MalformedJoin) as exc:
+        return _problem(400, f"joined events: {exc}")
+    judged = [_judge_joined(item, now, settings.max_event_bytes) for item in bodies]
+    events = [item for item in judged if not isinstance(item, JSONResponse)]
+    headers: dict[str, str] = {}
+    answers: dict[int, JSONResponse] = {}
+    if events:
+        try:
+            counts = (await service.publish(tenant_id, events)).counts_each()
+            answers = {id(event): _accepted(counts[id(event)], event) for event in events}
+        except BrokerUnavailable:
+            answers = {id(event): _broker_down(settings.retry_after_s) for event in events}
+            headers["Retry-After"] = str(settings.retry_after_s)
+    joined, answers_header = join_answers([
+        (answer.status_code, bytes(answer.body)) for answer in
+        (item if isinstance(item, JSONResponse) else answers[id(item)] for item in judged)
+    ])
+    headers[ANSWERS_HEADER] = answers_header
+    return Response(joined, media_type=JOINED_CONTENT_TYPE, headers=headers)
+
+
+def _judge_joined(body: bytes, now: datetime, limit: int) -> Any:
+    if len(body) > limit:  # as _read_body would have refused it
+        metrics.EVENTS_REJECTED.labels("too_large").inc()
+        return _problem(413, str(BodyTooLarge(limit)))
+    return _judge_event(body, now)
 
 
 @router.post(

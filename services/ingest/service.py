@@ -178,6 +178,18 @@ class PublishResult:
             body["suppressed"] = len(self.suppressed)
         return body
 
+    def counts_each(self) -> dict[int, dict[str, int]]:
+        """`counts()` of each event on its own, by the event object's identity (two events of
+        one call may share an id, the second then being the duplicate)."""
+        each: dict[int, dict[str, int]] = {}
+        for event in self.accepted:
+            each[id(event)] = {"accepted": 1, "duplicates": 0}
+        for event in self.duplicates:
+            each[id(event)] = {"accepted": 0, "duplicates": 1}
+        for event in self.suppressed:
+            each[id(event)] = {"accepted": 0, "duplicates": 0, "suppressed": 1}
+        return each
+
 
 class IngestService:
     def __init__(

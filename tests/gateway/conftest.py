@@ -51,6 +51,9 @@ def settings(database_url: str, upstreams: Upstreams) -> GatewaySettings:
         actions_url=upstreams.actions,
         max_body_bytes=64 * 1024,
         upstream_timeout_s=5.0,
+        # The upstreams here echo what reaches them, request by request; single events joined
+        # for the real ingest are tested against it (tests/gateway/test_joined_events.py).
+        join_events=False,
     )
 
 

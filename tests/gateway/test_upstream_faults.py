@@ -103,3 +103,29 @@ def test_an_upstream_that_accepts_and_says_nothing_is_504_at_the_timeout(
         assert 0.4 < elapsed < 1.5
         scrape = client.get("/metrics").text
         assert 'churnguard_gateway_upstream_requests_total{outcome="timeout",upstream="scoring"}' in scrape
+
+
+@pytest.mark.parametrize(("upstream", "status", "detail"), [
+    ("hanging_up", 502, "upstream service ingest failed"),
+    ("garbage", 502, "upstream service ingest failed"),
+    ("silent", 504, "upstream service ingest did not answer within 0.5 s"),
+    ("dead_url", 503, "upstream service ingest is unavailable; retry later"),
+    ("echo", 502, "upstream service ingest failed: unusable answer"),  # an ingest that cannot join
+])
+def test_joined_single_events_get_the_answer_forward_gives_for_a_broken_ingest(
+    settings: GatewaySettings, auth: dict[str, str], upstream: str, status: int, detail: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """POST /v1/events goes to ingest joined with other callers' events (services/gateway/joiner.py):
+    when that request fails as a whole, each caller gets what an unjoined one would, quickly."""
+    url = settings.ingest_url if upstream == "echo" else request.getfixturevalue(upstream)
+    with TestClient(create_app(settings.model_copy(
+            update={"ingest_url": url, "join_events": True, "upstream_timeout_s": 0.5}))) as client:
+        started = time.monotonic()
+        response = client.post("/v1/events", headers=auth, json={"id": "evt-1"})
+        assert time.monotonic() - started < 1.5
+        assert response.status_code == status, response.text
+        assert response.json()["detail"].startswith(detail)
+        assert "SECRET-UPSTREAM-GARBAGE" not in response.text
+        if status == 503:
+            assert response.headers["retry-after"] == "1"

@@ -4,6 +4,7 @@ for an event the broker did not take, and recovers by itself. Uses a broker of i
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 from services.ingest.app import create_app
 from shared.broker import free_port, start_broker
 from shared.events import EventRecord
+from shared.joined import ANSWERS_HEADER, JOINED_CONTENT_TYPE, JOINED_PATH, LENGTHS_HEADER, join_bodies, split_answers
 from shared.kafka import ensure_topics
 from shared.settings import KafkaSettings
 from shared.topics import CUSTOMER_EVENTS, with_dead_letters
@@ -79,6 +81,24 @@ def test_broker_gone_then_back(own_broker: OwnBroker, database_url: str) -> None
     # evt-1 went down with the memory-only broker; evt-2 was taken after it came back.
     records = asyncio.run(read_topic(own_broker.settings, CUSTOMER_EVENTS, 1, timeout_s=5))
     assert [EventRecord.model_validate_json(r.value).event.id for r in records] == ["evt-2"]
+
+
+def test_broker_gone_joined_events_answer_503_each_and_the_invalid_one_its_own_error(
+    own_broker: OwnBroker, database_url: str
+) -> None:
+    """The gateway's joined single events (shared/joined.py): the broker's absence is each valid
+    event's 503 with Retry-After; an invalid one still gets its own 422."""
+    settings = settings_for(own_broker.settings, database_url, publish_timeout_s=PUBLISH_TIMEOUT_S)
+    bodies = [json.dumps(event(1)).encode(), b'{"type": "order.completed"}', json.dumps(event(2)).encode()]
+    body, lengths = join_bodies(bodies)
+    with TestClient(create_app(settings)) as client:
+        own_broker.stop()
+        response = client.post(JOINED_PATH, content=body, headers={
+            **HEADERS, "Content-Type": JOINED_CONTENT_TYPE, LENGTHS_HEADER: lengths})
+    assert response.status_code == 200 and response.headers["retry-after"] == "2"
+    answers = split_answers(response.content, response.headers[ANSWERS_HEADER], 3)
+    assert [status for status, _ in answers] == [503, 422, 503]
+    assert "broker did not acknowledge" in json.loads(answers[0][1])["detail"]
 
 
 def test_frozen_broker_means_bounded_503(own_broker: OwnBroker, database_url: str) -> None:
