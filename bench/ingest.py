@@ -6,7 +6,10 @@ One run, one real Tansu broker, real `churnguard serve ingest|gateway` processes
    sending the same serialized `EventRecord`s straight to the broker;
 2. throughput: POST /v1/events and /v1/events/batch (500 events per request), direct to ingest
    (internal headers) and through the gateway (API key), at a few connection counts, driven by
-   `wrk` (closed loop: each connection sends its next request when the previous one answered);
+   `wrk` (closed loop: each connection sends its next request when the previous one answered).
+   The gateway serves as deployed: concurrent single events of a tenant go on to ingest joined
+   (services/gateway/joiner.py); to measure it without, run the bench with
+   `CHURNGUARD_GATEWAY_JOIN_EVENTS=false` in the environment;
 3. latency: single events at fixed request rates from an open-loop asyncio/aiohttp generator
    (requests leave on schedule whether or not earlier ones answered; latency counts from the
    scheduled send time, so a stalled server cannot hide its queue).
