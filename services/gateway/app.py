@@ -46,6 +46,11 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
             settings.database.url_for("gateway"), echo=settings.database.database_echo
         )
         client = UpstreamClient(settings.upstream_timeout_s, settings.upstream_max_connections)
+        joiner = EventJoiner(
+            client, base_url=settings.upstreams()["ingest"],
+            internal_token=settings.internal.internal_token.get_secret_value(),
+            timeout_s=settings.upstream_timeout_s,
+        ) if settings.join_events else None
         try:
             await asyncio.to_thread(create_tables, engine, TABLES)
             app.state.gateway = GatewayState(
@@ -62,11 +67,7 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
                 ),
                 limiter=TokenBuckets(clock),
                 clock=clock,
-                joiner=EventJoiner(
-                    client, base_url=settings.upstreams()["ingest"],
-                    internal_token=settings.internal.internal_token.get_secret_value(),
-                    timeout_s=settings.upstream_timeout_s,
-                ) if settings.join_events else None,
+                joiner=joiner,
             )
             # Ready = our own dependency (the key database) answers. Upstream reachability is
             # reported but does not gate readiness: if it did, one service being down would pull
@@ -78,9 +79,8 @@ def create_app(settings: GatewaySettings | None = None, clock: Clock | None = No
             with settled_heap():
                 yield
         finally:
-            gateway = getattr(app.state, "gateway", None)
-            if gateway is not None and gateway.joiner is not None:
-                await gateway.joiner.close()
+            if joiner is not None:
+                await joiner.close()
             await client.aclose()
             engine.dispose()
 

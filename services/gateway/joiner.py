@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.gateway import metrics
-from services.gateway.proxy import UpstreamClient, UpstreamFailed, exchange
-from shared.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, TENANT_HEADER, is_json_media_type
+from services.gateway.proxy import UpstreamClient, UpstreamFailed, exchange, service_headers, timed_out
+from shared.app import is_json_media_type
 from shared.joined import (
     ANSWERS_HEADER,
     JOINED_CONTENT_TYPE,
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 JOINED_IN_FLIGHT = 2  # joined requests per tenant at a time (per gateway process)
 _JSON = "application/json"
+_JOINED_CONTENT_TYPE_RAW = JOINED_CONTENT_TYPE.encode("latin-1")
+_LENGTHS_RAW = LENGTHS_HEADER.lower().encode("latin-1")
 
 
 def joinable(request: Request, body: bytes) -> bool:
@@ -65,7 +67,7 @@ class EventJoiner:
                  timeout_s: float, in_flight: int = JOINED_IN_FLIGHT, max_items: int = MAX_ITEMS) -> None:
         self._client = client
         self._base_url = base_url
-        self._internal_token = internal_token.encode("latin-1")
+        self._internal_token = internal_token
         self._timeout_s = timeout_s
         self._in_flight = in_flight
         self._max_items = max_items
@@ -88,9 +90,7 @@ class EventJoiner:
                 return await asyncio.shield(answer)
         except TimeoutError:
             answer.cancel()  # not sent yet: it never will be
-            return Response(
-                f'{{"detail":"upstream service ingest did not answer within {self._timeout_s:g} s"}}',
-                status_code=504, media_type=_JSON)
+            return timed_out("ingest", self._timeout_s).response()
         except asyncio.CancelledError:
             answer.cancel()
             raise
@@ -121,12 +121,10 @@ class EventJoiner:
     async def _send(self, tenant_id: str, batch: list[_Waiting]) -> list[Response]:
         body, lengths = join_bodies([w.body for w in batch])
         headers = [
-            (b"content-type", JOINED_CONTENT_TYPE.encode("latin-1")),
-            (LENGTHS_HEADER.lower().encode("latin-1"), lengths.encode("latin-1")),
-            (INTERNAL_TOKEN_HEADER.lower().encode("latin-1"), self._internal_token),
-            (TENANT_HEADER.lower().encode("latin-1"), tenant_id.encode("latin-1")),
+            (b"content-type", _JOINED_CONTENT_TYPE_RAW),
+            (_LENGTHS_RAW, lengths.encode("latin-1")),
             # ingest's access line names the first caller's request id
-            (REQUEST_ID_HEADER.lower().encode("latin-1"), batch[0].request_id.encode("latin-1")),
+            *service_headers(tenant_id, batch[0].request_id, self._internal_token),
         ]
         metrics.JOINED_EVENTS.observe(len(batch))
         try:
@@ -134,16 +132,15 @@ class EventJoiner:
                                     method="POST", target=JOINED_PATH, headers=headers, body=body,
                                     timeout_s=self._timeout_s)
         except UpstreamFailed as failed:
-            return _each(failed.response, len(batch))
+            return [failed.response() for _ in batch]
         try:
             if answer.status != 200:
                 raise MalformedJoin(f"ingest answered {answer.status}: {answer.content[:200]!r}")
             parts = split_answers(answer.content, answer.headers.get(ANSWERS_HEADER.lower()), len(batch))
         except MalformedJoin as exc:  # gateway and ingest of versions that do not match
             log.error("ingest's answer to joined events is unusable: %s", exc)
-            unusable = Response('{"detail":"upstream service ingest failed: unusable answer"}',
-                                status_code=502, media_type=_JSON)
-            return _each(unusable, len(batch))
+            unusable = UpstreamFailed(502, "upstream service ingest failed: unusable answer")
+            return [unusable.response() for _ in batch]
         retry_after = answer.headers.get("retry-after")
         return [
             Response(part, status_code=status, media_type=_JSON,
@@ -160,9 +157,3 @@ class EventJoiner:
             for waiting in tenant.waiting:
                 waiting.answer.cancel()
         self._tenants.clear()
-
-
-def _each(response: Response, count: int) -> list[Response]:
-    """One answer object per caller (a response is sent once)."""
-    return [Response(bytes(response.body), status_code=response.status_code, headers=dict(response.headers))
-            for _ in range(count)]

@@ -123,7 +123,14 @@ def forward_headers(
         for raw_name, value in request.scope["headers"]
         if (name := raw_name.lower()) not in _DROPPED_RAW and not name.startswith(_INTERNAL_PREFIX_RAW)
     ]
-    headers += [
+    return headers + service_headers(tenant_id, request_id, internal_token, key_id)
+
+
+def service_headers(
+    tenant_id: str, request_id: str, internal_token: str, key_id: str | None = None
+) -> list[tuple[bytes, bytes]]:
+    """What every request to a service carries from the gateway, as raw (lower-case) bytes."""
+    headers = [
         (_INTERNAL_TOKEN_RAW, internal_token.encode("latin-1")),
         (_TENANT_RAW, tenant_id.encode("latin-1")),
         (_REQUEST_ID_RAW, request_id.encode("latin-1")),
@@ -207,10 +214,18 @@ class UpstreamClient(httpx.AsyncClient):
 
 
 class UpstreamFailed(Exception):
-    """No usable answer from the upstream; `response` is what the caller gets instead."""
+    """No usable answer from the upstream; `response()` is what a caller gets instead."""
 
-    def __init__(self, response: Response) -> None:
-        self.response = response
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+    def response(self) -> JSONResponse:
+        return _problem(self.status, self.detail, self.headers)
+
+
+def timed_out(upstream: str, timeout_s: float) -> UpstreamFailed:
+    return UpstreamFailed(504, f"upstream service {upstream} did not answer within {timeout_s:g} s")
 
 
 async def exchange(
@@ -240,20 +255,16 @@ async def exchange(
         except UpstreamUnavailable as exc:
             outcome = "unavailable"
             log.warning("upstream %s unavailable: %s", upstream, exc)
-            raise UpstreamFailed(_problem(
+            raise UpstreamFailed(
                 503, f"upstream service {upstream} is unavailable; retry later", {"Retry-After": "1"}
-            )) from exc
+            ) from exc
         except TimeoutError as exc:
             outcome = "timeout"
             log.warning("upstream %s did not answer within %ss", upstream, timeout_s)
-            raise UpstreamFailed(_problem(
-                504, f"upstream service {upstream} did not answer within {timeout_s:g} s"
-            )) from exc
+            raise timed_out(upstream, timeout_s) from exc
         except UpstreamBroken as exc:
             log.warning("upstream %s failed: %s", upstream, exc)
-            raise UpstreamFailed(
-                _problem(502, f"upstream service {upstream} failed: {type(exc).__name__}")
-            ) from exc
+            raise UpstreamFailed(502, f"upstream service {upstream} failed: {type(exc).__name__}") from exc
         outcome = _OUTCOMES.get(answer.status // 100, "error")
         if answer.status == 401 and "www-authenticate" not in answer.headers:
             # Callers are authenticated here, so an upstream 401 means it refused *our* internal
@@ -262,9 +273,9 @@ async def exchange(
             # source's webhook signature: that one is passed on.)
             log.error("upstream %s rejected the internal token; check CHURNGUARD_INTERNAL_TOKEN",
                       upstream)
-            raise UpstreamFailed(_problem(
+            raise UpstreamFailed(
                 502, f"upstream service {upstream} refused the gateway (internal token mismatch)"
-            ))
+            )
         return answer
     finally:
         _upstream_requests(upstream, outcome).inc()
@@ -298,7 +309,7 @@ async def forward(
             timeout_s=timeout_s,
         )
     except UpstreamFailed as failed:
-        return failed.response
+        return failed.response()
     headers = {h: answer.headers[h] for h in _RESPONSE_HEADERS if h in answer.headers}
     if "location" in headers:
         headers["location"] = public_location(headers["location"], base_url)
