@@ -20,6 +20,12 @@ from shared.kafka import ensure_topics
 from shared.settings import KafkaSettings
 from shared.topics import with_dead_letters
 
+# Tansu holds a group's first JoinGroup for half the session timeout (3 s at the default 6 s),
+# and stopping a consumer waits for that join: a test that starts a service and is done in a
+# second would spend 3 s per consumer in it. Service processes started by tests inherit this.
+os.environ.setdefault("CHURNGUARD_KAFKA_SESSION_TIMEOUT_MS", "2000")
+os.environ.setdefault("CHURNGUARD_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
+
 PG_ADMIN_DSN = os.environ.get("CHURNGUARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
