@@ -43,12 +43,12 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.common import replace_generated_block
+from bench.hop import latencies_ms, raw_broker_hop
 from bench.ingest import children, cpu_seconds, machine, percentile
 from services.gateway import manage as gateway_ops
 from services.scoring import cli_ops as scoring_ops
 from shared.broker import free_port, start_broker
 from shared.events import ActionRecord, ScoreRecord
-from shared.kafka import Publisher, ensure_topics
 from shared.settings import KafkaSettings
 from shared.topics import CHURN_SCORES, RETENTION_ACTIONS
 from tools.stack import SERVICES, ServiceStack
@@ -276,65 +276,6 @@ async def steady_load(stack: Stack, rate: float, seconds: float, run: str, on_ti
             n += 1
         await asyncio.gather(*pending)
     return {"scheduled": scheduled, "statuses": statuses}
-
-
-def latencies_ms(scheduled: dict[str, float], arrived: dict[str, float]) -> dict[str, Any]:
-    values = sorted((arrived[key] - sent) * 1000 for key, sent in scheduled.items() if key in arrived)
-    if not values:
-        return {"count": 0}
-    return {"count": len(values), "p50": round(percentile(values, 50), 1), "p95": round(percentile(values, 95), 1),
-            "p99": round(percentile(values, 99), 1), "max": round(values[-1], 1)}
-
-
-RAW_TOPIC = "bench-raw-hop"
-
-
-async def raw_broker_hop(kafka: KafkaSettings, rate: float, seconds: float) -> dict[str, Any]:
-    """The raw reference for the pipeline's latencies, on the same broker in the same run: one
-    hop through it (a producer with the services' settings -> a consumer assigned to the topic,
-    fetching as the services do), open loop at `rate` for `seconds`, timed like the pipeline
-    (from the scheduled send to the arrival). An event crosses the broker twice before its
-    score is published and three times before its decision is."""
-    await ensure_topics(kafka, [RAW_TOPIC])
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=10)
-    await consumer.start()
-    publisher = Publisher(kafka, "bench-raw-hop")
-    arrivals: dict[str, float] = {}
-    try:
-        partitions = [TopicPartition(kafka.topic(RAW_TOPIC), p) for p in range(kafka.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-
-        async def receive() -> None:
-            while True:
-                for records in (await consumer.getmany(timeout_ms=100)).values():
-                    now = time.monotonic()
-                    for record in records:
-                        arrivals.setdefault(record.key.decode(), now)
-
-        receiving = asyncio.create_task(receive())
-        scheduled: dict[str, float] = {}
-        pending: set[asyncio.Task[None]] = set()
-        body = b"x" * 400  # about an EventRecord's size
-        start, n = time.monotonic(), 0
-        while (due := start + n / rate) < start + seconds:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            key = f"raw-{n}"
-            scheduled[key] = due
-            task = asyncio.create_task(publisher.publish(RAW_TOPIC, key.encode(), body))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            n += 1
-        await asyncio.gather(*pending)
-        deadline = time.monotonic() + 10
-        while len(arrivals) < len(scheduled) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        receiving.cancel()
-        return latencies_ms(scheduled, arrivals)
-    finally:
-        await publisher.close()
-        await consumer.stop()
 
 
 async def measure_rate(stack: Stack, receiver: Receiver, watcher: ScoreWatcher, rate: float,

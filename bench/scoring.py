@@ -17,6 +17,10 @@ default options, the sweep off), on SQLite and on PostgreSQL (a fresh database o
 3. latency: single events published at a fixed rate (open loop: on schedule whether or not the
    instance keeps up), each matched to its ScoreRecord on `churn-scores`; latency counts from the
    scheduled send time. The group's lag (end offsets minus committed offsets) is sampled meanwhile.
+   Each rate runs on new topics with a new instance (same database): the embedded broker slows
+   down as a topic grows (bench/hop.py), so on the backlogs' topics a latency run measured mostly
+   the broker. Beside each rate, the raw reference: one bare hop through the same broker, on a new
+   topic, at the same rate for as long (an event crosses the broker twice on its way to a score).
 
 Run with `make bench` (or `.venv/bin/python -m bench.scoring --help`). Writes
 bench/results/scoring.json and the generated scoring block of docs/benchmarks.md.
@@ -44,6 +48,7 @@ import httpx
 import psycopg
 
 from bench.common import replace_generated_block
+from bench.hop import raw_broker_hop
 from bench.ingest import cpu_seconds, finite, machine, percentile
 from shared.broker import free_port, start_broker
 from shared.events import EventRecord, parse_event
@@ -60,6 +65,7 @@ DOC_END = "<!-- bench:scoring:end -->"
 PG_ADMIN_DSN = os.environ.get("CHURNGUARD_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 TENANT = "bench"
 INTERNAL_TOKEN = "bench-internal-token"
+LATENCY_WARMUP_S = 2.0  # sent before a latency run counts: the instance's first fetches and batches
 
 GOALS = {
     "pg_events_per_s": ("one scoring instance >= 10,000 events/s on PostgreSQL", 10_000.0, ">="),
@@ -463,23 +469,29 @@ def tables(results: dict[str, Any]) -> str:
                    f"{fmt(t['events_per_s'])}{runs_of(t)} | {ratio} | {fmt(t.get('cpu_cores'), '.2f')} | "
                    f"{fmt(t.get('cpu_us_per_event'))} | {fmt(t.get('cache_hit_rate'), '.0%')} | {fmt(t.get('rss_mb'))} |")
     out += ["", "| database | events/s published | scored | p50 ms | p95 ms | p99 ms | max ms | lag max | lag mean | "
-            "CPU µs/event | history cache hits | RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU µs/event | history cache hits | RSS MB | one bare broker hop p50 / p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in results["backends"]:
         for r in b["latency"]:
             out.append(f"| {b['backend']} | {r['rate']:,.0f} | {r['scored']:,}/{r['sent']:,} | {fmt(r['p50_ms'], '.1f')} | "
                        f"{fmt(r['p95_ms'], '.1f')} | {fmt(r['p99_ms'], '.1f')} | {fmt(r['max_ms'], '.1f')} | "
                        f"{fmt(r['lag_max'])} | {fmt(r['lag_mean'], '.1f')} | {fmt(r.get('cpu_us_per_event'))} | "
-                       f"{fmt(r.get('cache_hit_rate'), '.0%')} | {fmt(r.get('rss_mb'))} |")
+                       f"{fmt(r.get('cache_hit_rate'), '.0%')} | {fmt(r.get('rss_mb'))} | {hop_text(r)} |")
     peaks = [f"{b['backend']} {fmt(b.get('rss_peak_mb'))} MB (at rest {fmt(b.get('rss_at_rest_mb'))})"
              for b in results["backends"]]
-    out += ["", f"Peak resident memory (VmHWM) of the scoring process over its whole run: {', '.join(peaks)}."]
+    out += ["", f"Peak resident memory (VmHWM) of the scoring processes (the backlogs' and each rate's): "
+                f"{', '.join(peaks)}."]
     out += ["", "| goal (issue #4) | value | met |", "|---|---:|---|"]
     for g in results["goals"]:
         unit = " events/s" if g["goal"] == "pg_events_per_s" else " ms"
         out.append(f"| {g['text']} | {fmt(g['value'], ',.1f')}{unit if g['value'] is not None else ''} | "
                    f"{'yes' if g['met'] else '**no**'} |")
     return "\n".join(out)
+
+
+def hop_text(latency_row: dict[str, Any]) -> str:
+    hop = latency_row.get("raw_broker_hop_ms") or {}
+    return f"{fmt(hop.get('p50'), '.1f')} / {fmt(hop.get('p99'), '.1f')}" if hop.get("count") else "-"
 
 
 def write_doc(results: dict[str, Any]) -> None:
@@ -596,16 +608,40 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"backend": backend, "throughput": median_run(runs), "latency": []}
                 print(f"  {fmt(row['throughput']['events_per_s'])} events/s (median; runs: "
                       f"{', '.join(fmt(r['events_per_s']) for r in runs)})", flush=True)
+                peaks = [instance.memory_mb("VmHWM")]
                 for rate in args.rates:
+                    # Each rate on topics of its own, read by an instance of its own (same database):
+                    # the embedded broker slows down as a topic grows (bench/hop.py), and on the
+                    # backlogs' topics a latency run would measure mostly the broker.
+                    fresh = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers,
+                                          topic_prefix=f"bench{uuid.uuid4().hex[:6]}-")
+                    asyncio.run(ensure_topics(fresh, with_dead_letters()))
+                    instance.stop()
+                    instance = Instance(f"{backend}-{rate:.0f}", url, fresh, workdir)
+                    instance.start()
+                    # Ready is not yet consuming: the group's first join takes seconds on the
+                    # embedded broker. One event scored says the instance is at work.
+                    asyncio.run(produce(fresh, serialized(f"w{uuid.uuid4().hex[:6]}", 1, 1, first_customer=produced)))
+                    produced += 1
+                    if not backlog_throughput(instance, 1, timeout_s=60)["complete"]:
+                        raise RuntimeError(f"the {backend} instance for {rate:,.0f}/s scored nothing within 60 s")
                     before = instance.processed()
-                    lat = asyncio.run(latency(own, instance, rate, 2.0, args.latency_duration,
+                    lat = asyncio.run(latency(fresh, instance, rate, LATENCY_WARMUP_S, args.latency_duration,
                                               args.customers, produced))
-                    produced += int(rate * 2.0) + int(rate * args.latency_duration)
+                    produced += int(rate * LATENCY_WARMUP_S) + int(rate * args.latency_duration)
                     lat["processed"] = instance.processed() - before
+                    peaks.append(instance.memory_mb("VmHWM"))
+                    # The reference: one bare hop through the same broker, on a new topic too, at
+                    # the same rate and for as long (an event crosses the broker twice here).
+                    lat["raw_broker_hop_ms"] = asyncio.run(raw_broker_hop(
+                        KafkaSettings(bootstrap_servers=kafka.bootstrap_servers,
+                                      topic_prefix=f"hop{uuid.uuid4().hex[:6]}-"),
+                        rate, args.latency_duration, warmup_s=LATENCY_WARMUP_S))
                     row["latency"].append(lat)
                     print(f"  {rate:,.0f} events/s: p50 {fmt(lat['p50_ms'], '.1f')} p99 {fmt(lat['p99_ms'], '.1f')} ms, "
-                          f"scored {lat['scored']}/{lat['sent']}, lag max {lat['lag_max']}", flush=True)
-                row["rss_peak_mb"] = instance.memory_mb("VmHWM")
+                          f"scored {lat['scored']}/{lat['sent']}, lag max {lat['lag_max']}; one bare broker hop "
+                          f"p99 {fmt(lat['raw_broker_hop_ms'].get('p99'), '.1f')} ms", flush=True)
+                row["rss_peak_mb"] = max((p for p in peaks if p is not None), default=None)
                 row["rss_at_rest_mb"] = rss_at_rest
                 results["backends"].append(row)
             finally:

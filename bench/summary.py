@@ -174,9 +174,11 @@ def scoring_rows(data: dict[str, Any] | None, why: str) -> list[Row]:
             what = f"publish-to-score p50 / p95 / p99 ms at {lat['rate']:,.0f}/s, " \
                    f"{'PostgreSQL' if backend == 'postgresql' else 'SQLite'}"
             note = f"{lat['missing']:,} of {lat['sent']:,} never scored" if lat.get("missing") else ""
+            raw = (lat.get("raw_broker_hop_ms") or {}).get("p99")
             rows.append(Row(part, what, lat["p99_ms"],
                             f"{_n(lat['p50_ms'], ',.1f')} / {_n(lat['p95_ms'], ',.1f')} / {_n(lat['p99_ms'], ',.1f')}",
-                            reference_text="none measured in this run", goal=goal, note=note).judge())
+                            raw, f"{raw:,.1f} ms p99, one raw broker hop at the same rate" if raw is not None
+                            else "none measured in this run", _ratio(lat["p99_ms"], raw), goal=goal, note=note).judge())
     if not any(r.goal == "scoring_p99_1000" for r in rows):
         rows.append(_missing(part, lat_what, "scoring_p99_1000", "no PostgreSQL row at 1,000/s in scoring.json"))
     # The heaviest load scoring meets in `make bench`: its own backlogs (thousands of customers),
