@@ -489,6 +489,11 @@ def tables(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def new_topics(kafka: KafkaSettings, prefix: str = "bench") -> KafkaSettings:
+    """The same broker under a topic prefix of its own (topics not created yet)."""
+    return kafka.model_copy(update={"topic_prefix": f"{prefix}{uuid.uuid4().hex[:6]}-"})
+
+
 def hop_text(latency_row: dict[str, Any]) -> str:
     hop = latency_row.get("raw_broker_hop_ms") or {}
     return f"{fmt(hop.get('p50'), '.1f')} / {fmt(hop.get('p99'), '.1f')}" if hop.get("count") else "-"
@@ -584,8 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             # Each backend works through the same backlog on topics of its own: on shared topics the
             # second would also read the first's latency events, its customers' histories longer
             # (the cost of scoring an event grows with its customer's history)
-            own = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers,
-                                topic_prefix=f"bench{uuid.uuid4().hex[:6]}-")
+            own = new_topics(kafka)
             asyncio.run(ensure_topics(own, with_dead_letters()))
             asyncio.run(produce(own, messages))
             produced = len(messages)
@@ -613,8 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                     # Each rate on topics of its own, read by an instance of its own (same database):
                     # the embedded broker slows down as a topic grows (bench/hop.py), and on the
                     # backlogs' topics a latency run would measure mostly the broker.
-                    fresh = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers,
-                                          topic_prefix=f"bench{uuid.uuid4().hex[:6]}-")
+                    fresh = new_topics(kafka)
                     asyncio.run(ensure_topics(fresh, with_dead_letters()))
                     instance.stop()
                     instance = Instance(f"{backend}-{rate:.0f}", url, fresh, workdir)
@@ -634,9 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                     # The reference: one bare hop through the same broker, on a new topic too, at
                     # the same rate and for as long (an event crosses the broker twice here).
                     lat["raw_broker_hop_ms"] = asyncio.run(raw_broker_hop(
-                        KafkaSettings(bootstrap_servers=kafka.bootstrap_servers,
-                                      topic_prefix=f"hop{uuid.uuid4().hex[:6]}-"),
-                        rate, args.latency_duration, warmup_s=LATENCY_WARMUP_S))
+                        new_topics(kafka, "hop"), rate, args.latency_duration, warmup_s=LATENCY_WARMUP_S))
                     row["latency"].append(lat)
                     print(f"  {rate:,.0f} events/s: p50 {fmt(lat['p50_ms'], '.1f')} p99 {fmt(lat['p99_ms'], '.1f')} ms, "
                           f"scored {lat['scored']}/{lat['sent']}, lag max {lat['lag_max']}; one bare broker hop "
