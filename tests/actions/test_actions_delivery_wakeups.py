@@ -99,3 +99,35 @@ async def test_a_blocked_endpoint_is_claimed_again_once_its_circuit_lets_a_probe
         assert worker.guard.state(endpoint) == "closed"
     finally:
         await worker.stop()
+
+
+async def test_an_open_circuit_does_not_make_other_endpoints_claim_again(
+    engine: Engine, scripted: ScriptedReceiver, healthy: ScriptedReceiver,  # noqa: F811
+) -> None:
+    """While one endpoint's circuit is open, rows for a healthy one written one at a time still
+    cost one claim each: the open endpoint is blocked, not waiting for room, so the healthy
+    endpoint's finished senders wake nobody (they woke a claim each: two per delivery, and
+    the healthy endpoint's latency tail rose beside a hanging receiver)."""
+    clock = ManualClock(START)
+    worker = DeliveryWorker(engine, PooledSender(allow_local=True), clock, retry_schedule_s=[60.0] * 3,
+                            poll_s=NEVER_S, endpoint_concurrency=1, breaker_failure_threshold=1,
+                            breaker_cooldown_s=600.0)
+    worker.start()
+    try:
+        scripted.default = Answer(500)
+        failing = _subscribe(engine, scripted.url())
+        _outbox(engine, failing, 1)
+        worker.wake()
+        await async_wait_until(lambda: worker.guard.state(failing) == "open", what="the circuit opens")
+        await async_wait_until(lambda: _attempted(engine) == 1, what="the failed attempt booked")
+        alive = _subscribe(engine, healthy.url())
+        before = worker.claim_rounds
+        for n in range(1, 11):
+            _outbox(engine, alive, 1)
+            worker.wake()
+            await async_wait_until(lambda: _delivered(engine) == n, what=f"delivery {n} booked")  # noqa: B023
+        assert healthy.effects == 10
+        assert worker.claim_rounds - before == 10
+        assert worker.guard.state(failing) == "open"
+    finally:
+        await worker.stop()
