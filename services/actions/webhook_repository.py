@@ -227,6 +227,11 @@ ORDER BY created_at DESC
 _PG_LEASE = """
 UPDATE actions_deliveries SET next_attempt_at = %(at)s WHERE delivery_id = ANY(%(ids)s::varchar[])
 """
+# The statements that book or release claimed rows find them by primary key. Their status check
+# is written `(d.status = 'pending') IS TRUE`, which no index matches: with plain `status =
+# 'pending'`, statistics taken while pending rows were rare (most are delivered) made the planner
+# read every pending row through the due index instead, so a hanging endpoint's backlog (3,000
+# rows: 13 ms for a booking of 5, against 0.8) slowed every other endpoint's bookings.
 _PG_DELIVERED = """
 WITH booked AS (
   UPDATE actions_deliveries AS d
@@ -234,7 +239,7 @@ WITH booked AS (
       last_status_code = r.status_code, last_error = NULL
   FROM unnest(%(ids)s::varchar[], %(attempts)s::int[], %(codes)s::int[], %(latency)s::float8[])
        AS r(delivery_id, attempts, status_code, latency_ms)
-  WHERE d.delivery_id = r.delivery_id AND d.status = 'pending' AND d.attempts = r.attempts
+  WHERE d.delivery_id = r.delivery_id AND (d.status = 'pending') IS TRUE AND d.attempts = r.attempts
   RETURNING d.delivery_id, d.tenant_id, r.status_code, r.latency_ms
 )
 INSERT INTO actions_delivery_attempts
@@ -389,7 +394,7 @@ WITH booked AS (
               %(outcomes)s::varchar[], %(errors)s::varchar[], %(last_errors)s::varchar[],
               %(next_at)s::timestamptz[])
        AS r(delivery_id, attempts, status_code, latency_ms, outcome, error, last_error, next_at)
-  WHERE d.delivery_id = r.delivery_id AND d.status = 'pending' AND d.attempts = r.attempts
+  WHERE d.delivery_id = r.delivery_id AND (d.status = 'pending') IS TRUE AND d.attempts = r.attempts
   RETURNING d.delivery_id, d.tenant_id, r.outcome, r.status_code, r.error, r.latency_ms
 )
 INSERT INTO actions_delivery_attempts
@@ -421,7 +426,7 @@ async def book_failed_pg(
 _PG_RELEASE = """
 UPDATE actions_deliveries AS d SET next_attempt_at = %(at)s
 FROM unnest(%(ids)s::varchar[], %(attempts)s::int[]) AS r(delivery_id, attempts)
-WHERE d.delivery_id = r.delivery_id AND d.status = 'pending' AND d.attempts = r.attempts
+WHERE d.delivery_id = r.delivery_id AND (d.status = 'pending') IS TRUE AND d.attempts = r.attempts
 """
 
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlmodel import select
 
-from services.actions import webhooks
+from services.actions import webhook_repository, webhooks
 from services.actions.delivery import DeliveryWorker, PooledSender, WorkerConnection
 from services.actions.tables import ActionsDelivery, ActionsDeliveryAttempt, ActionsOffer
 from services.actions.url_guard import UrlPolicy
@@ -365,3 +365,44 @@ async def test_the_claims_connection_does_not_wait_for_the_wal_flush(
     finally:
         await worker.claims.close()
         await worker.bookings.close()
+
+
+@pytest.mark.parametrize("statistics", ["taken_while_pending_rows_were_rare", "never_taken"])
+@pytest.mark.parametrize("statement", ["_PG_DELIVERED", "_PG_FAILED", "_PG_RELEASE"])
+async def test_booking_and_release_find_their_rows_by_primary_key_beside_a_backlog(
+    pg: tuple[Engine, WorkerConnection], statement: str, statistics: str,
+) -> None:
+    """A hanging endpoint's backlog of pending rows beside rows being booked: on the worker's
+    own bookings connection, the booking and release statements' generic plans (the worker's
+    statements are prepared once) read the rows they book by primary key. Not every pending row
+    through the due index, as statistics taken while pending rows were rare made them do (a
+    booking of 5 beside 3,000 pending rows: 13 ms, 0.8 by primary key); nor the whole table,
+    as a plan made while the outbox looked empty did."""
+    engine, _ = pg
+    delivered = _outbox(engine, _subscribe(engine), 600)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE actions_deliveries SET status = 'delivered'"))
+        if statistics == "taken_while_pending_rows_were_rare":
+            connection.execute(text("ANALYZE actions_deliveries"))
+    _outbox(engine, _subscribe(engine, "http://127.0.0.1:9/hang"), 300)  # the backlog, not analysed
+    parameters: dict[str, Any] = {
+        "now": START, "at": START, "ids": delivered[:5], "attempts": [0] * 5, "codes": [204] * 5,
+        "latency": [1.0] * 5, "outcomes": ["failed"] * 5, "errors": ["e"] * 5, "last_errors": ["e"] * 5,
+        "next_at": [START] * 5,
+    }
+    worker = DeliveryWorker(engine, PooledSender(allow_local=True), ManualClock(START), retry_schedule_s=[60.0])
+
+    async def generic_plan(connection: psycopg.AsyncConnection[Any]) -> str:
+        await connection.execute("SET plan_cache_mode = force_generic_plan")
+        cursor = await connection.execute(
+            "EXPLAIN (FORMAT JSON) " + getattr(webhook_repository, statement), parameters, prepare=True)
+        row = await cursor.fetchone()
+        return str(row[0] if row else "")
+
+    try:
+        plan = await worker.bookings.run(generic_plan)
+    finally:
+        await worker.bookings.close()
+    assert "actions_deliveries_pkey" in plan
+    assert "ix_actions_deliveries_due" not in plan
+    assert "Seq Scan" not in plan
