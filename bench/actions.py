@@ -739,8 +739,9 @@ def write_doc(results: dict[str, Any]) -> None:
         f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after. One aiohttp receiver "
         "process answering 204; the clients and the delivery worker in the bench process (the latency runs' "
         "writers in a process of their own). Bare clients "
-        "send one pre-signed body; the outbox path claims, signs, sends and books every delivery "
-        f"({results['settings']['deliveries']:,} per row).",
+        "send one pre-signed body after 50 warm-up posts; the outbox path claims, signs, sends and books "
+        f"every delivery ({results['settings']['deliveries']:,} per row, timed from their commit, the "
+        f"worker warmed up on {WARMUP_DELIVERIES}). Each latency run starts on an empty outbox.",
         "",
         tables(results),
         DOC_END,
