@@ -490,7 +490,7 @@ class DeliveryWorker:
         # Capped: endpoints whose finished attempts make room for a claim. Not those with an open
         # circuit: no attempt of theirs is under way, and with one in the set every other
         # endpoint's finished sender woke the worker for a claim (twice the claims beside a
-        # hanging receiver, and the healthy endpoints' p99 a quarter higher).
+        # hanging receiver).
         self._capped = {endpoint for endpoint in blocked if self.guard.state(endpoint) != "open"} | {
             endpoint for endpoint, count in taken.items()
             if count >= rooms.get(endpoint, self.queue_per_endpoint)
