@@ -77,7 +77,14 @@ from bench.ingest import finite, machine, percentile
 from services.actions import metrics, webhooks
 from services.actions.config import ActionsSettings
 from services.actions.delivery import DeliveryWorker, PooledSender, signed_headers
-from services.actions.tables import TABLES, ActionsDelivery, ActionsOffer
+from services.actions.tables import (
+    TABLES,
+    ActionsDelivery,
+    ActionsDeliveryAttempt,
+    ActionsOffer,
+    ActionsWebhookSecret,
+    ActionsWebhookSubscription,
+)
 from services.actions.url_guard import UrlPolicy
 from services.actions.webhooks import ClaimedDelivery, generate_secret
 from shared.app import settled_heap
@@ -403,8 +410,8 @@ def run_writers(database_url: str, rate: float, duration_s: float) -> None:
     engine.dispose()
 
 
-OUTBOX_TABLES = ("actions_delivery_attempts", "actions_deliveries", "actions_webhook_secrets",
-                 "actions_webhook_subscriptions", "actions_offers")  # children first
+OUTBOX_TABLES = tuple(model.__tablename__ for model in (  # children first
+    ActionsDeliveryAttempt, ActionsDelivery, ActionsWebhookSecret, ActionsWebhookSubscription, ActionsOffer))
 
 
 def empty_outbox(engine: Engine) -> None:

@@ -4,8 +4,10 @@ a poll interval far longer than each test, so every claim counted here was woken
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -24,15 +26,23 @@ from tests.helpers import async_wait_until
 NEVER_S = 3_600.0  # the poll: no claim in these tests comes from it
 
 
-@pytest.fixture
-async def worker(engine: Engine) -> AsyncIterator[DeliveryWorker]:  # noqa: F811
-    worker = DeliveryWorker(engine, PooledSender(allow_local=True), ManualClock(START),
-                            retry_schedule_s=[60.0], poll_s=NEVER_S, endpoint_concurrency=1)
+@contextlib.asynccontextmanager
+async def _running(engine: Engine, clock: ManualClock | None = None,  # noqa: F811
+                   **options: Any) -> AsyncIterator[DeliveryWorker]:
+    """A started worker with one sending slot per endpoint and no claim from the poll."""
+    worker = DeliveryWorker(engine, PooledSender(allow_local=True), clock or ManualClock(START),
+                            poll_s=NEVER_S, endpoint_concurrency=1, **options)
     worker.start()
     try:
         yield worker
     finally:
         await worker.stop()
+
+
+@pytest.fixture
+async def worker(engine: Engine) -> AsyncIterator[DeliveryWorker]:  # noqa: F811
+    async with _running(engine, retry_schedule_s=[60.0]) as worker:
+        yield worker
 
 
 def _delivered(engine: Engine) -> int:  # noqa: F811
@@ -81,11 +91,8 @@ async def test_a_blocked_endpoint_is_claimed_again_once_its_circuit_lets_a_probe
     """An endpoint whose circuit opened is left out of claims (blocked); once the circuit lets a
     probe through and the probe succeeds, its remaining rows are claimed without the poll."""
     clock = ManualClock(START)
-    worker = DeliveryWorker(engine, PooledSender(allow_local=True), clock, retry_schedule_s=[1.0] * 5,
-                            poll_s=NEVER_S, endpoint_concurrency=1, breaker_failure_threshold=1,
-                            breaker_cooldown_s=30.0)
-    worker.start()
-    try:
+    async with _running(engine, clock, retry_schedule_s=[1.0] * 5, breaker_failure_threshold=1,
+                        breaker_cooldown_s=30.0) as worker:
         scripted.default = Answer(500)
         endpoint = _subscribe(engine, scripted.url())
         _outbox(engine, endpoint, 3)
@@ -97,8 +104,6 @@ async def test_a_blocked_endpoint_is_claimed_again_once_its_circuit_lets_a_probe
         worker.wake()
         await async_wait_until(lambda: _delivered(engine) == 3, timeout_s=30.0, what="all 3 booked")
         assert worker.guard.state(endpoint) == "closed"
-    finally:
-        await worker.stop()
 
 
 async def test_an_open_circuit_does_not_make_other_endpoints_claim_again(
@@ -108,12 +113,8 @@ async def test_an_open_circuit_does_not_make_other_endpoints_claim_again(
     cost one claim each: the open endpoint is blocked, not waiting for room, so the healthy
     endpoint's finished senders wake nobody (they woke a claim each: two per delivery, and
     the healthy endpoint's latency tail rose beside a hanging receiver)."""
-    clock = ManualClock(START)
-    worker = DeliveryWorker(engine, PooledSender(allow_local=True), clock, retry_schedule_s=[60.0] * 3,
-                            poll_s=NEVER_S, endpoint_concurrency=1, breaker_failure_threshold=1,
-                            breaker_cooldown_s=600.0)
-    worker.start()
-    try:
+    async with _running(engine, retry_schedule_s=[60.0] * 3, breaker_failure_threshold=1,
+                        breaker_cooldown_s=600.0) as worker:
         scripted.default = Answer(500)
         failing = _subscribe(engine, scripted.url())
         _outbox(engine, failing, 1)
@@ -129,5 +130,3 @@ async def test_an_open_circuit_does_not_make_other_endpoints_claim_again(
         assert healthy.effects == 10
         assert worker.claim_rounds - before == 10
         assert worker.guard.state(failing) == "open"
-    finally:
-        await worker.stop()
