@@ -46,6 +46,10 @@ test: $(STAMP) system-tools
 k8s-validate: $(STAMP)
 	$(BIN)/python -m deploy.k8s.validate
 
+# The make command a run was started by, written into its result file (bench/common.py
+# run_command); a sub-make keeps its parent's, so each part of `make bench` says `make bench`.
+bench bench-summary bench-scoring bench-actions bench-pipeline soak chaos: export BENCH_COMMAND ?= make $(MAKECMDGOALS)
+
 # Ingest throughput and latency on a real broker and real service processes (~2.5 min; wrk is
 # installed when missing, see bench-tools). Writes bench/results/ingest.json, docs/benchmarks.md.
 # Then scoring (bench-scoring), actions (bench-actions), the whole pipeline (bench-pipeline), and

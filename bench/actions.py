@@ -72,7 +72,7 @@ import httpx
 import psycopg
 from sqlalchemy import Engine
 
-from bench.common import replace_generated_block
+from bench.common import replace_generated_block, run_command
 from bench.ingest import finite, machine, percentile
 from services.actions import metrics, webhooks
 from services.actions.config import ActionsSettings
@@ -794,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
 
-    command = "make bench" if os.environ.get("MAKELEVEL") else "python -m bench.actions " + " ".join(argv)
+    command = run_command("bench.actions", argv)
     began = time.perf_counter()
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command.strip(),

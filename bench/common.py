@@ -3,7 +3,10 @@ that was measured."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,6 +25,17 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit} with uncommitted changes to {len(changed)} Python files" if changed else commit
+
+
+def run_command(module: str, argv: Sequence[str] | None) -> str:
+    """The command a run was started by, for its result file: the make goal that started it
+    (`BENCH_COMMAND`, which the Makefile sets and its sub-makes inherit, so `make bench`'s parts
+    all say `make bench` and `make soak` says `make soak`), else `python -m <module> <args>`.
+    `argv` given means called from Python (a test): its own arguments, whatever make is around."""
+    from_make = os.environ.get("BENCH_COMMAND")
+    if argv is None and from_make:
+        return from_make.strip()
+    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)]).strip()
 
 
 def replace_generated_block(

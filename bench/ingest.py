@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 from services.gateway.manage import create_tenant
-from bench.common import replace_generated_block
+from bench.common import replace_generated_block, run_command
 from shared.broker import free_port, start_broker
 from shared.events import EventRecord, parse_event
 from shared.kafka import ensure_topics, producer_options
@@ -674,8 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             print("note: wrk not found (Debian: apt-get install -y wrk); using the slower aiohttp client",
                   file=sys.stderr)
     parts = set(args.only or ["raw", "throughput", "latency"])
-    command = "make bench" if argv is None and os.environ.get("MAKELEVEL") else \
-        "python -m bench.ingest " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = run_command("bench.ingest", argv)
     began = time.perf_counter()
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

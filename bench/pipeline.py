@@ -42,9 +42,9 @@ import psycopg
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.common import replace_generated_block
+from bench.common import replace_generated_block, run_command
 from bench.hop import latencies_ms, raw_broker_hop
-from bench.ingest import children, cpu_seconds, machine, percentile
+from bench.ingest import children, cpu_seconds, machine
 from services.gateway import manage as gateway_ops
 from services.scoring import cli_ops as scoring_ops
 from shared.broker import free_port, start_broker
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
-    command = "make bench" if not argv and "MAKELEVEL" in os.environ else "python -m bench.pipeline " + " ".join(argv or sys.argv[1:])
+    command = run_command("bench.pipeline", argv)
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command.strip(),
         "machine": machine(), "database": args.database, "load_before": os.getloadavg()[0], "latency": [],

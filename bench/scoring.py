@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.common import replace_generated_block
+from bench.common import replace_generated_block, run_command
 from bench.hop import raw_broker_hop
 from bench.ingest import cpu_seconds, finite, machine, percentile
 from shared.broker import free_port, start_broker
@@ -540,8 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
 
-    command = "make bench" if argv is None and os.environ.get("MAKELEVEL") else \
-        "python -m bench.scoring " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = run_command("bench.scoring", argv)
     began = time.perf_counter()
     from services.scoring.config import ScoringSettings
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.common import replace_generated_block
+from bench.common import replace_generated_block, run_command
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -452,10 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD_MIN,
                         help="minutes: a result file older than the newest by more is from an older run")
     args = parser.parse_args(argv)
-    level = int(os.environ.get("MAKELEVEL") or 0) if argv is None else 0
-    # `make bench` runs this through a sub-make (level 2); `make bench-summary` directly (level 1)
-    command = "make bench" if level > 1 else "make bench-summary" if level == 1 else \
-        ("python -m bench.summary " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = run_command("bench.summary", argv)
     summary = summarize(args.results, args.max_spread, command)
     for s in summary["sources"]:
         print(f"{s['part']:8} {s['date'] or '-':22} {s['command'] or '-':28} "

@@ -46,6 +46,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bench.common import run_command
 from services.gateway.manage import create_tenant
 from services.ingest.backfill import PlainReporter, run_import
 from services.scoring import cli_ops, service
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = args.reference or datetime.now(timezone.utc).date()
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m bench.telco " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": run_command("bench.telco", argv),
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": list(os.getloadavg())},
         "reference_date": reference.isoformat(), "limit": args.limit, "reference_figures": REFERENCE,

@@ -14,7 +14,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.common import code_version
+from bench.common import code_version, run_command
 from tests.chaos.harness import ChaosConfig, ChaosRun, failures, summary
 from tests.chaos.report import write_doc
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(runs, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     if not args.no_doc:
-        write_doc(runs, " ".join(["make chaos"] if argv is None and len(sys.argv) == 1 else
-                                  ["python -m tests.chaos", *(argv if argv is not None else sys.argv[1:])]),
-                  note=f" (code of commit {code})")
+        write_doc(runs, run_command("tests.chaos", argv), note=f" (code of commit {code})")
     return 1 if failed else 0
 
 
