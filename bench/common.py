@@ -6,10 +6,42 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN_DSN = os.environ.get("CHURNGUARD_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+"""The PostgreSQL server benches make their scratch databases on (never the database itself)."""
+
+
+def postgres_reachable() -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=2):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def create_scratch_database() -> tuple[str, str]:
+    """A new empty database on PG_ADMIN_DSN's server for one run: (its name, its URL). Names
+    start with `cg_bench_`, so what a killed run left behind is easy to find and drop."""
+    import psycopg
+
+    name = f"cg_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
+
+
+def drop_scratch_database(name: str) -> None:
+    """Drop a database create_scratch_database made, whoever is still connected to it."""
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def code_version() -> str:
