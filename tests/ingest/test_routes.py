@@ -186,7 +186,7 @@ def test_broker_down_means_503_with_retry_after_quickly(database_url: str) -> No
 
 def test_serving_runs_on_the_settled_heap(client: TestClient) -> None:
     """Startup's objects frozen, young collections rarer (shared.app.settled_heap): 500-event
-    batches cost ~24% less CPU than with the collector's defaults (docs/benchmarks.md)."""
+    batches cost ~24% less CPU than with the collector's defaults (docs/benchmarks.md, History)."""
     assert gc.get_freeze_count() > 0
     assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD
 
