@@ -1,5 +1,5 @@
 """What every benchmark script shares: rewriting its generated block in a doc, naming the code
-that was measured."""
+that was measured and the command that ran it, scratch PostgreSQL databases (the tests' too)."""
 
 from __future__ import annotations
 
@@ -15,32 +15,32 @@ PG_ADMIN_DSN = os.environ.get("CHURNGUARD_BENCH_PG_DSN", "postgresql://postgres@
 """The PostgreSQL server benches make their scratch databases on (never the database itself)."""
 
 
-def postgres_reachable() -> bool:
+def postgres_reachable(dsn: str = PG_ADMIN_DSN) -> bool:
     import psycopg
 
     try:
-        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=2):
+        with psycopg.connect(dsn, connect_timeout=2):
             return True
     except psycopg.Error:
         return False
 
 
-def create_scratch_database() -> tuple[str, str]:
-    """A new empty database on PG_ADMIN_DSN's server for one run: (its name, its URL). Names
-    start with `cg_bench_`, so what a killed run left behind is easy to find and drop."""
+def create_scratch_database(dsn: str = PG_ADMIN_DSN, prefix: str = "cg_bench_") -> tuple[str, str]:
+    """A new empty database on `dsn`'s server for one run or test: (its name, its URL). The
+    prefix (`cg_bench_`, the tests' `cg_test_`) makes what a killed run left behind easy to find."""
     import psycopg
 
-    name = f"cg_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return name, f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
+    return name, f"{dsn.rsplit('/', 1)[0]}/{name}"
 
 
-def drop_scratch_database(name: str) -> None:
+def drop_scratch_database(name: str, dsn: str = PG_ADMIN_DSN) -> None:
     """Drop a database create_scratch_database made, whoever is still connected to it."""
     import psycopg
 
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from bench.common import create_scratch_database, drop_scratch_database, postgres_reachable
 from shared.broker import free_port, start_broker
 from shared.kafka import ensure_topics
 from shared.settings import KafkaSettings
@@ -29,25 +29,12 @@ os.environ.setdefault("CHURNGUARD_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
 PG_ADMIN_DSN = os.environ.get("CHURNGUARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _postgres_reachable() -> bool:
-    try:
-        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=2):
-            return True
-    except psycopg.Error:
-        return False
-
-
 @pytest.fixture(scope="session")
 def postgres_available() -> bool:
-    available = _postgres_reachable()
+    available = postgres_reachable(PG_ADMIN_DSN)
     if not available and os.environ.get("CI"):
         pytest.fail(f"CI must exercise PostgreSQL, but {PG_ADMIN_DSN} is unreachable")
     return available
-
-
-def _pg_url(database: str) -> str:
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
-    return f"{base}/{database}"
 
 
 @contextmanager
@@ -57,14 +44,11 @@ def fresh_database(postgres: bool, directory: Path) -> Iterator[str]:
     if not postgres:
         yield f"sqlite:///{directory / 'test.db'}"
         return
-    name = f"cg_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name, url = create_scratch_database(PG_ADMIN_DSN, prefix="cg_test_")
     try:
-        yield _pg_url(name)
+        yield url
     finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_scratch_database(name, PG_ADMIN_DSN)
 
 
 @pytest.fixture
