@@ -72,6 +72,7 @@ import httpx
 from sqlalchemy import Engine
 
 from bench.common import (
+    met_text,
     create_scratch_database,
     drop_scratch_database,
     replace_generated_block,
@@ -705,7 +706,7 @@ def tables(results: dict[str, Any]) -> str:
                         f"over runs and their deliveries, {pooled['draws']:,} draws)."]
     out += ["", "| goal (issue #5) | value | met |", "|---|---:|---|"]
     for g in results["goals"]:
-        out.append(f"| {g['text']} | {fmt(g['value'], '.2f')} | {'yes' if g['met'] else '**no**'} |")
+        out.append(f"| {g['text']} | {fmt(g['value'], '.2f')} | {met_text(g['met'])} |")
     return "\n".join(out)
 
 

@@ -59,6 +59,11 @@ def code_version() -> str:
     return f"{commit} with uncommitted changes to {len(changed)} Python files" if changed else commit
 
 
+def met_text(met: bool | None) -> str:
+    """A goal's verdict in a results table; None: the run did not measure the figure."""
+    return {True: "yes", False: "**no**", None: "**not measured**"}[met]
+
+
 def run_command(module: str, argv: Sequence[str] | None) -> str:
     """The command a run was started by, for its result file: the make goal that started it
     (`BENCH_COMMAND`, which the Makefile sets and its sub-makes inherit, so `make bench`'s parts

@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 from services.gateway.manage import create_tenant
-from bench.common import replace_generated_block, run_command
+from bench.common import met_text, replace_generated_block, run_command
 from shared.broker import free_port, start_broker
 from shared.events import EventRecord, parse_event
 from shared.kafka import ensure_topics, producer_options
@@ -593,7 +593,7 @@ def tables(results: dict[str, Any]) -> str:
             value = "unbounded" if g["value"] is None or math.isinf(g["value"]) else f"{g['value']:.1f} ms"
         else:
             value = f"{g['value']:.0%}"
-        out.append(f"| {g['text']} | {g['figures']} | {value} | {'yes' if g['met'] else '**no**'} |")
+        out.append(f"| {g['text']} | {g['figures']} | {value} | {met_text(g['met'])} |")
     return "\n".join(out)
 
 

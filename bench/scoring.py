@@ -50,6 +50,7 @@ from bench.common import (
     PG_ADMIN_DSN,
     create_scratch_database,
     drop_scratch_database,
+    met_text,
     postgres_reachable,
     replace_generated_block,
     run_command,
@@ -431,11 +432,11 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     text, threshold, _ = GOALS["pg_events_per_s"]
     value = pg["throughput"]["events_per_s"] if pg else None
     out.append({"goal": "pg_events_per_s", "text": text, "value": value,
-                "met": value is not None and value >= threshold})
+                "met": None if value is None else value >= threshold})
     text, threshold, _ = GOALS["pg_p99_1000"]
     row = next((r for r in (pg["latency"] if pg else []) if r["rate"] == 1000), None)
     value = row["p99_ms"] if row and not row["missing"] else None
-    out.append({"goal": "pg_p99_1000", "text": text, "value": value, "met": value is not None and value < threshold})
+    out.append({"goal": "pg_p99_1000", "text": text, "value": value, "met": None if value is None else value < threshold})
     return out
 
 
@@ -482,7 +483,7 @@ def tables(results: dict[str, Any]) -> str:
     for g in results["goals"]:
         unit = " events/s" if g["goal"] == "pg_events_per_s" else " ms"
         out.append(f"| {g['text']} | {fmt(g['value'], ',.1f')}{unit if g['value'] is not None else ''} | "
-                   f"{'yes' if g['met'] else '**no**'} |")
+                   f"{met_text(g['met'])} |")
     return "\n".join(out)
 
 

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.common import replace_generated_block, run_command
+from bench.common import met_text, replace_generated_block, run_command
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -375,17 +375,13 @@ def _ratio_text(ratio: float | None) -> str:
     return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.3f}"
 
 
-def _met_text(met: bool | None) -> str:
-    return {True: "yes", False: "**no**", None: "**not measured**"}[met]
-
-
 def table(summary: dict[str, Any]) -> str:
     out = ["| part | figure | ours | raw reference (same run) | ratio | goal | met | note |",
            "|---|---|---:|---|---:|---|---|---|"]
     for r in summary["rows"]:
         out.append(f"| {r['part']} | {r['what']} | {r['ours_text']} | {r['reference_text']} | "
                    f"{_ratio_text(r['ratio'])} | {r['goal_text'] or '-'} | "
-                   f"{_met_text(r['met']) if r['goal'] else '-'} | {r['note']} |")
+                   f"{met_text(r['met']) if r['goal'] else '-'} | {r['note']} |")
     return "\n".join(out)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.scoring import median_run, runs_of
+from bench.common import met_text
+from bench.scoring import goals, median_run, runs_of
 
 
 def run(events_per_s: float | None, cpu_us: float = 90.0) -> dict[str, object]:
@@ -33,3 +34,12 @@ def test_a_single_run_is_reported_as_it_is() -> None:
     combined = median_run([run(9_500)])
     assert combined["events_per_s"] == 9_500
     assert runs_of(combined) == ""
+
+
+def test_a_goal_the_run_did_not_measure_says_so() -> None:
+    """A run without the 1,000/s rate (`--rates 200`) has no verdict on the p99 goal, not a fail."""
+    results = {"backends": [{"backend": "postgresql", "throughput": {"events_per_s": 10_500.0},
+                             "latency": [{"rate": 200, "p99_ms": 41.0, "missing": 0}]}]}
+    verdicts = {g["goal"]: g["met"] for g in goals(results)}
+    assert verdicts == {"pg_events_per_s": True, "pg_p99_1000": None}
+    assert [met_text(v) for v in verdicts.values()] == ["yes", "**not measured**"]
