@@ -53,7 +53,7 @@ bench bench-summary bench-scoring bench-actions bench-pipeline soak chaos: expor
 # Ingest throughput and latency on a real broker and real service processes (~2.5 min; wrk is
 # installed when missing, see bench-tools). Writes bench/results/ingest.json, docs/benchmarks.md.
 # Then scoring (bench-scoring), actions (bench-actions), the whole pipeline (bench-pipeline), and
-# last the one summary table of all four (bench-summary). About 15 minutes in all.
+# last the one summary table of all four (bench-summary). About 20 minutes in all.
 bench: $(STAMP) bench-tools
 	$(BIN)/python -m bench.ingest
 	$(MAKE) bench-scoring
@@ -74,7 +74,7 @@ bench-scoring: $(STAMP)
 
 # Webhook deliveries/s through the outbox at concurrency 1/16/64 next to bare httpx and aiohttp
 # clients, and outbox-to-receiver latency at 200/s with and without a hanging receiver, on
-# PostgreSQL (127.0.0.1:5432) (~7 min). Writes bench/results/actions.json, docs/benchmarks.md.
+# PostgreSQL (127.0.0.1:5432) (~13 min). Writes bench/results/actions.json, docs/benchmarks.md.
 bench-actions: $(STAMP)
 	$(BIN)/python -m bench.actions
 

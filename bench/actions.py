@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="throughput: runs of bare aiohttp and of the outbox path per concurrency, interleaved")
     parser.add_argument("--rate", type=float, default=200.0, help="latency: outbox rows per second")
     parser.add_argument("--latency-duration", type=float, default=20.0, help="latency: seconds per run")
-    parser.add_argument("--latency-repeats", type=int, default=8,
+    parser.add_argument("--latency-repeats", type=int, default=16,
                         help="latency: runs per condition (healthy / hanging second receiver), interleaved")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--decision-batches", type=ints, default=[1, 10, 50, 200],

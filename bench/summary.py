@@ -428,7 +428,7 @@ def doc_block(summary: dict[str, Any]) -> str:
         machine_line,
         "",
         "```sh",
-        "make bench                        # the four benches (~15 min), then this summary",
+        "make bench                        # the four benches (~20 min), then this summary",
         "python -m bench.summary           # only the summary, from the existing bench/results/*.json",
         "```",
         "",
