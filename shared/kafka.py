@@ -244,6 +244,10 @@ class Publisher:
         self, producer: AIOKafkaProducer, batch: Any, topic: str, partition: int
     ) -> asyncio.Future[Any]:
         lock = self._partition_locks.setdefault((topic, partition), asyncio.Lock())
+        # Closed, the batch is complete: aiokafka neither lingers on it (it queues one batch per
+        # partition, so an open batch waiting out linger_ms capped a partition at 1,000 / linger
+        # sends a second) nor adds `send()`'s records to it.
+        batch.close()
         async with lock:
             return await producer.send_batch(batch, topic, partition=partition)
 

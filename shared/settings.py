@@ -50,8 +50,9 @@ class KafkaSettings(BaseSettings):
     # How often a consumer tries a record that keeps failing (an error that is not an outage of
     # the database or broker) before it goes to the dead-letter topic with the last error.
     consumer_max_attempts: int = Field(3, ge=1)
-    # Sends go out at once (linger 0 halved p50 at 100 req/s); batches still form under load,
-    # and a batch may hold many records (aiokafka's 16 KiB default fits about 48 of ours).
+    # Only records sent one by one wait for it (one larger than a whole batch): the publisher
+    # builds its own batches (per call, and across concurrent callers) and sends them complete,
+    # never lingering. A batch may hold many records (aiokafka's 16 KiB default fits ~48 of ours).
     linger_ms: int = 0
     # Bytes per producer batch (see linger_ms).
     max_batch_size: int = 262_144

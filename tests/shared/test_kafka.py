@@ -285,6 +285,27 @@ async def test_concurrent_joined_sends_all_arrive_in_each_callers_order(kafka_se
     assert all(values == [0, 1, 2] for values in seen.values()) and len(seen) == callers
 
 
+async def test_a_linger_does_not_hold_the_publishers_own_batches(kafka_settings: KafkaSettings) -> None:
+    """The publisher builds whole batches itself, and aiokafka queues one batch per partition at a
+    time: a batch left open would wait out `linger_ms` in that queue, so a linger of L ms capped
+    each partition at 1,000 / L sends a second and concurrent publishes timed out with
+    BrokerUnavailable (CHURNGUARD_KAFKA_LINGER_MS=5 at 700 publishes/s in the bench's broker hop).
+    Here 40 concurrent publishes to one partition under a 1 s linger: all acknowledged within the
+    3 s send timeout only if no batch lingers."""
+    lingering = kafka_settings.model_copy(update={"linger_ms": 1_000})
+    publisher = Publisher(lingering, "test-linger", send_timeout_s=3.0)
+    try:
+        outcomes = await asyncio.gather(
+            *(publisher.publish(CUSTOMER_EVENTS, b"one-customer", f"{n}".encode()) for n in range(40)),
+            return_exceptions=True,
+        )
+    finally:
+        await publisher.close()
+    assert [o for o in outcomes if o is not None] == []
+    records = await read_topic(kafka_settings, CUSTOMER_EVENTS, count=40)
+    assert sorted(int(r.value) for r in records) == list(range(40))
+
+
 async def test_joined_sends_report_an_unreachable_broker_to_every_caller() -> None:
     publisher = Publisher(KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=1000), "t", send_timeout_s=1.0)
     outcomes = await asyncio.gather(
