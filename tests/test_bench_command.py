@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,15 @@ def test_a_call_from_python_names_its_own_arguments_even_under_make(monkeypatch:
 ])
 def test_the_makefile_hands_its_goal_to_the_run(goals: list[str], expected: str, tmp_path: Path) -> None:
     """The real Makefile, its recipes run with a stand-in `python` that prints what a bench
-    would read (STAMP names an existing file, so nothing is installed)."""
+    would read. STAMP names a file newer than pyproject.toml, so nothing is installed."""
     stand_in = tmp_path / "python"
     stand_in.write_text('#!/bin/sh\necho "BENCH_COMMAND=$BENCH_COMMAND"\n')
     stand_in.chmod(0o755)
+    installed = tmp_path / "installed"
+    installed.touch()
+    os.utime(installed, (time.time() + 3_600,) * 2)  # whatever a checkout left as pyproject's time
     printed = subprocess.run(
-        ["make", "-s", "--no-print-directory", *goals, f"BIN={tmp_path}", "STAMP=Makefile"],
+        ["make", "-s", "--no-print-directory", *goals, f"BIN={tmp_path}", f"STAMP={installed}"],
         cwd=REPO, capture_output=True, text=True, check=True,
         env={k: v for k, v in os.environ.items() if k not in ("BENCH_COMMAND", "MAKEFLAGS", "MAKELEVEL")},
     ).stdout.splitlines()
