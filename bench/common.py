@@ -10,14 +10,14 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import psycopg
+
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_DSN = os.environ.get("CHURNGUARD_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 """The PostgreSQL server benches make their scratch databases on (never the database itself)."""
 
 
 def postgres_reachable(dsn: str = PG_ADMIN_DSN) -> bool:
-    import psycopg
-
     try:
         with psycopg.connect(dsn, connect_timeout=2):
             return True
@@ -28,8 +28,6 @@ def postgres_reachable(dsn: str = PG_ADMIN_DSN) -> bool:
 def create_scratch_database(dsn: str = PG_ADMIN_DSN, prefix: str = "cg_bench_") -> tuple[str, str]:
     """A new empty database on `dsn`'s server for one run or test: (its name, its URL). The
     prefix (`cg_bench_`, the tests' `cg_test_`) makes what a killed run left behind easy to find."""
-    import psycopg
-
     name = f"{prefix}{uuid.uuid4().hex[:12]}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -38,8 +36,6 @@ def create_scratch_database(dsn: str = PG_ADMIN_DSN, prefix: str = "cg_bench_") 
 
 def drop_scratch_database(name: str, dsn: str = PG_ADMIN_DSN) -> None:
     """Drop a database create_scratch_database made, whoever is still connected to it."""
-    import psycopg
-
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -85,6 +85,19 @@ async def test_an_endpoint_with_more_due_than_its_queue_is_claimed_again_without
     assert 3 <= worker.claim_rounds <= 120 // 25 + 2  # refills at half a queue, not one per row
 
 
+async def _open_circuit(engine: Engine,  # noqa: F811
+                        worker: DeliveryWorker, receiver: ScriptedReceiver, rows: int) -> str:
+    """A new endpoint answering 500, `rows` outbox rows for it, and its circuit opened by the first
+    failed attempt (the worker runs with a failure threshold of 1). Returns the endpoint."""
+    receiver.default = Answer(500)
+    endpoint = _subscribe(engine, receiver.url())
+    _outbox(engine, endpoint, rows)
+    worker.wake()
+    await async_wait_until(lambda: worker.guard.state(endpoint) == "open", what="the circuit opens")
+    await async_wait_until(lambda: _attempted(engine) == 1, what="the failed attempt booked")
+    return endpoint
+
+
 async def test_a_blocked_endpoint_is_claimed_again_once_its_circuit_lets_a_probe_through(
     engine: Engine, scripted: ScriptedReceiver,  # noqa: F811
 ) -> None:
@@ -93,12 +106,7 @@ async def test_a_blocked_endpoint_is_claimed_again_once_its_circuit_lets_a_probe
     clock = ManualClock(START)
     async with _running(engine, clock, retry_schedule_s=[1.0] * 5, breaker_failure_threshold=1,
                         breaker_cooldown_s=30.0) as worker:
-        scripted.default = Answer(500)
-        endpoint = _subscribe(engine, scripted.url())
-        _outbox(engine, endpoint, 3)
-        worker.wake()
-        await async_wait_until(lambda: worker.guard.state(endpoint) == "open", what="the circuit opens")
-        await async_wait_until(lambda: _attempted(engine) == 1, what="the failed attempt booked")
+        endpoint = await _open_circuit(engine, worker, scripted, rows=3)
         scripted.default = Answer(200)
         clock.advance(timedelta(seconds=31))  # the rows are due again, the circuit half-open
         worker.wake()
@@ -115,12 +123,7 @@ async def test_an_open_circuit_does_not_make_other_endpoints_claim_again(
     the healthy endpoint's latency tail rose beside a hanging receiver)."""
     async with _running(engine, retry_schedule_s=[60.0] * 3, breaker_failure_threshold=1,
                         breaker_cooldown_s=600.0) as worker:
-        scripted.default = Answer(500)
-        failing = _subscribe(engine, scripted.url())
-        _outbox(engine, failing, 1)
-        worker.wake()
-        await async_wait_until(lambda: worker.guard.state(failing) == "open", what="the circuit opens")
-        await async_wait_until(lambda: _attempted(engine) == 1, what="the failed attempt booked")
+        failing = await _open_circuit(engine, worker, scripted, rows=1)
         alive = _subscribe(engine, healthy.url())
         before = worker.claim_rounds
         for n in range(1, 11):
