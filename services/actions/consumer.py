@@ -26,11 +26,12 @@ from shared.db import session_scope
 from shared.events import (
     CustomerRecord,
     ErasureRecord,
-    ErasureStatusRecord,
     EventRecord,
     ScoreRecord,
     broken_invariant,
     decode_customer_record,
+    erasures_done,
+    keyed_json,
 )
 from shared.kafka import ConsumeLoop, Decoded, FollowUp, Publisher, Unprocessable
 from shared.settings import KafkaSettings
@@ -93,10 +94,7 @@ async def publish_decisions(
     if results:
         # After the commit. A crash before this line re-decides nothing on redelivery but
         # re-publishes the stored decisions, so retention-actions is at-least-once too.
-        await publisher.publish_many(
-            RETENTION_ACTIONS,
-            [(r.record.key, r.record.model_dump_json().encode()) for r in results],
-        )
+        await publisher.publish_many(RETENTION_ACTIONS, keyed_json(r.record for r in results))
 
 
 class _Consumer:
@@ -254,12 +252,7 @@ class EventConsumer(_Consumer):
     async def _publish(self, results: list[DecisionResult], erased: list[ErasureRecord]) -> None:
         await publish_decisions(self._publisher, results, self._on_deliveries)
         if erased:  # after the commit: ingest marks actions' part of each erasure done
-            done_at = self._clock.now()
-            await self._publisher.publish_many(ERASURE_STATUS, [
-                (status.key, status.model_dump_json().encode())
-                for status in (ErasureStatusRecord(erasure_id=r.erasure_id, tenant_id=r.tenant_id,
-                                                   service="actions", done_at=done_at) for r in erased)
-            ])
+            await self._publisher.publish_many(ERASURE_STATUS, erasures_done(erased, "actions", self._clock.now()))
             metrics.ERASURES.inc(len(erased))
 
     def _apply_all(self, records: list[CustomerRecord]) -> tuple[list[DecisionResult], list[ErasureRecord]]:

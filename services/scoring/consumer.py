@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import weakref
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -31,11 +32,12 @@ from shared.db import session_scope
 from shared.events import (
     CustomerRecord,
     ErasureRecord,
-    ErasureStatusRecord,
     EventRecord,
     ScoreRecord,
     broken_invariant,
     decode_customer_record,
+    erasures_done,
+    keyed_json,
 )
 from shared.kafka import ConsumeLoop, Decoded, FollowUp, Publisher, RedoBatch, Unprocessable
 from shared.topics import CHURN_SCORES, CUSTOMER_EVENTS, ERASURE_STATUS
@@ -262,20 +264,14 @@ class ScoringConsumer:
         await self._publish(outcome.scores, [])
 
     async def _publish(self, scores: list[ScoreRecord], erased: list[ErasureRecord]) -> None:
-        await self.publisher.publish_many(
-            CHURN_SCORES, [(score.key, score.model_dump_json().encode()) for score in scores]
-        )
+        await self.publisher.publish_many(CHURN_SCORES, keyed_json(scores))
         for score in scores:
             metrics.SCORE.observe(score.probability)
-            metrics.SCORES_PUBLISHED.labels(score.band).inc()
+        for band, count in Counter(score.band for score in scores).items():
+            metrics.SCORES_PUBLISHED.labels(band).inc(count)
         self.drift.observe(score.probability for score in scores)
         if erased:  # after the commit: ingest marks scoring's part of each erasure done
-            done_at = self.clock.now()
-            await self.publisher.publish_many(ERASURE_STATUS, [
-                (status.key, status.model_dump_json().encode())
-                for status in (ErasureStatusRecord(erasure_id=r.erasure_id, tenant_id=r.tenant_id,
-                                                   service="scoring", done_at=done_at) for r in erased)
-            ])
+            await self.publisher.publish_many(ERASURE_STATUS, erasures_done(erased, "scoring", self.clock.now()))
             metrics.ERASURES.inc(len(erased))
 
     def plan(

@@ -41,15 +41,19 @@ class ScoreDrift:
     def __init__(self, reference_scores: Sequence[float], min_live: int = 200, window: int = 10_000) -> None:
         self._reference = np.bincount(bin_of(reference_scores), minlength=len(EDGES) + 1)
         self._min_live = min_live
-        self._recent: deque[int] = deque(maxlen=window)
+        self._window = window
+        self._recent: deque[int] = deque()
         self._live = np.zeros(len(EDGES) + 1)
 
     def observe(self, scores: Iterable[float]) -> None:
-        for index in bin_of(scores):
-            if len(self._recent) == self._recent.maxlen:
-                self._live[self._recent[0]] -= 1
-            self._recent.append(int(index))
-            self._live[index] += 1
+        """Add a batch of scores to the window; the oldest leave it (counted per batch: one
+        numpy call each way, not one per score)."""
+        bins = bin_of(scores)[-self._window:]
+        leaving = len(self._recent) + len(bins) - self._window
+        if leaving > 0:
+            self._live -= np.bincount([self._recent.popleft() for _ in range(leaving)], minlength=len(self._live))
+        self._recent.extend(bins.tolist())
+        self._live += np.bincount(bins, minlength=len(self._live))
 
     def value(self) -> float:
         if len(self._recent) < self._min_live or self._reference.sum() == 0:

@@ -34,7 +34,7 @@ from services.scoring.service import Bands
 from shared import leases
 from shared.clock import Clock
 from shared.db import session_scope
-from shared.events import ScoreRecord
+from shared.events import ScoreRecord, keyed_json
 from shared.kafka import Publisher
 from shared.topics import CHURN_SCORES
 
@@ -155,9 +155,7 @@ class Sweeper(leases.LeasedRounds):
                         self._page, tenant_id, after, predictor, now, bucket
                     )
                     if scores:  # after the commit
-                        await self.publisher.publish_many(
-                            CHURN_SCORES, [(s.key, s.model_dump_json().encode()) for s in scores]
-                        )
+                        await self.publisher.publish_many(CHURN_SCORES, keyed_json(scores))
                     outcome.rescored += len(customers)
                     outcome.published.extend(scores)
                     metrics.SWEEP_RESCORED.inc(len(customers))

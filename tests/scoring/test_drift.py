@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 
-from services.scoring.drift import ScoreDrift, psi
+from services.scoring.drift import ScoreDrift, bin_of, psi
 
 
 def test_psi_of_identical_distributions_is_zero_and_grows_with_the_shift() -> None:
@@ -65,3 +67,18 @@ def test_the_drift_gauge_reads_the_consumers_drift_when_scraped_and_lets_it_go()
     gc.collect()
     assert gone() is None  # the gauge did not keep it alive
     assert math.isnan(scraped())
+
+
+@given(batches=st.lists(st.lists(st.floats(0.0, 1.0), max_size=40), max_size=30),
+       window=st.integers(1, 50))
+def test_the_window_holds_exactly_the_latest_scores_whatever_the_batch_sizes(
+        batches: list[list[float]], window: int) -> None:
+    drift = ScoreDrift([0.1, 0.5], min_live=1, window=window)
+    everything: list[float] = []
+    for batch in batches:
+        drift.observe(batch)
+        everything.extend(batch)
+    latest = everything[-window:] if everything else []
+    expected = np.bincount(bin_of(latest), minlength=len(drift._live))
+    assert drift._live.tolist() == expected.tolist()
+    assert list(drift._recent) == bin_of(latest).tolist()

@@ -12,10 +12,15 @@ from pydantic import ValidationError
 
 from shared.events import (
     EVENT_TYPES,
+    ActionRecord,
+    ErasureRecord,
     EventRecord,
+    ScoreRecord,
     broken_invariant,
     event_json_schema,
+    erasures_done,
     event_records_json,
+    keyed_json,
     parse_event,
 )
 
@@ -53,6 +58,24 @@ def test_fast_record_serialization_is_byte_for_byte_the_models() -> None:
         assert key == record.key
         assert value == record.model_dump_json().encode()
         assert EventRecord.model_validate_json(value) == record
+
+
+def test_published_records_are_byte_for_byte_the_models_json_under_their_partition_key() -> None:
+    at = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+    score = ScoreRecord(score_id="s1", tenant_id="t1", customer_id="c-\u00e9", probability=0.1 + 0.2,
+                        band="low", model_version="m1", scored_at=at, event_id="e1",
+                        features={"orders_90d": 3.0, "spend_90d": 1e-7}, reasons=["No order for \"45\" days"])
+    action = ActionRecord(decision_id="d1", tenant_id="t1", customer_id="c-2", score_id="s1", outcome="suppressed",
+                          reason="cooldown", decided_at=at)
+    for record, (key, value) in zip([score, action], keyed_json([score, action]), strict=True):
+        assert key == record.key
+        assert value == record.model_dump_json().encode()
+        assert type(record).model_validate_json(value) == record
+    erased = ErasureRecord(erasure_id="x1", tenant_id="t1", customer_id="c-3", requested_at=at)
+    [(key, value)] = erasures_done([erased], "scoring", at)
+    assert key == b"x1"
+    assert json.loads(value) == {"erasure_id": "x1", "tenant_id": "t1", "service": "scoring",
+                                 "done_at": "2026-03-01T12:30:15.123456Z"}
 
 
 def test_json_schema_names_every_type() -> None:
