@@ -772,12 +772,12 @@ def ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["receiver"]:
-        serve_receiver(int(argv[1]))
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["receiver"]:
+        serve_receiver(int(arguments[1]))
         return 0
-    if argv[:1] == ["writer"]:
-        run_writers(argv[1], float(argv[2]), float(argv[3]))
+    if arguments[:1] == ["writer"]:
+        run_writers(arguments[1], float(arguments[2]), float(arguments[3]))
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.actions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--deliveries", type=int, default=3000, help="deliveries per throughput row")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -32,6 +33,31 @@ def test_a_run_from_the_shell_names_its_module_and_arguments(monkeypatch: pytest
 def test_a_call_from_python_names_its_own_arguments_even_under_make(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BENCH_COMMAND", "make test")
     assert run_command("bench.scoring", ["--events", "100"]) == "python -m bench.scoring --events 100"
+
+
+class _Named(Exception):
+    """Stops a bench's main() where it names its command."""
+
+
+@pytest.mark.parametrize("module", ["ingest", "scoring", "actions", "pipeline", "summary", "telco"])
+def test_each_bench_run_from_make_names_the_make_goal_in_its_result(
+        module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started as `python -m bench.<module>` by make (main() without arguments), each bench asks
+    run_command with argv None, which is what lets BENCH_COMMAND name the run (the actions
+    bench once passed sys.argv on and its result file said `python -m bench.actions` under
+    `make bench`)."""
+    bench = importlib.import_module(f"bench.{module}")
+    asked: list[object] = []
+
+    def named(name: str, argv: object) -> str:
+        asked.append(argv)
+        raise _Named
+
+    monkeypatch.setattr(bench, "run_command", named)
+    monkeypatch.setattr(sys, "argv", [f"bench/{module}.py", "--no-doc"])
+    with pytest.raises(_Named):
+        bench.main()
+    assert asked == [None]
 
 
 @pytest.mark.parametrize(("goals", "expected"), [
