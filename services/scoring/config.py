@@ -48,7 +48,7 @@ class ScoringSettings(BaseSettings):
     max_poll_records: int = Field(
         2000, ge=1, le=100_000, description="records one fetch may return (all partitions together); they are "
         "stored and scored in one transaction, one model call. Larger polls cost less CPU per event in a backlog "
-        "(2,000 against 1,000: 25-30% less in the scoring bench) and more resident memory (about 20 MB more at "
+        "(2,000 against 1,000: 22-29% less in the scoring bench) and more resident memory (about 20 MB more at "
         "peak); at steady rates below the instance's capacity polls are smaller than this anyway"
     )
     port: int = 8002
