@@ -90,11 +90,20 @@ class ActionsWebhookSubscription(SQLModel, table=True):
     disabled_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
+DELIVERIES_FILLFACTOR = 50  # PostgreSQL: room on each page for its rows' lease and booking
+
+
 class ActionsDelivery(SQLModel, table=True):
     """The webhook outbox: written in the decision's transaction, drained by the delivery worker.
 
     `delivery_id` is the Standard Webhooks message id (`webhook-id`), the same on every retry,
     so receivers can deduplicate. `payload` is the exact JSON text that gets signed and sent.
+    A pending row is due at `next_attempt_at`; while a worker holds it (claimed, its attempt
+    on the way) `leased_until` says until when: after that (the worker died) any worker may
+    take it again. The lease is a column of its own, outside every index, and the table leaves
+    half of each page free: a claim's lease is then a HOT update on the row's own page (no new
+    index entries; the booking that follows lands on that page too). It halved the WAL per
+    delivery and cut PostgreSQL's CPU per delivery by a fifth (docs/benchmarks.md).
     """
 
     __tablename__ = "actions_deliveries"
@@ -104,6 +113,7 @@ class ActionsDelivery(SQLModel, table=True):
         ),
         Index("ix_actions_deliveries_due", "status", "next_attempt_at"),
         Index("ix_actions_deliveries_tenant_status", "tenant_id", "status"),
+        {"postgresql_with": {"fillfactor": DELIVERIES_FILLFACTOR}},
     )
 
     delivery_id: str = Field(primary_key=True, max_length=64)
@@ -115,6 +125,7 @@ class ActionsDelivery(SQLModel, table=True):
     status: str = Field(default="pending", max_length=16)
     attempts: int = 0
     next_attempt_at: datetime = Field(sa_type=UtcDateTime)
+    leased_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
     last_error: str | None = Field(default=None, max_length=1000)
     last_status_code: int | None = None
     delivered_at: datetime | None = Field(default=None, sa_type=UtcDateTime)

@@ -103,6 +103,10 @@ class DeliveryOut(BaseModel):
     status: DeliveryStatus
     attempts: int = Field(description="Attempts since the delivery was created or last replayed.")
     next_attempt_at: datetime
+    leased_until: datetime | None = Field(
+        description="Set while a worker holds the delivery (an attempt on its way): until when. "
+        "If that worker dies, the delivery is attempted again after this, with the same webhook-id."
+    )
     last_error: str | None
     last_status_code: int | None
     delivered_at: datetime | None

@@ -372,6 +372,7 @@ def _reset(delivery: ActionsDelivery, now: datetime) -> None:
     delivery.status = "pending"
     delivery.attempts = 0
     delivery.next_attempt_at = now
+    delivery.leased_until = None
 
 
 # --- retry timing -----------------------------------------------------------------------
@@ -462,8 +463,8 @@ def claim_due_deliveries(
 ) -> tuple[list[ClaimedDelivery], int]:
     """Claim due deliveries for one attempt (system-wide, the worker's job).
 
-    A claim moves `next_attempt_at` to `now + lease`: if this process dies mid-attempt, the
-    delivery becomes due again after the lease and is retried with the same webhook-id.
+    A claim sets the row's `leased_until` to `now + lease`: if this process dies mid-attempt,
+    the delivery becomes due again after the lease and is retried with the same webhook-id.
     `capacity(subscription_id)` caps how many of one endpoint's rows are claimed (its free
     concurrency slots); rows beyond it stay due and untouched. Deliveries of inactive
     subscriptions are parked instead. `defer` {subscription_id: until} first moves the due
@@ -729,6 +730,7 @@ def _book(
         return "stale"  # replayed, parked or handled elsewhere meanwhile
     row.attempts += 1
     row.last_status_code = result.status_code
+    row.leased_until = None  # booked: no longer held (due again at next_attempt_at, if retried)
     error = result.error or (None if result.ok else f"receiver answered HTTP {result.status_code}")
     outcome: AttemptOutcome
     if result.ok:
@@ -784,6 +786,7 @@ def release_claims(session: Session, claimed: Sequence[ClaimedDelivery], now: da
         row = rows.get(item.delivery_id)
         if row is not None and row.status == "pending" and row.attempts == item.attempts:
             row.next_attempt_at = now
+            row.leased_until = None
             session.add(row)
             released += 1
     return released

@@ -118,9 +118,11 @@ async def test_one_claim_statement_leases_within_each_room_parks_the_inactive_an
     assert parked == 1
     rows = _rows(engine)
     for delivery_id in a + b[:2]:
-        assert rows[delivery_id].next_attempt_at == now + LEASE  # leased
+        assert rows[delivery_id].leased_until == now + LEASE  # leased
+        assert rows[delivery_id].next_attempt_at <= now  # still when it was due
     for delivery_id in b[2:] + c:  # beyond the room, or blocked: untouched, still due
         assert rows[delivery_id].status == "pending" and rows[delivery_id].next_attempt_at <= now
+        assert rows[delivery_id].leased_until is None
     assert rows[e[0]].status == "parked" and rows[e[0]].last_error == webhooks.DELETED_REASON
     assert all(rows[i].status == "parked" for i in d)
     claimed_again, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
@@ -149,11 +151,48 @@ async def test_the_claim_brings_the_url_the_current_and_the_live_previous_secret
     assert claimed.payload == '{"n": 0}' and claimed.attempts == 0 and claimed.tenant_id == TENANT
 
     with session_scope(engine) as session:  # after the overlap: the old secret is not sent
-        session.execute(text("UPDATE actions_deliveries SET next_attempt_at = :t"), {"t": START})
+        session.execute(text("UPDATE actions_deliveries SET leased_until = NULL"))
     [later], _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(
         conn, START + timedelta(hours=2), 10, LEASE, blocked=[], rooms={}, default_room=50,
     ))
     assert later.signing_secrets == (rotation.secret,)
+
+
+def _hot_updates(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'actions_deliveries'"
+        )).scalar_one()
+
+
+async def test_a_claims_lease_is_a_hot_update_on_the_rows_own_page(
+    pg: tuple[Engine, WorkerConnection],
+) -> None:
+    """The lease is outside every index and the table keeps room on its pages, so leasing adds
+    no index entries (half the WAL per delivery): the claim's updates are all HOT."""
+    engine, connection = pg
+    with engine.connect() as conn:
+        options = conn.execute(text(
+            "SELECT reloptions FROM pg_class WHERE relname = 'actions_deliveries'")).scalar_one()
+        indexes = conn.execute(text(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'actions_deliveries'")).scalars().all()
+    assert "fillfactor=50" in options
+    assert len(indexes) == 4 and not any("leased_until" in index for index in indexes)
+
+    subscription_id = _subscribe(engine)
+    ids = _outbox(engine, subscription_id, 20)
+    before = _hot_updates(engine)
+
+    async def claim_and_flush_statistics(conn: Any) -> Any:
+        claimed = await webhooks.claim_due_deliveries_pg(
+            conn, START, 100, LEASE, blocked=[], rooms={}, default_room=50)
+        await conn.execute("SELECT pg_stat_force_next_flush()")  # counted when this ends
+        return claimed
+
+    claimed, _ = await connection.run(claim_and_flush_statistics)
+    assert sorted(c.delivery_id for c in claimed) == sorted(ids)
+    await connection.run(lambda conn: conn.execute("SELECT 1"))  # idle once: flushed
+    assert _hot_updates(engine) - before == len(ids)
 
 
 async def test_many_successes_are_booked_in_one_statement_and_a_changed_delivery_is_left_alone(
@@ -293,8 +332,9 @@ async def test_unsent_claims_are_released_in_one_statement_unless_changed_meanwh
         lambda conn: webhooks.release_claims_pg(conn, claimed, probe_at))
     assert released == 3
     rows = _rows(engine)
-    assert rows[ids[0]].next_attempt_at == START + LEASE  # left with its lease
-    assert all(rows[i].next_attempt_at == probe_at for i in ids[1:])
+    assert rows[ids[0]].leased_until == START + LEASE  # left with its lease
+    assert all(rows[i].next_attempt_at == probe_at and rows[i].leased_until is None
+               for i in ids[1:])
 
 
 async def test_a_failed_statement_drops_the_connection_and_the_next_use_opens_a_new_one(
@@ -335,8 +375,8 @@ async def test_a_row_locked_by_another_claim_is_skipped_not_waited_for_nor_claim
         taken = [c.delivery_id for c in claimed]
         assert ids[0] not in taken and ids[1] in taken and set(taken) <= set(ids[1:3])
         rows = _rows(engine)
-        assert rows[ids[0]].next_attempt_at <= now  # untouched: still the other claim's
-        assert all(rows[i].next_attempt_at <= now for i in ids[3:])  # beyond the room
+        assert rows[ids[0]].leased_until is None  # untouched: still the other claim's
+        assert all(rows[i].leased_until is None for i in ids[3:])  # beyond the room
     finally:
         await other.close()  # rolls the other transaction back
     again, _ = await connection.run(lambda conn: webhooks.claim_due_deliveries_pg(

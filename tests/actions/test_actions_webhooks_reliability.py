@@ -407,7 +407,8 @@ async def test_a_crash_between_the_receivers_200_and_the_booking_resends_the_sam
         unbooked = _only(client, subscription["id"])
         assert unbooked["status"] == "pending" and unbooked["attempt_log"] == []
         # the claim's lease: due again only after the longest attempt plus a margin
-        lease_end = when(unbooked["next_attempt_at"])
+        assert when(unbooked["next_attempt_at"]) <= clock.now()  # due: it was claimed
+        lease_end = when(unbooked["leased_until"])
         assert clock.now() + timedelta(seconds=settings.webhook_timeout_s) < lease_end
         assert lease_end <= clock.now() + timedelta(minutes=15)
 
