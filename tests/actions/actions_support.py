@@ -11,7 +11,6 @@ from typing import Any
 
 
 from shared.events import ScoreRecord
-from shared.settings import KafkaSettings
 from tests.helpers import INTERNAL_TOKEN, read_topic
 from tests.helpers import async_wait_until as wait_until  # noqa: F401  (re-exported for the actions tests)
 
